@@ -1,0 +1,1 @@
+"""The edge node: outbox, and (later) agent lifecycle, uplink session, twin, updater."""

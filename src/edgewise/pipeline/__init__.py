@@ -1,0 +1,1 @@
+"""Pipelines: the spec (YAML → pydantic), the engine, and its operators, sources and sinks."""

@@ -1,0 +1,1 @@
+"""Operators (pipeline stages). Each module holds one operator and its Config."""

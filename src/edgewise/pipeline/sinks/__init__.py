@@ -1,0 +1,1 @@
+"""Sinks: the outbox (towards the cloud), MQTT publish, HTTP webhook, file, log."""

@@ -1,0 +1,1 @@
+"""Sources: simulator, file replay, MQTT, HTTP ingest, Modbus TCP, OPC UA."""

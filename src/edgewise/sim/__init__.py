@@ -1,0 +1,1 @@
+"""Simulation: deterministic signal generators such as the reference factory line."""

@@ -1,0 +1,1 @@
+"""Code shared by edge and cloud: the wire codec (and later the hybrid logical clock, merges)."""
