@@ -87,6 +87,10 @@ class Engine:
                 for ref in c.entry.inputs:
                     node, _, port = ref.partition(".")
                     self._routes.setdefault((node, port or "out"), []).append((kind, c.id))
+        # alarms first: a stage that raises alarms (and what it feeds) runs before its siblings,
+        # so the local action does not wait for e.g. window bookkeeping of the same batch
+        for targets in self._routes.values():
+            targets.sort(key=lambda t: not self._alarm_path(t))
         self.outbox = Outbox(
             self.data_dir / "outbox.db", spec.body.outbox.max_bytes, spec.body.outbox.sync
         )
@@ -99,6 +103,12 @@ class Engine:
         self.error: BaseException | None = None
         self.finished_sources: set[str] = set()
         self.running = False
+
+    def _alarm_path(self, target: tuple[str, str]) -> bool:
+        kind, tid = target
+        if kind == "stage":
+            return bool(getattr(self.stages[tid], "raises_alarms", False))
+        return False
 
     # -- control ------------------------------------------------------------------------------
     def stop(self) -> None:

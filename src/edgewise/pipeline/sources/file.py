@@ -9,6 +9,7 @@ skipped without being held in memory. ``follow: true`` keeps reading as the file
 from __future__ import annotations
 
 import asyncio
+import bisect
 import csv
 import io
 from pathlib import Path
@@ -68,80 +69,86 @@ class FileSource(Source):
             raise ConfigError(f"source {self.id!r}: file {self.path} does not exist") from None
         except OSError as exc:
             raise ConfigError(f"source {self.id!r}: cannot open {self.path}: {exc}") from None
+        limit = self.config.max_line_bytes
+        size = self.config.batch
         with f:
             f.seek(self.offset)
+            pos = self.offset  # file offset just past the last complete line seen
             buf = b""
-            skipping = False  # inside an over-long line
-            lines: list[bytes] = []
-            line_nos: list[int] = []
-            end_offsets: list[int] = []
-            pos = self.offset
+            skipping = False  # inside an over-long line whose start was already dead-lettered
+            pending: list[bytes] = []
+            numbers: list[tuple[int, int]] = []  # runs of (index in pending, line number)
             while True:
                 data = await asyncio.to_thread(f.read, READ_SIZE)
                 if not data:
-                    if lines:
-                        await self._emit(out, lines, line_nos, end_offsets[-1])
-                        lines, line_nos, end_offsets = [], [], []
-                    if not self.config.follow:
-                        if buf.strip():  # last line without a newline
-                            self.line += 1
-                            await self._emit(out, [buf], [self.line], pos + len(buf))
-                        return
-                    await asyncio.sleep(self.config.poll_interval)
-                    continue
-                buf += data
-                start = 0
-                while True:
-                    nl = buf.find(b"\n", start)
-                    if nl < 0:
-                        break
-                    raw = buf[start:nl]
-                    line_end = pos + nl + 1
-                    if skipping:
-                        skipping = False
+                    if not self.config.follow and buf.strip() and not skipping:
+                        # the last line has no newline: take it as it is
+                        data, buf = buf + b"\n", b""
                     else:
-                        self.line += 1
-                        if raw.strip():
-                            if len(raw) > self.config.max_line_bytes:
-                                self._too_long(out, raw, len(raw))
-                            else:
-                                lines.append(raw)
-                                line_nos.append(self.line)
-                                end_offsets.append(line_end)
-                        if len(lines) >= self.config.batch:
-                            await self._emit(out, lines, line_nos, end_offsets[-1])
-                            lines, line_nos, end_offsets = [], [], []
-                    start = nl + 1
-                pos += start
-                buf = buf[start:]
-                if len(buf) > self.config.max_line_bytes and not skipping:
-                    # an over-long line still without its newline: drop what we have, skip the rest
+                        if pending:
+                            await self._emit(out, pending, numbers, pos)
+                            pending, numbers = [], []
+                        if not self.config.follow:
+                            return
+                        await asyncio.sleep(self.config.poll_interval)
+                        continue
+                parts = (buf + data).split(b"\n")
+                buf = parts.pop()
+                if skipping and parts:
+                    pos += len(parts[0]) + 1  # the rest of the over-long line
+                    parts = parts[1:]
+                    skipping = False
+                i = 0
+                while i < len(parts):
+                    chunk = parts[i : i + size - len(pending)]
+                    i += len(chunk)
+                    first = self.line + 1
+                    self.line += len(chunk)
+                    lens = list(map(len, chunk))
+                    if min(lens) < 3 or max(lens) > limit:  # blank or over-long lines
+                        for k, raw in enumerate(chunk):
+                            if len(raw) > limit:
+                                self._too_long(out, raw, len(raw), first + k)
+                            elif raw.strip():
+                                numbers.append((len(pending), first + k))
+                                pending.append(raw)
+                    else:
+                        numbers.append((len(pending), first))
+                        pending.extend(chunk)
+                    pos += sum(lens) + len(chunk)
+                    if len(pending) >= size:
+                        await self._emit(out, pending, numbers, pos)
+                        pending, numbers = [], []
+                if len(buf) > limit and not skipping:
+                    # an over-long line still without its newline: keep none of it in memory
                     self.line += 1
-                    self._too_long(out, buf, None)
-                    skipping = True
+                    self._too_long(out, buf, None, self.line)
                     pos += len(buf)
                     buf = b""
+                    skipping = True
                 elif skipping:
                     pos += len(buf)
                     buf = b""
 
-    def _too_long(self, out: SourceOutput, raw: bytes, size: int | None) -> None:
+    def _too_long(self, out: SourceOutput, raw: bytes, size: int | None, line: int) -> None:
         self.skipped_long += 1
         limit = self.config.max_line_bytes
         what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
-        out.dead_letter(
-            f"line {self.line}: {what}, over max_line_bytes={limit}; skipped", raw[:4096]
-        )
+        out.dead_letter(f"line {line}: {what}, over max_line_bytes={limit}; skipped", raw[:4096])
 
     async def _emit(
-        self, out: SourceOutput, lines: list[bytes], line_nos: list[int], end: int
+        self, out: SourceOutput, lines: list[bytes], numbers: list[tuple[int, int]], end: int
     ) -> None:
         if self.format == "csv":
             batch, bad = self._parse_csv(lines)
         else:
             batch, bad = parse_json_lines(lines)
-        for i, reason in bad:
-            out.dead_letter(f"line {line_nos[i]}: {reason}", lines[i])
+        if bad:
+            starts = [a for a, _ in numbers]
+            for i, reason in bad:
+                run = bisect.bisect_right(starts, i) - 1
+                line_no = numbers[run][1] + i - numbers[run][0]
+                out.dead_letter(f"line {line_no}: {reason}", lines[i])
         self.offset = end
         await out.emit(batch, self._position())
 

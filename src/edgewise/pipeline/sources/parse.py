@@ -86,8 +86,9 @@ def readings_from_dicts(
         if (
             ts.dtype.kind in "fi"
             and vals.dtype.kind in "fi"
-            and all(len(r) == 3 for r in recs)
-            and all(type(s) is str and s for s in sensors)
+            and set(map(len, recs)) == {3}
+            and set(map(type, sensors)) == {str}
+            and "" not in sensors
         ):
             ts = ts.astype(np.float64)
             vals = vals.astype(np.float64)

@@ -1,0 +1,61 @@
+"""Shared fixtures: real local services (skip, or fail under CI), pipelines from YAML text."""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from edgewise.pipeline.spec import PipelineSpec, parse_pipeline
+
+REQUIRE = os.environ.get("EDGEWISE_REQUIRE_SERVICES") == "1"
+
+SERVICES = {
+    "mosquitto": ("127.0.0.1", 1883),
+    "postgres": ("127.0.0.1", 5432),
+    "nats": ("127.0.0.1", 4222),
+}
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def need_service(name: str) -> tuple[str, int]:
+    """Return (host, port) of a local service; skip (or fail under CI) when it is down."""
+    host, port = SERVICES[name]
+    if not _reachable(host, port):
+        msg = f"{name} is not reachable on {host}:{port}"
+        if REQUIRE:
+            pytest.fail(f"{msg} and EDGEWISE_REQUIRE_SERVICES=1")
+        pytest.skip(msg)
+    return host, port
+
+
+@pytest.fixture
+def mosquitto() -> tuple[str, int]:
+    return need_service("mosquitto")
+
+
+@pytest.fixture
+def nats_server() -> tuple[str, int]:
+    return need_service("nats")
+
+
+def make_spec(body: str, tmp_path: Path | None = None, name: str = "test") -> PipelineSpec:
+    """A pipeline from the YAML of its ``spec:`` section (indented or not)."""
+    text = (
+        "apiVersion: edgewise.io/v1\nkind: Pipeline\nmetadata:\n  name: "
+        + name
+        + "\nspec:\n"
+        + textwrap.indent(textwrap.dedent(body).strip("\n"), "  ")
+        + "\n"
+    )
+    return parse_pipeline(text, "<test>", base_dir=tmp_path)
