@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import orjson
 from edgewise.pipeline.batch import Batch, column
 
 REQUIRED = ("sensor", "ts", "value")
+_SENSOR, _TS, _VALUE = (itemgetter(f) for f in REQUIRED)
 MS_THRESHOLD = 1e11  # a numeric ts above this is taken as milliseconds
 
 
@@ -78,9 +80,9 @@ def readings_from_dicts(
     if n == 0:
         return Batch.empty(), []
     try:  # fast path: every record is exactly {sensor, ts, value} with good types
-        sensors = [r["sensor"] for r in recs]
-        ts_list = [r["ts"] for r in recs]
-        val_list = [r["value"] for r in recs]
+        sensors = list(map(_SENSOR, recs))
+        ts_list = list(map(_TS, recs))
+        val_list = list(map(_VALUE, recs))
         ts = np.array(ts_list)
         vals = np.array(val_list)
         if (
