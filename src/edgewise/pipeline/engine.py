@@ -54,6 +54,7 @@ class Counters:
     late: int = 0
     alarms: int = 0
     dead_lettered: int = 0
+    streams: dict[str, int] = field(default_factory=dict)  # records sent to each outbox stream
 
 
 class Engine:
@@ -260,8 +261,10 @@ class Engine:
                 self._emit(target, self.stages[target].process(batch))
             elif target in self._streams:
                 assert self._committer is not None
-                self._committer.add(self._streams[target], batch)
+                stream = self._streams[target]
+                self._committer.add(stream, batch)
                 self.sinks[target].written += batch.n
+                self.counters.streams[stream] = self.counters.streams.get(stream, 0) + batch.n
             else:
                 sink = self.sinks[target]
                 try:
@@ -333,7 +336,8 @@ class Engine:
         for name, st in self.outbox.stats().items():
             streams[name] = {
                 "priority": st.priority,
-                "records": st.produced,
+                "records": self.counters.streams.get(name, 0),
+                "records_total": st.produced,
                 "pending": st.pending_records,
                 "acked": st.acked,
                 "dropped": st.dropped,

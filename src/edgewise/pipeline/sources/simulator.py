@@ -56,14 +56,15 @@ class SimulatorSource(Source):
         self.signals = SignalSet(groups, config.seed, config.rate_hz)
         self.finite = config.limit is not None
         self.produced = 0
+        self.first_index = 0  # index of the first reading of this run (restarts continue)
         self.start_ts: float | None = None
 
     def restore(self, position: Any) -> None:
-        self.produced = int(position["produced"])
+        self.produced = self.first_index = int(position["produced"])
         self.start_ts = float(position["start_ts"])
 
     def stats(self) -> dict[str, Any]:
-        return {"generated": self.produced}
+        return {"first_index": self.first_index, "next_index": self.produced}
 
     async def run(self, out: SourceOutput) -> None:
         cfg = self.config
