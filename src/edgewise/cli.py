@@ -191,5 +191,13 @@ def dead_letters(data_dir: Path, limit: int, as_json: bool) -> None:
     Console().print(t)
 
 
+def _register_subcommands() -> None:
+    from edgewise.plan.cli import plan
+
+    main.add_command(plan)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

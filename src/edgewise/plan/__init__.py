@@ -1,0 +1,1 @@
+"""The planner: from a workload description to a placed, sized, quantified architecture."""
