@@ -39,7 +39,9 @@ def _fail(exc: EdgewiseError) -> None:
 def main(verbose: int) -> None:
     """Edgewise: edge pipelines that keep working offline and sync exactly once."""
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
@@ -189,6 +191,21 @@ def dead_letters(data_dir: Path, limit: int, as_json: bool) -> None:
     for r in rows:
         t.add_row(str(r["id"]), r["source"], f"{r['size']:,}", r["reason"])
     Console().print(t)
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print the Markdown used in docs/pipeline-spec.md.")
+def components(markdown: bool) -> None:
+    """List every source, operator and sink with its parameters."""
+    from rich.markdown import Markdown
+
+    from edgewise.pipeline.reference import markdown as reference
+
+    text = reference()
+    if markdown:
+        click.echo(text, nl=False)
+    else:
+        Console().print(Markdown(text))
 
 
 def _register_subcommands() -> None:

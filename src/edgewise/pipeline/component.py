@@ -31,7 +31,7 @@ Emit = dict[str, Batch] | Batch | None
 class ComponentConfig(BaseModel):
     """Base for every component's parameters: unknown keys are errors (typos get caught)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 @dataclass

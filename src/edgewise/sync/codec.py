@@ -123,7 +123,8 @@ def encode(columns: dict[str, np.ndarray], level: int = ZSTD_LEVEL) -> bytes:
     for name, col in cols.items():
         if name in encoded_text:
             values, codes = encoded_text[name]
-            out.append([name, "dict", values, _small_int(codes).tobytes(), str(_small_int(codes).dtype)])
+            small = _small_int(codes)
+            out.append([name, "dict", values, small.tobytes(), str(small.dtype)])
         elif col.dtype.kind == "b":
             out.append([name, "bool", None, np.packbits(col).tobytes(), "u1"])
         elif col.dtype.kind in ("i", "u"):
@@ -157,7 +158,7 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
     cols: dict[str, np.ndarray] = {}
     try:
         key_codes = None
-        for name, kind, meta, blob, dtype in items:
+        for name, kind, _meta, blob, dtype in items:
             if name == key and kind == "dict":
                 key_codes = np.frombuffer(blob, dtype=dtype).astype(np.int64)
         order, starts = _group_order(key_codes, n)

@@ -95,11 +95,8 @@ class Threshold(Operator):
         kid = self.keys.ids_for(batch)
         hi = v > cfg.high if cfg.high is not None else np.zeros(batch.n, dtype=bool)
         lo = v < cfg.low if cfg.low is not None else np.zeros(batch.n, dtype=bool)
-        active = np.array(
-            [bool(s[0] or s[1]) for s in (self.state.get(k, (0, 0)) for k in range(len(self.keys.values)))]
-            or [False],
-            dtype=bool,
-        )
+        states = (self.state.get(k, (0, 0)) for k in range(len(self.keys.values)))
+        active = np.array([bool(s[0] or s[1]) for s in states] or [False], dtype=bool)
         candidates = hi | lo | active[kid]
         if not candidates.any():
             return None

@@ -141,7 +141,10 @@ class Window(Operator):
         span = int(widx.max()) - wmin + 1
         comp = kid[rows] * span + (widx - wmin)
         tr = t[rows]
-        order = np.lexsort((tr, comp)) if self.need_order_by_time else np.argsort(comp, kind="stable")
+        if self.need_order_by_time:
+            order = np.lexsort((tr, comp))
+        else:
+            order = np.argsort(comp, kind="stable")
         sc = comp[order]
         starts = np.flatnonzero(np.concatenate(([True], sc[1:] != sc[:-1])))
         ends = np.concatenate((starts[1:], [len(sc)])) - 1
