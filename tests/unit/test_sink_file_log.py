@@ -128,11 +128,6 @@ def test_log_sink_below_the_logger_level_logs_nothing(
     assert sink.written == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in sinks/log.py (lead's): LogConfig.level accepts any string; an unknown level "
-    "fails every write() with TypeError instead of being a spec error",
-)
 def test_log_sink_unknown_level_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match=r"spec\.sinks\.0\.level"):
         make_spec(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import ComponentConfig, RunContext, Sink
@@ -16,8 +16,15 @@ log = logging.getLogger("edgewise.sink")
 
 
 class LogConfig(ComponentConfig):
-    level: str = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Log level of the records (case does not matter)."""
     max_per_batch: int = Field(default=10, ge=1)
+    """At most this many records of each batch are logged (all are counted)."""
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
 
 
 class LogSink(Sink):
@@ -25,7 +32,7 @@ class LogSink(Sink):
 
     def __init__(self, id: str, config: LogConfig, ctx: RunContext) -> None:
         super().__init__(id, config, ctx)
-        self.level = logging.getLevelName(config.level.upper())
+        self.level = logging.getLevelName(config.level)
         self.latency = LatencyRecorder()
 
     def write(self, batch: Batch) -> None:
