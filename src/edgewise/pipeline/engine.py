@@ -4,7 +4,9 @@ Data path: each source task hands batches to a bounded queue (backpressure: a so
 the engine is behind). The engine takes one batch at a time, pushes it synchronously through the
 operators in dependency order, hands results to local sinks at once (alarms go out before the
 batch is even committed) and to the `Committer`, which group-commits outbox records, dead letters,
-operator state and source positions in one transaction in a writer thread.
+operator state and source positions in one transaction in a writer thread. A dead letter travels
+with the next batch its source emits, so it is committed together with the position that passes
+the bad input: after a crash the input is either replayed and reported again, or neither.
 
 Lifecycle: `Engine.run()` opens everything, restores the last checkpoint, runs until every
 finite source is exhausted, `stop()` is called or the duration is over, then commits what is left
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 CHECKPOINT_KEY = "engine"
+DEAD_LETTER_HOLD_S = 1.0  # a source silent this long after a dead letter has it committed alone
 
 
 @dataclass
@@ -96,7 +99,10 @@ class Engine:
             self.data_dir / "outbox.db", spec.body.outbox.max_bytes, spec.body.outbox.sync
         )
         self._streams: dict[str, str] = {}  # outbox sink id -> stream
-        self._queue: asyncio.Queue[tuple[str, Any, Any]] | None = None
+        self._queue: asyncio.Queue[tuple[str, Any, Any, list[DeadLetter]]] | None = None
+        self._held: dict[str, list[DeadLetter]] = {}  # per source: waiting for its next emit
+        self._held_since: dict[str, float] = {}
+        self._positional: set[str] = set()  # sources that give positions (so replay after a crash)
         self._stop = asyncio.Event()
         self._committer: Committer | None = None
         self._started = 0.0
@@ -117,10 +123,12 @@ class Engine:
         self._stop.set()
         if self._queue is not None:
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(("", _DONE, None))
+                self._queue.put_nowait(("", _DONE, None, []))
 
     # -- main ---------------------------------------------------------------------------------
-    async def run(self, on_status: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    async def run(
+        self, on_status: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
         self._queue = asyncio.Queue(maxsize=self.spec.body.batching.queue_batches)
         self._started = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +162,7 @@ class Engine:
                         raise
                     finally:
                         self.running = False
+                        self._release_held(stopping=True)
                         await self._committer.drain()
             finally:
                 self._committer.close()
@@ -181,15 +190,15 @@ class Engine:
     async def _run_source(self, source: Source) -> None:
         assert self._queue is not None
         queue = self._queue
-        committer = self._committer
-        assert committer is not None
 
         async def emit(batch: Batch, position: Any) -> None:
-            await queue.put((source.id, batch, position))
+            if position is not None:
+                self._positional.add(source.id)
+            await queue.put((source.id, batch, position, self._take_held(source.id)))
 
         def dead(letter: DeadLetter) -> None:
-            self.counters.dead_lettered += 1
-            committer.dead(letter)
+            self._held.setdefault(source.id, []).append(letter)
+            self._held_since.setdefault(source.id, time.monotonic())
 
         out = SourceOutput(emit, dead, source.id)
         try:
@@ -206,7 +215,27 @@ class Engine:
             self.error = EdgewiseError(f"source {source.id!r} crashed: {exc!r}")
             self.stop()
             return
-        await queue.put((source.id, _DONE, None))
+        await queue.put((source.id, _DONE, None, self._take_held(source.id)))
+
+    def _take_held(self, source_id: str) -> list[DeadLetter]:
+        self._held_since.pop(source_id, None)
+        return self._held.pop(source_id, [])
+
+    def _dead_letters(self, letters: list[DeadLetter]) -> None:
+        assert self._committer is not None
+        self.counters.dead_lettered += len(letters)
+        for letter in letters:
+            self._committer.dead(letter)
+
+    def _release_held(self, stopping: bool = False) -> None:
+        """Commit dead letters no emit has picked up: after DEAD_LETTER_HOLD_S (at least once
+        then), or at the end of the run unless their source replays from its position anyway."""
+        now = time.monotonic()
+        for sid, since in list(self._held_since.items()):
+            if stopping and sid in self._positional:
+                self._take_held(sid)  # not passed by a committed position: reported again
+            elif stopping or now - since >= DEAD_LETTER_HOLD_S:
+                self._dead_letters(self._take_held(sid))
 
     async def _consume(self) -> None:
         assert self._queue is not None and self._committer is not None
@@ -214,7 +243,9 @@ class Engine:
         finite = {sid for sid, s in self.sources.items() if s.finite}
         live = set(self.sources)
         while live and not self._stop.is_set():
-            source_id, batch, position = await queue.get()
+            source_id, batch, position, letters = await queue.get()
+            if letters:  # committed with this batch's position, never before it
+                self._dead_letters(letters)
             if batch is _DONE:
                 if source_id in live:
                     live.discard(source_id)
@@ -245,6 +276,7 @@ class Engine:
             idle = time.monotonic() - self._last_input
             for sid, op in self.stages.items():
                 self._emit(sid, op.on_timer(idle))
+            self._release_held()
             if self._committer is not None:
                 self._committer.kick()
             now = time.monotonic()
@@ -319,6 +351,7 @@ class Engine:
             src = self.sources.get(sid)
             if src is not None and pos is not None:
                 src.restore(pos)
+                self._positional.add(sid)
                 self._committer.position(sid, pos)
 
     def _on_durable(self, positions: dict[str, Any], report: CommitReport) -> None:

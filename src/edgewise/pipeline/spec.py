@@ -77,7 +77,7 @@ class Body(_Strict):
 
 
 class Document(_Strict):
-    apiVersion: Literal["edgewise.io/v1"]  # noqa: N815 - the YAML key
+    apiVersion: Literal["edgewise.io/v1"]  # the YAML key
     kind: Literal["Pipeline"]
     metadata: Metadata
     spec: Body
@@ -152,7 +152,10 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
     return parse_pipeline(text, str(path), base_dir=path.parent)
 
 
-def parse_pipeline(text: str, source: str = "<pipeline>", base_dir: Path | None = None) -> PipelineSpec:
+def parse_pipeline(
+    text: str, source: str = "<pipeline>", base_dir: Path | None = None
+) -> PipelineSpec:
+    """Validate pipeline YAML; relative paths in it (file sources) are taken from ``base_dir``."""
     try:
         data, lines = load_with_lines(text, source)
     except yaml.YAMLError as exc:
@@ -190,11 +193,14 @@ def parse_pipeline(text: str, source: str = "<pipeline>", base_dir: Path | None 
             except KeyError:
                 problems.append(
                     (line_of(lines, (*where, "type")), f"spec.{group}.{i}.type",
-                     f"unknown {kind} type {entry.type!r}; known: {', '.join(registry.known(kind))}")
+                     f"unknown {kind} type {entry.type!r}; "
+                     f"known: {', '.join(registry.known(kind))}")
                 )
                 continue
             except ConfigError as exc:
-                problems.append((line_of(lines, (*where, "type")), f"spec.{group}.{i}.type", str(exc)))
+                problems.append(
+                    (line_of(lines, (*where, "type")), f"spec.{group}.{i}.type", str(exc))
+                )
                 continue
             params = {k: v for k, v in (entry.model_extra or {}).items()}
             try:
@@ -238,8 +244,10 @@ def parse_pipeline(text: str, source: str = "<pipeline>", base_dir: Path | None 
     if problems:
         raise SpecError(source, problems)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    # the engine resolves relative paths against the spec's folder: make that base_dir
+    spec_path = Path(source) if base_dir is None else Path(base_dir) / Path(source).name
     return PipelineSpec(
-        Path(source), doc, built["sources"], built["stages"], built["sinks"], digest
+        spec_path, doc, built["sources"], built["stages"], built["sinks"], digest
     )
 
 

@@ -75,17 +75,23 @@ class FileSource(Source):
             f.seek(self.offset)
             pos = self.offset  # file offset just past the last complete line seen
             buf = b""
-            skipping = False  # inside an over-long line whose start was already dead-lettered
+            # an over-long line being skipped: [line number, bytes so far, its first 4 KiB]
+            skip: list[Any] | None = None
             pending: list[bytes] = []
             numbers: list[tuple[int, int]] = []  # runs of (index in pending, line number)
             while True:
                 data = await asyncio.to_thread(f.read, READ_SIZE)
                 if not data:
-                    if not self.config.follow and buf.strip() and not skipping:
+                    if not self.config.follow and skip is not None:
+                        pos += self._end_skip(out, skip, 0)  # the file ends inside it
+                        skip = None
+                    if not self.config.follow and buf.strip():
                         # the last line has no newline: take it as it is
                         data, buf = buf + b"\n", b""
                     else:
-                        if pending:
+                        # emit also when only skipped lines moved the position, so their dead
+                        # letters are committed with a position that passes them
+                        if pending or pos != self.offset:
                             await self._emit(out, pending, numbers, pos)
                             pending, numbers = [], []
                         if not self.config.follow:
@@ -94,10 +100,10 @@ class FileSource(Source):
                         continue
                 parts = (buf + data).split(b"\n")
                 buf = parts.pop()
-                if skipping and parts:
-                    pos += len(parts[0]) + 1  # the rest of the over-long line
+                if skip is not None and parts:
+                    pos += self._end_skip(out, skip, len(parts[0]) + 1)
+                    skip = None
                     parts = parts[1:]
-                    skipping = False
                 i = 0
                 while i < len(parts):
                     chunk = parts[i : i + size - len(pending)]
@@ -108,7 +114,7 @@ class FileSource(Source):
                     if min(lens) < 3 or max(lens) > limit:  # blank or over-long lines
                         for k, raw in enumerate(chunk):
                             if len(raw) > limit:
-                                self._too_long(out, raw, len(raw), first + k)
+                                self._too_long(out, raw[:4096], len(raw), first + k)
                             elif raw.strip():
                                 numbers.append((len(pending), first + k))
                                 pending.append(raw)
@@ -119,22 +125,27 @@ class FileSource(Source):
                     if len(pending) >= size:
                         await self._emit(out, pending, numbers, pos)
                         pending, numbers = [], []
-                if len(buf) > limit and not skipping:
-                    # an over-long line still without its newline: keep none of it in memory
-                    self.line += 1
-                    self._too_long(out, buf, None, self.line)
-                    pos += len(buf)
+                if skip is not None:
+                    skip[1] += len(buf)
                     buf = b""
-                    skipping = True
-                elif skipping:
-                    pos += len(buf)
+                elif len(buf) > limit:
+                    # an over-long line still without its newline: keep none of it in memory;
+                    # it is dead-lettered (with its size) when its end is found
+                    skip = [self.line + 1, len(buf), buf[:4096]]
                     buf = b""
 
-    def _too_long(self, out: SourceOutput, raw: bytes, size: int | None, line: int) -> None:
+    def _end_skip(self, out: SourceOutput, skip: list[Any], rest: int) -> int:
+        """The over-long line ``skip`` ends ``rest`` bytes (its newline included) into the data
+        just read: dead-letter it with its full size and return how many bytes it took."""
+        line, size, head = skip
+        self.line = line
+        self._too_long(out, head, size + max(rest - 1, 0), line)
+        return size + rest
+
+    def _too_long(self, out: SourceOutput, head: bytes, size: int, line: int) -> None:
         self.skipped_long += 1
         limit = self.config.max_line_bytes
-        what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
-        out.dead_letter(f"line {line}: {what}, over max_line_bytes={limit}; skipped", raw[:4096])
+        out.dead_letter(f"line {line}: {size} bytes, over max_line_bytes={limit}; skipped", head)
 
     async def _emit(
         self, out: SourceOutput, lines: list[bytes], numbers: list[tuple[int, int]], end: int
@@ -154,6 +165,8 @@ class FileSource(Source):
 
     def _parse_csv(self, lines: list[bytes]) -> tuple[Batch, list[tuple[int, str]]]:
         start = 0
+        if not lines:
+            return Batch.empty(), []
         if self.header is None:
             self.header = next(csv.reader([lines[0].decode("utf-8", "replace")]))
             start = 1
@@ -168,11 +181,12 @@ class FileSource(Source):
                 continue
             rec: dict[str, Any] = {}
             for k, v in zip(self.header, row, strict=True):
-                rec[k] = _csv_value(v)
+                rec[k] = v.strip() if k == "sensor" else _csv_value(v)  # "007" stays text
             recs.append(rec)
             index.append(i)
         batch, rejected = readings_from_dicts(recs)
         bad.extend((index[j], reason) for j, reason in rejected)
+        bad.sort()  # dead letters in line order
         return batch, bad
 
 

@@ -83,10 +83,13 @@ def readings_from_dicts(
         sensors = list(map(_SENSOR, recs))
         ts_list = list(map(_TS, recs))
         val_list = list(map(_VALUE, recs))
+        # numpy makes True 1.0 next to numbers, so bools must be ruled out by type, not dtype
+        numeric = set(map(type, ts_list)) | set(map(type, val_list))
         ts = np.array(ts_list)
         vals = np.array(val_list)
         if (
-            ts.dtype.kind in "fi"
+            numeric <= {float, int}
+            and ts.dtype.kind in "fi"
             and vals.dtype.kind in "fi"
             and set(map(len, recs)) == {3}
             and set(map(type, sensors)) == {str}
