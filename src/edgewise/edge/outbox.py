@@ -121,7 +121,9 @@ class CommitReport:
 class Outbox:
     """Open with ``with Outbox(path, max_bytes) as ob:``."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 256 * 1024**2, sync: str = "full") -> None:
+    def __init__(
+        self, path: str | Path, max_bytes: int = 256 * 1024**2, sync: str = "full"
+    ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.sync = sync
@@ -275,15 +277,19 @@ class Outbox:
                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                         list(checkpoint.items()),
                     )
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             self._reload_after_failure()
             raise StorageError(f"outbox commit failed ({self.path}): {exc}") from None
         return report
 
     def _reload_after_failure(self) -> None:
+        """Counters were changed inside a transaction that rolled back: read them again."""
         self._streams.clear()
         self._next_seq.clear()
-        self._load()
+        try:
+            self._load()
+        except sqlite3.Error:  # the database itself is gone; the caller raises StorageError
+            pass
 
     def _add_dead(self, db: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
         db.executemany(
@@ -386,23 +392,27 @@ class Outbox:
         if not chunk_ids:
             return 0
         acked = 0
-        with self._tx() as db:
-            for cid in chunk_ids:
-                row = db.execute(
-                    "SELECT stream, seq_count, records, nbytes FROM chunks WHERE id=?", (cid,)
-                ).fetchone()
-                if row is None:
-                    continue
-                stream, seq_count, records, nbytes = row
-                db.execute("DELETE FROM chunks WHERE id=?", (cid,))
-                st = self._streams[stream]
-                st.acked += seq_count
-                st.pending_records -= records
-                st.pending_chunks -= 1
-                st.pending_bytes -= nbytes
-                self._used -= nbytes
-                acked += seq_count
-                db.execute("UPDATE streams SET acked=? WHERE stream=?", (st.acked, stream))
+        try:
+            with self._tx() as db:
+                for cid in chunk_ids:
+                    row = db.execute(
+                        "SELECT stream, seq_count, records, nbytes FROM chunks WHERE id=?", (cid,)
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    stream, seq_count, records, nbytes = row
+                    db.execute("DELETE FROM chunks WHERE id=?", (cid,))
+                    st = self._streams[stream]
+                    st.acked += seq_count
+                    st.pending_records -= records
+                    st.pending_chunks -= 1
+                    st.pending_bytes -= nbytes
+                    self._used -= nbytes
+                    acked += seq_count
+                    db.execute("UPDATE streams SET acked=? WHERE stream=?", (st.acked, stream))
+        except sqlite3.Error as exc:
+            self._reload_after_failure()
+            raise StorageError(f"outbox ack failed ({self.path}): {exc}") from None
         return acked
 
     # -- checkpoint and inspection ------------------------------------------------------------
