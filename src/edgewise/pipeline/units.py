@@ -24,6 +24,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '500ms', '1s' or '5m'")
     if isinstance(value, (int, float)):
+        if value != value:  # NaN
+            raise ValueError("a duration must be a number of seconds, not NaN")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
