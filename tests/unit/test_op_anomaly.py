@@ -17,6 +17,7 @@ from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import RunContext
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.operators.anomaly import Anomaly, AnomalyConfig
+from edgewise.pipeline.operators.filter import MissingFieldError
 
 
 def make(**cfg: Any) -> Anomaly:
@@ -198,3 +199,13 @@ async def test_anomaly_in_the_engine_counts_alarms(tmp_path: Path) -> None:
         (raw[i]["sensor"], raw[i]["ts"], raw[i]["value"]) for i, *_ in expected
     ]
     assert summary["alarms"] == len(expected) == summary["stages"]["odd"]["out"]
+
+
+def test_missing_field_is_a_clear_error() -> None:
+    b = Batch.from_records([{"sensor": "a", "ts": 1.0, "value": 2.0}])
+    with pytest.raises(MissingFieldError) as err:
+        make(key_by=["machine"]).process(b)
+    assert str(err.value) == (
+        "stage 'a': field 'machine' is not in the records (they have: sensor, ts, value); "
+        "check the stage's field, key_by and time_field"
+    )

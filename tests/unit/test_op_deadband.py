@@ -16,6 +16,7 @@ from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import RunContext
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.operators.deadband import Deadband, DeadbandConfig
+from edgewise.pipeline.operators.filter import MissingFieldError
 
 
 def make(**cfg: Any) -> Deadband:
@@ -174,3 +175,13 @@ async def test_deadband_in_the_engine(tmp_path: Path) -> None:
            .splitlines()]
     assert got == [20.0, 21.0, 19.0]
     assert summary["stages"]["changes"]["out"] == 3
+
+
+def test_missing_field_is_a_clear_error() -> None:
+    b = Batch.from_records([{"sensor": "a", "ts": 1.0, "value": 2.0}])
+    with pytest.raises(MissingFieldError) as err:
+        make(deadband=1.0, field="pressure").process(b)
+    assert str(err.value) == (
+        "stage 'd': field 'pressure' is not in the records (they have: sensor, ts, value); "
+        "check the stage's field, key_by and time_field"
+    )

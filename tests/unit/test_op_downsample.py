@@ -16,6 +16,7 @@ from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import RunContext
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.operators.downsample import Downsample, DownsampleConfig
+from edgewise.pipeline.operators.filter import MissingFieldError
 
 
 def make(**cfg: Any) -> Downsample:
@@ -230,3 +231,13 @@ async def test_downsample_in_the_engine(tmp_path: Path) -> None:
     assert sorted({r["ts"] for r in got}) == [1700000000.0, 1700000001.0, 1700000002.0]
     assert summary["stages"]["tenth"]["out"] == 3000
     assert summary["late"] == 0
+
+
+def test_missing_field_is_a_clear_error() -> None:
+    b = Batch.from_records([{"sensor": "a", "ts": 1.0, "value": 2.0}])
+    with pytest.raises(MissingFieldError) as err:
+        make(interval="1s", how="mean", field="temp").process(b)
+    assert str(err.value) == (
+        "stage 'd': field 'temp' is not in the records (they have: sensor, ts, value); "
+        "check the stage's field, key_by and time_field"
+    )

@@ -17,6 +17,7 @@ from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import RunContext
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.operators.fft import FftBands, FftConfig, band_name
+from edgewise.pipeline.operators.filter import MissingFieldError
 
 FS = 1024.0  # Hz
 N = 1024  # samples per block: 1 Hz bins
@@ -211,3 +212,13 @@ async def test_fft_in_the_engine(tmp_path: Path) -> None:
         (1000.0, 64.0), (1000.5, 64.0), (1001.0, 64.0), (1001.5, 64.0),
     ]
     assert [r["band_50_100"] for r in got] == pytest.approx([0.5] * 4, rel=1e-5)
+
+
+def test_missing_field_is_a_clear_error() -> None:
+    b = Batch.from_records([{"sensor": "a", "ts": 1.0, "value": 2.0}])
+    with pytest.raises(MissingFieldError) as err:
+        make(field="accel").process(b)
+    assert str(err.value) == (
+        "stage 'f': field 'accel' is not in the records (they have: sensor, ts, value); "
+        "check the stage's field, key_by and time_field"
+    )

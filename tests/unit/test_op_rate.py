@@ -15,6 +15,7 @@ from edgewise.pipeline import checkpoint as ckpt
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import RunContext
 from edgewise.pipeline.engine import Engine
+from edgewise.pipeline.operators.filter import MissingFieldError
 from edgewise.pipeline.operators.rate import RateConfig, RateOfChange
 
 
@@ -169,3 +170,13 @@ async def test_rate_alarms_in_the_engine(tmp_path: Path) -> None:
         (1020.0, pytest.approx(15.0)), (1040.0, pytest.approx(-24.6)),
     ]
     assert summary["alarms"] == 2
+
+
+def test_missing_field_is_a_clear_error() -> None:
+    b = Batch.from_records([{"sensor": "a", "ts": 1.0, "value": 2.0}])
+    with pytest.raises(MissingFieldError) as err:
+        make(time_field="time").process(b)
+    assert str(err.value) == (
+        "stage 'r': field 'time' is not in the records (they have: sensor, ts, value); "
+        "check the stage's field, key_by and time_field"
+    )

@@ -30,16 +30,17 @@ from pydantic import Field
 
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
+from edgewise.pipeline.operators.filter import require_fields
 from edgewise.pipeline.operators.keys import KeyIndex
 
 
 class AnomalyConfig(ComponentConfig):
-    field: str = "value"
-    alpha: float = Field(default=0.1, gt=0, lt=1)
-    z: float = Field(default=3.0, gt=0)
-    warmup: int = Field(default=30, ge=1)
-    min_std: float = Field(default=0.0, ge=0)
-    key_by: list[str] = ["sensor"]
+    field: str = Field(default="value", description="the numeric field watched")
+    alpha: float = Field(default=0.1, gt=0, lt=1, description="EWMA weight of each new reading")
+    z: float = Field(default=3.0, gt=0, description="emit readings with |z-score| above this")
+    warmup: int = Field(default=30, ge=1, description="readings per key before any is judged")
+    min_std: float = Field(default=0.0, ge=0, description="floor of the std used for z")
+    key_by: list[str] = Field(default=["sensor"], description="fields that identify a series")
 
 
 class Anomaly(Operator):
@@ -56,6 +57,7 @@ class Anomaly(Operator):
 
     def process(self, batch: Batch) -> Emit:
         cfg = self.config
+        require_fields(batch, [*cfg.key_by, cfg.field], self.id)
         kid = self.keys.ids_for(batch).tolist()
         missing = len(self.keys.values) - len(self.count)
         if missing > 0:

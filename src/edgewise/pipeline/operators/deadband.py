@@ -27,17 +27,24 @@ from pydantic import Field, model_validator
 
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
+from edgewise.pipeline.operators.filter import require_fields
 from edgewise.pipeline.operators.keys import KeyIndex
 from edgewise.pipeline.units import Duration
 
 
 class DeadbandConfig(ComponentConfig):
-    field: str = "value"
-    deadband: float | None = Field(default=None, ge=0)
-    percent: float | None = Field(default=None, gt=0)
-    max_interval: Duration | None = Field(default=None, gt=0)
-    key_by: list[str] = ["sensor"]
-    time_field: str = "ts"
+    field: str = Field(default="value", description="the numeric field compared")
+    deadband: float | None = Field(
+        default=None, ge=0, description="emit when it moved more than this from the last emitted"
+    )
+    percent: float | None = Field(
+        default=None, gt=0, description="emit when it moved more than this % of the last emitted"
+    )
+    max_interval: Duration | None = Field(
+        default=None, gt=0, description="emit at least this often (event time), changed or not"
+    )
+    key_by: list[str] = Field(default=["sensor"], description="fields that identify a series")
+    time_field: str = Field(default="ts", description="event time field (epoch seconds)")
 
     @model_validator(mode="after")
     def _some_rule(self) -> DeadbandConfig:
@@ -58,6 +65,7 @@ class Deadband(Operator):
 
     def process(self, batch: Batch) -> Emit:
         cfg = self.config
+        require_fields(batch, [*cfg.key_by, cfg.field, cfg.time_field], self.id)
         kid = self.keys.ids_for(batch).tolist()
         missing = len(self.keys.values) - len(self.last_v)
         if missing > 0:

@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
+from edgewise.pipeline.operators.filter import require_fields
 from edgewise.pipeline.operators.keys import KeyIndex
 from edgewise.pipeline.units import Duration
 
@@ -41,12 +42,16 @@ BUCKET, COUNT, SUM, ACC, ROW_TS, ROW = range(6)
 
 
 class DownsampleConfig(ComponentConfig):
-    every: int | None = Field(default=None, ge=1)
-    interval: Duration | None = Field(default=None, gt=0)
-    how: Literal["first", "last", "mean"] = "last"
-    field: str = "value"
-    key_by: list[str] = ["sensor"]
-    time_field: str = "ts"
+    every: int | None = Field(default=None, ge=1, description="keep the 1st and every Nth reading")
+    interval: Duration | None = Field(
+        default=None, gt=0, description="one record per key per interval of event time"
+    )
+    how: Literal["first", "last", "mean"] = Field(
+        default="last", description="which record an interval keeps (mean: of field)"
+    )
+    field: str = Field(default="value", description="the field averaged by how: mean")
+    key_by: list[str] = Field(default=["sensor"], description="fields that identify a series")
+    time_field: str = Field(default="ts", description="event time field (epoch seconds)")
 
     @model_validator(mode="after")
     def _one_mode(self) -> DownsampleConfig:
@@ -194,6 +199,9 @@ class Downsample(Operator):
     def process(self, batch: Batch) -> Emit:
         if batch.n == 0:
             return None
+        cfg = self.config
+        need = cfg.key_by if cfg.every is not None else [*cfg.key_by, cfg.field, cfg.time_field]
+        require_fields(batch, need, self.id)
         kid = self.keys.ids_for(batch)
         if self.config.every is not None:
             return self._every(batch, kid)

@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
+from edgewise.pipeline.operators.filter import require_fields
 from edgewise.pipeline.operators.keys import KeyIndex
 
 
@@ -49,14 +50,16 @@ def band_name(lo: float, hi: float) -> str:
 
 
 class FftConfig(ComponentConfig):
-    field: str = "value"
-    samples: int = Field(ge=4, le=1 << 22)
-    sample_rate: float = Field(gt=0)
-    bands: list[tuple[float, float]] = []
-    window: Literal["hann", "none"] = "hann"
-    remove_mean: bool = True
-    key_by: list[str] = ["sensor"]
-    time_field: str = "ts"
+    field: str = Field(default="value", description="the sampled signal")
+    samples: int = Field(ge=4, le=1 << 22, description="readings per block (per key)")
+    sample_rate: float = Field(gt=0, description="sampling rate of the sensor, Hz")
+    bands: list[tuple[float, float]] = Field(
+        default=[], description="[lo, hi) Hz ranges; each gives a band_<lo>_<hi> power column"
+    )
+    window: Literal["hann", "none"] = Field(default="hann", description="taper before the FFT")
+    remove_mean: bool = Field(default=True, description="subtract the block mean before the FFT")
+    key_by: list[str] = Field(default=["sensor"], description="fields that identify a series")
+    time_field: str = Field(default="ts", description="event time field (epoch seconds)")
 
     @field_validator("bands")
     @classmethod
@@ -121,6 +124,7 @@ class FftBands(Operator):
         if batch.n == 0:
             return None
         cfg = self.config
+        require_fields(batch, [*cfg.key_by, cfg.field, cfg.time_field], self.id)
         n = cfg.samples
         kid = self.keys.ids_for(batch)
         v = batch.columns[cfg.field].astype(np.float64, copy=False)

@@ -15,15 +15,16 @@ Records that pass keep every column, ``_accepted`` included.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
+from edgewise.errors import ConfigError
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
 from edgewise.pipeline.expr import Compiled, ExpressionError, compile_expr, evaluate_mask
 
 
 class FilterConfig(ComponentConfig):
-    where: str
+    where: str = Field(description="condition (expression language); records where it holds pass")
 
     @field_validator("where")
     @classmethod
@@ -67,3 +68,23 @@ def run_mask(fn: Compiled, batch: Batch, what: str) -> np.ndarray:
         raise ExpressionError(f"{what}: does not give one true/false per record")
     return mask
 
+
+
+class MissingFieldError(ConfigError):
+    """A stage reads a field its input records do not have (usually a typo in the spec)."""
+
+
+def require_fields(batch: Batch, fields: list[str], stage: str) -> None:
+    """Raise `MissingFieldError` naming the stage, the field and the fields that are there.
+
+    Shared by the keyed operators of this package (deadband, rate_of_change, anomaly,
+    downsample, fft), which read fixed fields named in their config.
+    """
+    columns = batch.columns
+    for name in fields:
+        if name not in columns:
+            have = ", ".join(sorted(batch.public_columns())) or "no fields"
+            raise MissingFieldError(
+                f"stage {stage!r}: field {name!r} is not in the records (they have: {have}); "
+                "check the stage's field, key_by and time_field"
+            )

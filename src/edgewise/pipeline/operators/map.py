@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
@@ -43,9 +43,11 @@ def _check_name(name: str, what: str) -> None:
 
 
 class MapConfig(ComponentConfig):
-    set: dict[str, str] = {}
-    drop: list[str] = []
-    rename: dict[str, str] = {}
+    set: dict[str, str] = Field(
+        default={}, description="new or replaced fields: name -> expression, in order"
+    )
+    drop: list[str] = Field(default=[], description="fields to remove (absent ones are ignored)")
+    rename: dict[str, str] = Field(default={}, description="old name -> new name, applied last")
 
     @field_validator("set")
     @classmethod

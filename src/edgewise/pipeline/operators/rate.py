@@ -23,17 +23,20 @@ from pydantic import Field, field_validator
 
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import ComponentConfig, Emit, Operator, RunContext
+from edgewise.pipeline.operators.filter import require_fields
 from edgewise.pipeline.operators.keys import KeyIndex
 from edgewise.pipeline.units import Duration
 
 
 class RateConfig(ComponentConfig):
-    field: str = "value"
-    output: str = "rate"
-    per: Duration = Field(default=1.0, gt=0)
-    limit: float | None = Field(default=None, ge=0)
-    key_by: list[str] = ["sensor"]
-    time_field: str = "ts"
+    field: str = Field(default="value", description="the numeric field differentiated")
+    output: str = Field(default="rate", description="name of the new field")
+    per: Duration = Field(default=1.0, gt=0, description="rate unit: change per this duration")
+    limit: float | None = Field(
+        default=None, ge=0, description="emit only |rate| above this (and count them as alarms)"
+    )
+    key_by: list[str] = Field(default=["sensor"], description="fields that identify a series")
+    time_field: str = Field(default="ts", description="event time field (epoch seconds)")
 
     @field_validator("output")
     @classmethod
@@ -64,6 +67,7 @@ class RateOfChange(Operator):
 
     def process(self, batch: Batch) -> Emit:
         cfg = self.config
+        require_fields(batch, [*cfg.key_by, cfg.field, cfg.time_field], self.id)
         kid = self.keys.ids_for(batch)
         self._grow()
         v = batch.columns[cfg.field].astype(np.float64, copy=False)
