@@ -232,7 +232,7 @@ def test_idle_timeout_only_closes_windows_the_advanced_watermark_passes() -> Non
 def test_flush_emits_every_open_window_in_order() -> None:
     op = make(size="1s", aggregates=["count"])
     op.process(recs([("b", 2.5, 1.0), ("a", 2.1, 1.0), ("a", 0.5, 1.0)]))
-    # nothing closed: watermark 2.5 closes [0,1) only
+    # process() already emitted a's [0, 1) (watermark 2.5); flush emits the open rest
     got = [(r["sensor"], r["window_start"]) for r in out_of(op.flush())]
     assert got == [("b", 2.0), ("a", 2.0)]
     assert op.flush() is None
