@@ -107,11 +107,6 @@ def test_round_trip_at_any_compression_level(cols: dict[str, np.ndarray], level:
     assert_same(codec.decode(codec.encode(cols, level=level)), cols)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec bug (reported): _decimals accepts values within 1e-6 of a d-decimal grid, so "
-    "1.5e-7 is sent as 0.0 and 0.30000001 as 0.3",
-)
 def test_values_finer_than_four_decimals_are_not_rounded() -> None:
     cols = {"v": np.array([1.5e-7, 2.5e-7]), "w": np.array([0.30000001, 1.0])}
     assert_same(codec.decode(codec.encode(cols)), cols)

@@ -535,13 +535,6 @@ async def test_example_entry_point_form(tmp_path: Path, monkeypatch: pytest.Monk
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.py bug: resolve() calls ep.load() unguarded and returns whatever it gets, "
-    "so an entry point whose module is missing raises ModuleNotFoundError and one naming a "
-    "non-Operator raises AttributeError ('Config') out of parse_pipeline; fix: wrap ep.load() "
-    "into ConfigError and call plugin.check_operator_class(cls, type_name)",
-)
 @pytest.mark.parametrize("target", ["no_such_module_xyz:Thing", "json:JSONDecoder"])
 def test_broken_entry_point_is_a_spec_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            target: str) -> None:

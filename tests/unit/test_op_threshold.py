@@ -217,13 +217,6 @@ async def test_threshold_in_the_engine_counts_alarms(tmp_path: Path) -> None:
 
 
 # -- bugs found in threshold.py (kept failing until fixed) -----------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="threshold.py bug: in state mode a key that was not active at the start of a batch "
-    "only looks at readings beyond the limit, so a reading back inside the limit in the same "
-    "batch neither resets the debounce count nor clears an alarm raised earlier in the batch; "
-    "the outcome depends on how readings are batched",
-)
 @pytest.mark.parametrize(
     ("cfg", "values"),
     [
@@ -237,11 +230,6 @@ def test_state_does_not_depend_on_batching(cfg: dict[str, Any], values: list[flo
     assert all_at_once == one_by_one
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="threshold.py bug: the clear record of a low alarm reports the high limit "
-    "(limit is chosen by kind == 'low', so 'clear' always gets high)",
-)
 def test_clear_of_a_low_alarm_reports_the_low_limit() -> None:
     op = make(high=100.0, low=0.0, mode="state")
     op.process(batch([-1.0]))
@@ -250,12 +238,6 @@ def test_clear_of_a_low_alarm_reports_the_low_limit() -> None:
     assert out["limit"].tolist() == [0.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="threshold.py bug: the debounce count of a low excursion goes -1, 0, -1, 0 "
-    "(st[1] + 1 instead of st[1] + beyond), so with debounce >= 2 a low alarm never fires; "
-    "fix: st[1] = st[1] + beyond if st[1] * beyond > 0 else beyond",
-)
 def test_state_low_alarm_with_debounce() -> None:
     op = make(low=10.0, mode="state", debounce=2)
     assert feed(op, [9, 8, 7, 12]) == [(8.0, "low"), (12.0, "clear")]

@@ -24,6 +24,7 @@ from edgewise.errors import ConfigError
 from edgewise.pipeline.batch import Batch
 
 Compiled = Callable[[Batch], Any]
+MAX_LENGTH = 4096  # characters
 
 
 class ExpressionError(ConfigError):
@@ -93,18 +94,29 @@ _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
 
 def compile_expr(text: str, *, where: str = "expression") -> Compiled:
     """Compile ``text`` into a function of a batch; raise `ExpressionError` if not allowed."""
+    tree = _parse(text, where)
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        return _Compiler(text, where).visit(tree.body)
+    except RecursionError:
+        raise ExpressionError(f"{where}: expression is nested too deeply") from None
+
+
+def _parse(text: str, where: str) -> ast.Expression:
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(f"{where}: expression is longer than {MAX_LENGTH} characters")
+    try:
+        return ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise ExpressionError(
             f"{where}: cannot parse {text!r}: {exc.msg} at column {exc.offset}"
         ) from None
-    return _Compiler(text, where).visit(tree.body)
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise ExpressionError(f"{where}: cannot parse {text[:60]!r}...: {exc}") from None
 
 
 def fields_used(text: str) -> set[str]:
     """The field names an expression reads (for validation against known fields)."""
-    tree = ast.parse(text.strip(), mode="eval")
+    tree = _parse(text, "expression")
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id not in FUNCTIONS and node.id not in (
@@ -227,6 +239,11 @@ class _Compiler:
 
     def visit_Call(self, node: ast.Call) -> Compiled:
         if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
+            if isinstance(node.func, ast.Attribute):
+                raise self.fail(
+                    node, f"method calls such as .{node.func.attr}() are not allowed; use a "
+                    f"function, e.g. startswith(sensor, 'line1/')"
+                )
             name = node.func.id if isinstance(node.func, ast.Name) else "this call"
             raise self.fail(
                 node, f"function {name!r} is not allowed (allowed: {', '.join(sorted(FUNCTIONS))})"

@@ -59,7 +59,8 @@ def describe(kind: str, name: str) -> str:
     config: type[BaseModel] = cls.Config
     if config.model_fields:
         lines += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
-        for fname, field in config.model_fields.items():
+        for name_, field in config.model_fields.items():
+            fname = field.alias or name_
             kind_ = _type_name(field.annotation, field.metadata)
             meaning = " ".join((field.description or "").split())
             lines.append(f"| `{fname}` | {kind_} | {_default(field)} | {meaning} |")

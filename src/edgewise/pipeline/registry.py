@@ -79,5 +79,15 @@ def resolve(kind: str, type_name: str) -> type:
     if kind == "operator":
         for ep in entry_points(group="edgewise.operators"):
             if ep.name == type_name:
-                return ep.load()
+                try:
+                    cls = ep.load()
+                except Exception as exc:  # a broken plugin install is the user's to fix
+                    raise ConfigError(
+                        f"operator {type_name!r} is registered as {ep.value!r} by an installed "
+                        f"package, but loading it failed: {exc}"
+                    ) from None
+                from edgewise.pipeline.operators.plugin import check_operator_class
+
+                check_operator_class(cls, type_name)
+                return cls
     raise KeyError(type_name)

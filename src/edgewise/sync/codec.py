@@ -96,8 +96,9 @@ def _decimals(v: np.ndarray) -> int | None:
     if np.max(np.abs(v)) * 10**_MAX_DECIMALS >= _LIMIT:
         return None
     for d in range(_MAX_DECIMALS + 1):
-        scaled = v * 10.0**d
-        if np.all(np.abs(scaled - np.round(scaled)) < 1e-6):
+        # accept d only if decoding gives back exactly the same floats
+        back = np.round(np.round(v * 10.0**d) / 10.0**d, d)
+        if np.array_equal(back, v):
             return d
     return None
 

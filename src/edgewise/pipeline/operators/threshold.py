@@ -67,7 +67,10 @@ class Threshold(Operator):
             return self._alarms(batch, np.flatnonzero(mask), kinds)
         return self._stateful(batch, v)
 
-    def _alarms(self, batch: Batch, rows: np.ndarray, kinds: np.ndarray) -> Batch:
+    def _alarms(
+        self, batch: Batch, rows: np.ndarray, kinds: np.ndarray, low_side: np.ndarray | None = None
+    ) -> Batch:
+        """Alarm records for ``rows``; ``low_side`` marks rows whose limit is ``low``."""
         cfg = self.config
         cols: dict[str, np.ndarray] = {}
         for k in cfg.key_by:
@@ -75,8 +78,10 @@ class Threshold(Operator):
         if cfg.time_field in batch.columns:
             cols["ts"] = batch.columns[cfg.time_field][rows]
         cols["value"] = batch.columns[cfg.field][rows].astype(np.float64)
+        if low_side is None:
+            low_side = kinds == "low"
         limits = np.where(
-            kinds == "low",
+            low_side,
             cfg.low if cfg.low is not None else np.nan,
             cfg.high if cfg.high is not None else np.nan,
         )
@@ -95,17 +100,20 @@ class Threshold(Operator):
         kid = self.keys.ids_for(batch)
         hi = v > cfg.high if cfg.high is not None else np.zeros(batch.n, dtype=bool)
         lo = v < cfg.low if cfg.low is not None else np.zeros(batch.n, dtype=bool)
-        states = (self.state.get(k, (0, 0)) for k in range(len(self.keys.values)))
-        active = np.array([bool(s[0] or s[1]) for s in states] or [False], dtype=bool)
-        candidates = hi | lo | active[kid]
-        if not candidates.any():
+        # every reading of a key that is (or may become) active in this batch is looked at in
+        # order; keys that stay normal throughout are skipped without a Python loop
+        keys = set(np.unique(kid[hi | lo]).tolist())
+        keys.update(k for k, st in self.state.items() if st[0] or st[1])
+        if not keys:
             return None
+        rows = np.flatnonzero(np.isin(kid, np.fromiter(keys, dtype=np.int64, count=len(keys))))
         rows_out: list[int] = []
         kinds_out: list[str] = []
+        low_out: list[bool] = []
         vals = v.tolist()
         kids = kid.tolist()
         his, los = hi.tolist(), lo.tolist()
-        for i in np.flatnonzero(candidates).tolist():
+        for i in rows.tolist():
             k = kids[i]
             st = self.state.get(k)
             if st is None:
@@ -113,19 +121,22 @@ class Threshold(Operator):
             beyond = 1 if his[i] else (-1 if los[i] else 0)
             if st[0] == 0:
                 if beyond:
-                    st[1] = st[1] + 1 if st[1] * beyond > 0 else beyond
+                    st[1] = st[1] + beyond if st[1] * beyond > 0 else beyond
                     if abs(st[1]) >= cfg.debounce:
                         st[0], st[1] = beyond, 0
                         rows_out.append(i)
                         kinds_out.append("high" if beyond > 0 else "low")
+                        low_out.append(beyond < 0)
                 else:
                     st[1] = 0
             else:
                 x = vals[i]
-                back = (
-                    x <= cfg.high - cfg.hysteresis if st[0] > 0 else x >= cfg.low + cfg.hysteresis  # type: ignore[operator]
-                )
+                if st[0] > 0:
+                    back = x <= cfg.high - cfg.hysteresis  # type: ignore[operator]
+                else:
+                    back = x >= cfg.low + cfg.hysteresis  # type: ignore[operator]
                 if back:
+                    low_out.append(st[0] < 0)
                     st[0], st[1] = 0, 0
                     rows_out.append(i)
                     kinds_out.append("clear")
@@ -133,7 +144,9 @@ class Threshold(Operator):
             return None
         kinds = np.empty(len(kinds_out), dtype=object)
         kinds[:] = kinds_out
-        return self._alarms(batch, np.array(rows_out, dtype=np.int64), kinds)
+        return self._alarms(
+            batch, np.array(rows_out, dtype=np.int64), kinds, np.array(low_out, dtype=bool)
+        )
 
     def snapshot(self) -> Any:
         return {"keys": self.keys.snapshot(), "state": [[k, *s] for k, s in self.state.items()]}

@@ -78,6 +78,8 @@ class Window(Operator):
         super().__init__(id, config, ctx)
         self.size = float(config.size)
         self.slide = float(config.slide or config.size)
+        self.slide_us = max(1, round(self.slide * 1e6))
+        self.size_us = max(1, round(self.size * 1e6))
         self.per_record = round(self.size / self.slide)
         self.aggs: list[tuple[str, str, str]] = []  # (agg, field, output column)
         for a in config.aggregates:
@@ -99,18 +101,21 @@ class Window(Operator):
         t = batch.columns[self.config.time_field].astype(np.float64, copy=False)
         kid = self.keys.ids_for(batch)
         closed_before = self.watermark - self.config.allowed_lateness
-        base = np.floor(t / self.slide).astype(np.int64)
+        # integer microseconds: 0.3 / 0.1 is 2.9999999999999996 in floats, and 0.3 must start
+        # window 3 (event time resolution is 1 us; epoch times in us fit exactly in int64)
+        base = np.round(t * 1e6).astype(np.int64) // self.slide_us
         late_out = None
         if self.per_record == 1:
             widx = base
             rows = np.arange(batch.n)
-            late = (widx + 1) * self.slide <= closed_before
+            late = (widx + 1) * self.slide_us / 1e6 <= closed_before
         else:
             m = self.per_record
             widx = (base[:, None] - np.arange(m)[None, :]).reshape(-1)
             rows = np.repeat(np.arange(batch.n), m)
-            inside = widx * self.slide + self.size > np.repeat(t, m)
-            open_ = widx * self.slide + self.size > closed_before
+            ends = (widx * self.slide_us + self.size_us) / 1e6
+            inside = ends > np.repeat(t, m)
+            open_ = ends > closed_before
             keep = inside & open_
             late = ~np.bincount(rows[keep], minlength=batch.n).astype(bool)
             widx, rows = widx[keep], rows[keep]
@@ -202,7 +207,7 @@ class Window(Operator):
 
     def _fire(self, watermark: float) -> Batch | None:
         limit = watermark - self.config.allowed_lateness
-        due = [w for w in self.windows if w * self.slide + self.size <= limit]
+        due = [w for w in self.windows if (w * self.slide_us + self.size_us) / 1e6 <= limit]
         if not due:
             return None
         due.sort()
@@ -210,11 +215,11 @@ class Window(Operator):
 
     def _emit_windows(self, due: list[int]) -> Batch | None:
         kids: list[int] = []
-        starts: list[float] = []
+        starts: list[int] = []
         accs: list[list[Any]] = []
         for w in due:
             entries = self.windows.pop(w)
-            start = round(w * self.slide, 9)
+            start = w * self.slide_us
             for k in sorted(entries):
                 kids.append(k)
                 starts.append(start)
@@ -223,10 +228,11 @@ class Window(Operator):
         if n == 0:
             return None
         cols = self.keys.columns(np.array(kids, dtype=np.int64))
-        st = np.array(starts, dtype=np.float64)
+        st_us = np.array(starts, dtype=np.int64)
+        st = st_us / 1e6
         cols["ts"] = st
         cols["window_start"] = st
-        cols["window_end"] = np.round(st + self.size, 9)
+        cols["window_end"] = (st_us + self.size_us) / 1e6
         count = np.array([a[0] for a in accs], dtype=np.int64)
         for agg, fld, name in self.aggs:
             if agg == "count":
