@@ -283,3 +283,20 @@ def test_yaml_lines_of_nested_values() -> None:
     assert line_of(lines, ("a", "b", 0, "y", 1)) == 4  # nearest ancestor with a line
     assert line_of(lines, ("a", "b", 0, "missing")) == 3
     assert load_with_lines("", "t.yaml") == (None, {})
+
+
+def test_no_follow_on_errors_for_inputs_naming_a_broken_component() -> None:
+    got = problems(SOURCE + textwrap.dedent("""\
+        stages:
+          - {id: w, type: window, inputs: [src], size: never}
+          - {id: x, type: windoww, inputs: [src]}
+        sinks:
+          - {id: out, type: log, inputs: [w, x, w.late]}
+          - {id: out2, type: log, inputs: [w.nope]}
+    """))
+    assert [(line, field) for line, field, _ in got] == [
+        (11, "spec.stages.0.size"),
+        (12, "spec.stages.1.type"),
+        (15, "spec.sinks.1.inputs.0"),  # a wrong port of a known type is still reported
+    ]
+    assert got[2][2] == "'w' has no output 'nope'; it has: out, late"

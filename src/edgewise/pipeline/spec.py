@@ -176,6 +176,7 @@ def parse_pipeline(
     built: dict[str, list[Component]] = {"sources": [], "stages": [], "sinks": []}
     seen: dict[str, KeyPath] = {}
     ports: dict[str, tuple[str, ...]] = {}
+    untyped: set[str] = set()  # ids of unknown types: inputs naming them are not checked again
     groups = (("sources", "source"), ("stages", "operator"), ("sinks", "sink"))
     for group, kind in groups:
         for i, entry in enumerate(getattr(doc.spec, group)):
@@ -196,12 +197,16 @@ def parse_pipeline(
                      f"unknown {kind} type {entry.type!r}; "
                      f"known: {', '.join(registry.known(kind))}")
                 )
+                untyped.add(entry.id)
                 continue
             except ConfigError as exc:
                 problems.append(
                     (line_of(lines, (*where, "type")), f"spec.{group}.{i}.type", str(exc))
                 )
+                untyped.add(entry.id)
                 continue
+            # known even if its parameters are wrong, so inputs naming it are not errors too
+            ports[entry.id] = tuple(getattr(cls, "ports", ("out",))) if kind != "sink" else ()
             params = {k: v for k, v in (entry.model_extra or {}).items()}
             try:
                 config = cls.Config.model_validate(params)
@@ -215,7 +220,6 @@ def parse_pipeline(
                 problems.append((line_of(lines, where), f"spec.{group}.{i}.inputs",
                                  "missing: list the ids this reads from, e.g. inputs: [sensors]"))
             built[group].append(Component(kind, entry, cls, config))
-            ports[entry.id] = tuple(getattr(cls, "ports", ("out",))) if kind != "sink" else ()
 
     # wiring: every input names a known component and port, sinks are not inputs
     for group, _kind in groups[1:]:
@@ -225,6 +229,8 @@ def parse_pipeline(
                 port = port or "out"
                 where = ("spec", group, i, "inputs", j)
                 field = f"spec.{group}.{i}.inputs.{j}"
+                if node in untyped:
+                    continue
                 if node not in ports:
                     problems.append((line_of(lines, where), field,
                                      f"{ref!r} is not the id of a source or stage; known: "
