@@ -98,7 +98,9 @@ def _committed_offset(db: Path) -> int:
     return int(pos["offset"]) if pos else 0
 
 
-def _run_with_kills(tmp_path: Path, data_file: Path, kills: int, seed: int) -> dict:
+def _run_with_kills(
+    tmp_path: Path, data_file: Path, kills: int, seed: int, sig: int = signal.SIGKILL
+) -> dict:
     """Start, kill at a random moment while it works, restart; finally run to the end."""
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(PIPELINE.format(path=data_file.name))
@@ -126,11 +128,15 @@ def _run_with_kills(tmp_path: Path, data_file: Path, kills: int, seed: int) -> d
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.12))
                 assert proc.poll() is None, f"run {i} finished before the kill; use more input"
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
+                proc.wait(timeout=30)
             finally:
                 proc.kill()
                 proc.wait()
-        assert proc.returncode == -signal.SIGKILL
+        # SIGKILL: dead on the spot; SIGTERM: a clean stop that commits what it has, exit 0
+        assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), (
+            (tmp_path / f"run{i}.err").read_text()
+        )
         offsets.append(_committed_offset(db))
     # every kill landed mid-file, after this run had moved the position on
     assert all(0 < off < size for off in offsets), offsets
@@ -246,3 +252,11 @@ def test_sigkill_with_malformed_lines_dead_letters_exactly_once(tmp_path: Path) 
         assert all(d["source"] == "readings" for d in letters)
     finally:
         ob.close()
+
+
+def test_sigterm_stops_cleanly_and_a_restart_continues_exactly(tmp_path: Path) -> None:
+    data_file = tmp_path / "readings.ndjson"
+    above = write_ndjson(str(data_file), READINGS, seed=42, start_ts=START_TS)
+    result = _run_with_kills(tmp_path, data_file, 3, seed=3, sig=signal.SIGTERM)
+    ob = _check_outbox(result["db"], above)
+    ob.close()
