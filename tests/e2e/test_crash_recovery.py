@@ -214,10 +214,10 @@ def test_sigkill_20_times_loses_and_repeats_nothing(tmp_path: Path) -> None:
         ob.close()
 
 
-def test_sigkill_with_malformed_lines_dead_letters_exactly_once(tmp_path: Path) -> None:
+def _file_with_bad_lines(tmp_path: Path) -> tuple[Path, int, list[int]]:
+    """The readings with one bad line after every 997th, cycling through the kinds of bad."""
     clean = tmp_path / "clean.ndjson"
     above = write_ndjson(str(clean), READINGS, seed=42, start_ts=START_TS)
-    # one bad line after every 997th reading, cycling through the kinds of bad
     data_file = tmp_path / "readings.ndjson"
     bad_line_numbers = []
     line_no = 0
@@ -230,14 +230,23 @@ def test_sigkill_with_malformed_lines_dead_letters_exactly_once(tmp_path: Path) 
                 line_no += 1
                 bad_line_numbers.append(line_no)
     assert len(bad_line_numbers) == READINGS // 997 == 300
+    return data_file, above, bad_line_numbers
 
-    result = _run_with_kills(tmp_path, data_file, KILLS, seed=7)
+
+def _check_dead_letters(ob: Outbox, bad_line_numbers: list[int]) -> None:
+    letters = ob.dead_letters(limit=10_000)
+    assert ob.dead_letter_count == len(letters) == len(bad_line_numbers)
+    lines = sorted(int(re.match(r"line (\d+): ", d["reason"]).group(1)) for d in letters)
+    assert lines == bad_line_numbers
+
+
+def test_sigkill_with_malformed_lines_dead_letters_exactly_once(tmp_path: Path) -> None:
+    data_file, above, bad_line_numbers = _file_with_bad_lines(tmp_path)
+    result = _run_with_kills(tmp_path, data_file, 12, seed=7)
     ob = _check_outbox(result["db"], above)
     try:
+        _check_dead_letters(ob, bad_line_numbers)
         letters = ob.dead_letters(limit=10_000)
-        assert ob.dead_letter_count == len(letters) == len(bad_line_numbers)
-        lines = sorted(int(re.match(r"line (\d+): ", d["reason"]).group(1)) for d in letters)
-        assert lines == bad_line_numbers
         by_line = {int(re.match(r"line (\d+): ", d["reason"]).group(1)): d for d in letters}
         assert by_line[bad_line_numbers[0]]["reason"].startswith(
             f"line {bad_line_numbers[0]}: malformed JSON"
@@ -255,8 +264,10 @@ def test_sigkill_with_malformed_lines_dead_letters_exactly_once(tmp_path: Path) 
 
 
 def test_sigterm_stops_cleanly_and_a_restart_continues_exactly(tmp_path: Path) -> None:
-    data_file = tmp_path / "readings.ndjson"
-    above = write_ndjson(str(data_file), READINGS, seed=42, start_ts=START_TS)
+    data_file, above, bad_line_numbers = _file_with_bad_lines(tmp_path)
     result = _run_with_kills(tmp_path, data_file, 3, seed=3, sig=signal.SIGTERM)
     ob = _check_outbox(result["db"], above)
-    ob.close()
+    try:
+        _check_dead_letters(ob, bad_line_numbers)
+    finally:
+        ob.close()

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_spec
 from edgewise.edge.outbox import Outbox
-from edgewise.errors import ConfigError
+from edgewise.errors import ConfigError, StorageError
 from edgewise.pipeline import checkpoint as ckpt
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import Source, SourceOutput
@@ -301,3 +301,34 @@ async def test_duration_stops_an_endless_source(tmp_path: Path) -> None:
     assert summary["readings_in"] == 0
     assert 0.3 <= summary["elapsed_s"] < 2
     assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_failed_commit_stops_the_run_and_a_restart_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_ndjson(tmp_path / "in.ndjson", readings(200))  # 20 s of 3 sensors: 600 readings
+    commit = Outbox.commit
+    calls = 0
+
+    def failing(self: Outbox, *args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise StorageError("disk full (simulated)")
+        return commit(self, *args, **kw)
+
+    monkeypatch.setattr(Outbox, "commit", failing)
+    with pytest.raises(StorageError, match="disk full"):
+        await engine_for(tmp_path, batch=5).run()
+    assert calls == 3  # nothing was committed after the failure
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    done = durable(tmp_path / "data/outbox.db")[1]["offset"]
+    assert 0 < done < (tmp_path / "in.ndjson").stat().st_size
+
+    monkeypatch.setattr(Outbox, "commit", commit)
+    summary = await engine_for(tmp_path, batch=5).run()
+    assert summary["readings_in"] < 600  # it went on from the last durable position
+    agg = stream(tmp_path / "data", "aggregates")
+    keys = list(zip(agg["sensor"], agg["window_start"], strict=True))
+    assert len(keys) == len(set(keys)) == 60
+    assert agg["count"] == [10] * 60
