@@ -44,6 +44,7 @@ from _common import emit_json
 
 KINDS = ("temp", "pressure", "vibration")
 IDLE_END_S = 3.0  # a receiver stops this long after its last message
+LINGER = [0.005]  # the edgewise source's linger (seconds), from --linger
 
 
 def _cpu() -> float:
@@ -187,7 +188,7 @@ spec:
   outbox: {{max_bytes: 2GiB}}
   sources:
     - {{id: mq, type: mqtt, host: "{host}", port: {port}, topics: ["{topic}"], qos: {qos},
-        receive_maximum: 65535}}
+        receive_maximum: 65535, linger: {LINGER[0]}}}
   sinks:
     - {{id: raw, type: outbox, inputs: [mq]}}
 """
@@ -319,7 +320,7 @@ def run_case(args: argparse.Namespace, name: str, qos: int, messages: list[Any])
     proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--receiver", name, "--host", args.host,
          "--port", str(args.port), "--topic", topic, "--qos", str(qos),
-         "--count", str(len(msgs))],
+         "--count", str(len(msgs)), "--linger", str(args.linger)],
         stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -346,11 +347,14 @@ def main() -> None:
     ap.add_argument("--clients", nargs="+", default=["paho", "gmqtt", "edgewise"],
                     choices=list(RECEIVERS),
                     help="edgewise = the whole mqtt source in a pipeline, committing to an outbox")
+    ap.add_argument("--linger", type=float, default=0.005,
+                    help="linger (seconds) of the edgewise source (default 0.005, its default)")
     ap.add_argument("--prefix", default="edgewise-bench/", help="topic prefix (keeps runs apart)")
     ap.add_argument("--receiver", choices=list(RECEIVERS), help=argparse.SUPPRESS)
     ap.add_argument("--topic", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    LINGER[0] = args.linger
     if args.receiver:
         fn = RECEIVERS[args.receiver]
         res = fn(args.host, args.port, args.topic, args.qos[0], args.count)

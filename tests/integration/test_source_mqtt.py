@@ -237,16 +237,19 @@ async def test_readings_dead_letters_and_later_messages(
         "sensor": "line1/temp/099", "ts": 1764547501.0, "value": None}
 
 
+@pytest.mark.parametrize("linger", [0.0, 0.2])
 async def test_accept_time_is_stamped_per_message(
-    mosquitto: tuple[str, int], tmp_path: Path
+    mosquitto: tuple[str, int], tmp_path: Path, linger: float
 ) -> None:
-    """``_accepted`` is the arrival time of each message, before the engine saw the batch."""
+    """``_accepted`` is the arrival time of each message, before the engine saw the batch; with
+    ``linger`` the first message of a batch waits that long for the others."""
     topic = f"edgewise-test/{uuid.uuid4().hex[:8]}/t"
     spec = make_spec(f"""
         sources:
           - id: mq
             type: mqtt
             topics: ["{topic}"]
+            linger: {linger}
         sinks:
           - id: out
             type: log
@@ -280,6 +283,9 @@ async def test_accept_time_is_stamped_per_message(
     assert before < stamps[0]
     for written_at, acc in seen:
         assert (acc <= written_at).all()
+    if linger:
+        assert len(seen) == 1  # all 20 arrived within the linger: one batch
+        assert seen[0][0] - stamps[0] >= linger
 
 
 async def test_unreachable_at_start_then_outage_and_reconnect(
@@ -372,12 +378,20 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
 
 # -- crash recovery -----------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
-    import asyncio, logging, sys
+    import asyncio, logging, os, sys, time
     from pathlib import Path
+    from edgewise.edge.outbox import Outbox
     from edgewise.pipeline.engine import Engine
     from edgewise.pipeline.spec import parse_pipeline
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    delay = float(os.environ.get("SLOW_DISK_S", "0"))
+    if delay:  # a slow disk: every group commit takes this much longer
+        commit = Outbox.commit
+        def slow_commit(self, *args, **kwargs):
+            time.sleep(delay)
+            return commit(self, *args, **kwargs)
+        Outbox.commit = slow_commit
     text = Path(sys.argv[1]).read_text()
     asyncio.run(Engine(parse_pipeline(text, sys.argv[1]), sys.argv[2]).run())
 """)
@@ -396,8 +410,10 @@ def committed_count(db: Path) -> int:
     return int(row[0])
 
 
-def start_child(script: Path, spec: Path, data: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_child(
+    script: Path, spec: Path, data: Path, slow_disk_s: float = 0.0
+) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLOW_DISK_S": str(slow_disk_s)}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(spec), str(data)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
@@ -424,7 +440,7 @@ def test_qos1_messages_not_committed_at_a_crash_are_redelivered(
     broker = broker_factory().start()
     n = 4000
     client_id = f"edgewise-crash-{uuid.uuid4().hex[:8]}"
-    # small batches, each one a group commit with fsync, so the crash lands mid-stream
+    # small batches and (first run) a slow disk, so the crash lands mid-stream
     (tmp_path / "p.yaml").write_text(textwrap.dedent(f"""
         apiVersion: edgewise.io/v1
         kind: Pipeline
@@ -450,7 +466,7 @@ def test_qos1_messages_not_committed_at_a_crash_are_redelivered(
     data = tmp_path / "data"
     db = data / "outbox.db"
 
-    child = start_child(script, tmp_path / "p.yaml", data)
+    child = start_child(script, tmp_path / "p.yaml", data, slow_disk_s=0.5)
     pub = Publisher(broker.port)
     try:
         infos = [
@@ -460,13 +476,13 @@ def test_qos1_messages_not_committed_at_a_crash_are_redelivered(
         for info in infos:  # the broker holds all of them before the crash
             info.wait_for_publish(10)
         deadline = time.monotonic() + 20
-        while committed_count(db) < 300:
+        while committed_count(db) < 1:
             assert time.monotonic() < deadline, "child committed nothing"
             time.sleep(0.005)
-        child.send_signal(signal.SIGKILL)
+        child.send_signal(signal.SIGKILL)  # all received by now, few committed (slow disk)
         child.wait(5)
         before = committed_count(db)
-        assert 300 <= before < n, f"the crash came too late to test anything ({before})"
+        assert 1 <= before < n // 2, f"the crash came too late to test anything ({before})"
 
         child = start_child(script, tmp_path / "p.yaml", data)  # same client_id, same session
         deadline = time.monotonic() + 20
