@@ -179,6 +179,10 @@ class Engine:
                 helpers.append(tg.create_task(self._deadline(self.duration)))
             try:
                 await self._consume()
+                # commit while the sources still run, so the acknowledgements of this last commit
+                # reach them (an MQTT source can only PUBACK on the connection it received on)
+                assert self._committer is not None
+                await self._committer.drain()
             finally:
                 for t in source_tasks + helpers:
                     t.cancel()
