@@ -19,6 +19,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from edgewise import __version__
@@ -29,7 +30,9 @@ err_console = Console(stderr=True)
 
 def _fail(exc: EdgewiseError) -> None:
     code = 2 if isinstance(exc, ConfigError) else 1
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(
+        f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
+    )
     sys.exit(code)
 
 

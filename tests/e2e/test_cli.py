@@ -84,11 +84,6 @@ def test_validate_missing_file(tmp_path: Path) -> None:
     assert res.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such file"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli bug (reported): _fail prints the message as rich markup, so '[sensors]' in "
-    "'e.g. inputs: [sensors]' is swallowed",
-)
 def test_error_messages_keep_their_brackets(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     text = EXAMPLE.read_text().replace("      inputs: [sensors]\n      key_by", "      key_by")

@@ -191,3 +191,25 @@ def test_corrupted_chunks_never_crash_the_decoder(pos: int, flip: int) -> None:
         return
     # without a frame checksum some flips go unnoticed; what comes back is still well formed
     assert len({len(v) for v in cols.values()}) <= 1
+
+
+def test_a_flipped_byte_never_changes_the_data_silently() -> None:
+    cols = {"sensor": np.array(["line1/temp/001"] * 50, dtype=object), "v": np.arange(50.0)}
+    data = codec.encode(cols)
+    refused = 0
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x01
+        try:
+            decoded = codec.decode(bytes(flipped))
+        except PeerError:
+            refused += 1
+        else:
+            assert_same(decoded, cols)  # a flip that still decodes must not change the data
+    assert refused >= len(data) - 8  # only a few frame-header bits are harmless
+
+
+def test_a_chunk_claiming_too_many_records_is_refused_before_allocating() -> None:
+    packed = msgpack.packb({"v": 1, "n": 10**9, "k": None, "c": []}, use_bin_type=True)
+    with pytest.raises(PeerError, match="at most 10000000"):
+        codec.decode(zstandard.ZstdCompressor().compress(packed))

@@ -30,6 +30,7 @@ _MAX_DECIMALS = 4
 _LIMIT = 2**52
 ZSTD_LEVEL = 3
 MAX_DECODED_BYTES = 256 * 1024 * 1024
+MAX_RECORDS = 10_000_000  # per chunk; bounds what a peer can make us allocate
 
 
 def _small_int(a: np.ndarray) -> np.ndarray:
@@ -93,7 +94,7 @@ def _decimals(v: np.ndarray) -> int | None:
         return 0
     if not np.all(np.isfinite(v)):
         return None
-    if np.max(np.abs(v)) * 10**_MAX_DECIMALS >= _LIMIT:
+    if np.max(np.abs(v)) >= _LIMIT / 10**_MAX_DECIMALS:
         return None
     for d in range(_MAX_DECIMALS + 1):
         # accept d only if decoding gives back exactly the same floats
@@ -143,7 +144,7 @@ def encode(columns: dict[str, np.ndarray], level: int = ZSTD_LEVEL) -> bytes:
             out.append([name, "any", None, msgpack.packb(col.tolist(), default=str), ""])
     key = next(iter(encoded_text), None)
     packed = msgpack.packb({"v": VERSION, "n": n, "k": key, "c": out}, use_bin_type=True)
-    return zstandard.ZstdCompressor(level=level).compress(packed)
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(packed)
 
 
 def decode(data: bytes) -> dict[str, np.ndarray]:
@@ -153,6 +154,8 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
         doc = msgpack.unpackb(raw, raw=False)
         n = int(doc["n"])
         items = doc["c"]
+        if not 0 <= n <= MAX_RECORDS:
+            raise ValueError(f"{n} records in one chunk; at most {MAX_RECORDS} are allowed")
         key = doc.get("k")
     except Exception as exc:  # zstd, msgpack and key errors all mean the same: not a chunk
         raise PeerError(f"not a valid Edgewise chunk: {exc}") from None
