@@ -21,12 +21,14 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -198,11 +200,80 @@ spec:
     }
 
 
-def mqtt_latency(seconds: float, host: str, port: int, work: str) -> dict:
-    """Publisher (this process) → Mosquitto → `edgewise run` → Mosquitto → subscriber."""
+def _publisher(host: str, port: int, prefix: str, seconds: float, seed: int) -> None:
+    """Role process: publish factory-line readings as MQTT QoS 0 at 10,000/s, tick by tick.
+
+    Packets are pre-encoded and each tick's 200 go out in one write (the sensors sample at the
+    same instant), so the publisher itself costs little CPU. Prints, as JSON, the monotonic send
+    time of every reading above the threshold.
+    """
+    from mqtt_clients import _packet, _utf8, encode_publishes
+
+    sig = factory_line(seed)
+    names = sig.names.tolist()
+    rate = sig.n_sensors * sig.rate_hz
+    total = int(seconds * rate)
+    start_ts = float(round(time.time()))
+    step = sig.n_sensors
+    ticks = []
+    for first in range(0, total, step):
+        s_idx, t_idx, values = sig.readings(first, step)
+        ts = np.round(start_ts + t_idx / sig.rate_hz, 2).tolist()
+        msgs, alarms = [], []
+        for s, t, v in zip(s_idx.tolist(), ts, values.tolist(), strict=True):
+            payload = f'{{"sensor":"{names[s]}","ts":{t:.2f},"value":{v:.2f}}}'.encode()
+            msgs.append((f"{prefix}/readings/{names[s]}", payload))
+            if v > THRESHOLD:
+                alarms.append(f"{names[s]}|{t:.2f}")
+        ticks.append((encode_publishes(msgs, 0), alarms))
+    connect = _packet(0x10, _utf8("MQTT") + bytes([4, 0x02]) + (60).to_bytes(2, "big")
+                      + _utf8(f"bench-pub-{os.getpid()}"))
+    sent: dict[str, float] = {}
+    with socket.create_connection((host, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(connect)
+        sock.recv(4)
+        t0 = time.perf_counter()
+        for k, (blob, alarms) in enumerate(ticks):
+            delay = t0 + k / sig.rate_hz - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.perf_counter()
+            sock.sendall(blob)
+            for a in alarms:
+                sent[a] = now
+        sock.sendall(b"\xe0\x00")
+    print(json.dumps({"published": total, "sent": sent}))
+
+
+def _subscriber(host: str, port: int, prefix: str, seconds: float) -> None:
+    """Role process: receive alarms; prints the monotonic receipt time of each as JSON."""
     import paho.mqtt.client as mqtt
 
-    run_id = f"{os.getpid()}-{int(time.time())}"
+    received: dict[str, float] = {}
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        now = time.perf_counter()
+        rec = json.loads(msg.payload)
+        received.setdefault(f"{rec['sensor']}|{rec['ts']:.2f}", now)
+
+    ready = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}")
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.connect(host, port)
+    sub.subscribe(f"{prefix}/alarms/#", qos=0)
+    sub.loop_start()
+    ready.wait(10)
+    print("ready", flush=True)
+    time.sleep(seconds)
+    sub.loop_stop()
+    print(json.dumps({"received": received}), flush=True)
+
+
+def mqtt_latency(seconds: float, host: str, port: int, work: str) -> dict:
+    """Publisher process → Mosquitto → `edgewise run` → Mosquitto → subscriber process."""
+    prefix = f"bench/{os.getpid()}-{int(time.time())}"
     spec_path = os.path.join(work, "e2e.yaml")
     Path(spec_path).write_text(
         f"""
@@ -211,70 +282,42 @@ kind: Pipeline
 metadata: {{name: bench-e2e}}
 spec:
   sources:
-    - {{id: in, type: mqtt, host: {host}, port: {port}, topics: ["bench/{run_id}/readings/#"]}}
+    - {{id: in, type: mqtt, host: {host}, port: {port}, topics: ["{prefix}/readings/#"],
+        linger: 0}}
   stages:
     - {{id: alarms, type: threshold, inputs: [in], high: {THRESHOLD}}}
   sinks:
     - {{id: local, type: mqtt, inputs: [alarms], host: {host}, port: {port},
-        topic: "bench/{run_id}/alarms/{{sensor}}"}}
+        topic: "{prefix}/alarms/{{sensor}}"}}
     - {{id: a, type: outbox, inputs: [alarms], stream: alarms, priority: alarm}}
 """,
         encoding="utf-8",
     )
+    me = [sys.executable, __file__]
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgewise.cli", "run", spec_path, "--data",
          os.path.join(work, "e2e"), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    sent: dict[tuple[str, float], float] = {}
-    received: dict[tuple[str, float], float] = {}
-    lock = threading.Lock()
-
-    def on_message(client, userdata, msg):
-        now = time.perf_counter()
-        rec = json.loads(msg.payload)
-        with lock:
-            received.setdefault((rec["sensor"], round(rec["ts"], 2)), now)
-
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{run_id}")
-    sub.on_message = on_message
-    sub.connect(host, port)
-    sub.subscribe(f"bench/{run_id}/alarms/#", qos=0)
-    sub.loop_start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{run_id}")
-    pub.connect(host, port)
-    pub.loop_start()
-    time.sleep(2.5)  # let the pipeline start and subscribe
-    sig = factory_line(11)
-    names = sig.names.tolist()
-    rate = sig.n_sensors * sig.rate_hz
-    total = int(seconds * rate)
-    start_ts = float(round(time.time()))
-    t0 = time.perf_counter()
-    step = sig.n_sensors
-    for first in range(0, total, step):
-        due = t0 + first / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        s_idx, ticks, values = sig.readings(first, step)
-        ts = np.round(start_ts + ticks / sig.rate_hz, 2).tolist()
-        for s, t, v in zip(s_idx.tolist(), ts, values.tolist(), strict=True):
-            payload = f'{{"sensor":"{names[s]}","ts":{t:.2f},"value":{v:.2f}}}'
-            if v > THRESHOLD:
-                sent[(names[s], t)] = time.perf_counter()
-            pub.publish(f"bench/{run_id}/readings/{names[s]}", payload, qos=0)
-    time.sleep(1.5)
+    sub = subprocess.Popen(
+        [*me, "--role", "subscriber", "--prefix", prefix, "--seconds", str(seconds + 4),
+         "--mqtt", f"{host}:{port}"], stdout=subprocess.PIPE, text=True,
+    )
+    assert sub.stdout is not None
+    sub.stdout.readline()  # "ready"
+    time.sleep(2.0)  # let the pipeline start and subscribe
+    pub = subprocess.run(
+        [*me, "--role", "publisher", "--prefix", prefix, "--seconds", str(seconds),
+         "--mqtt", f"{host}:{port}"], capture_output=True, text=True, check=True,
+    )
+    sent = json.loads(pub.stdout)["sent"]
+    received = json.loads(sub.communicate(timeout=60)[0])["received"]
     proc.terminate()
     out, err = proc.communicate(timeout=30)
-    pub.loop_stop()
-    sub.loop_stop()
-    pub.disconnect()
-    sub.disconnect()
-    lats = [(received[k] - t) * 1000 for k, t in sent.items() if k in received]
     summary = json.loads(out) if out.strip() else {}
+    lats = [(received[k] - t) * 1000 for k, t in sent.items() if k in received]
     return {
-        "mqtt_readings_published": total,
+        "mqtt_readings_published": json.loads(pub.stdout)["published"],
         "mqtt_readings_in_pipeline": summary.get("readings_in"),
         "mqtt_alarms_expected": len(sent),
         "mqtt_alarms_received": len(lats),
@@ -282,6 +325,8 @@ spec:
         "alarm_p50_ms_mqtt": round(float(np.percentile(lats, 50)), 3) if lats else None,
         "alarm_p99_ms_mqtt": round(float(np.percentile(lats, 99)), 3) if lats else None,
         "stderr_tail": err.decode()[-300:] if proc.returncode not in (0, -15) else "",
+        "pipeline_local_latency": summary.get("sinks", {}).get("local", {}).get("latency"),
+        "pipeline_source": summary.get("sources", {}).get("in"),
     }
 
 
@@ -305,8 +350,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="latency runs, each")
     ap.add_argument("--skip-mqtt", action="store_true")
     ap.add_argument("--mqtt", default="127.0.0.1:1883")
+    ap.add_argument("--role", choices=["publisher", "subscriber"], help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     args = ap.parse_args()
     host, port = args.mqtt.rsplit(":", 1)
+    if args.role == "publisher":
+        return _publisher(host, int(port), args.prefix, args.seconds, seed=11)
+    if args.role == "subscriber":
+        return _subscriber(host, int(port), args.prefix, args.seconds)
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="edgewise-bench-") as work:
         print(f"throughput: {args.readings:,} readings ...", flush=True)
