@@ -1,0 +1,543 @@
+"""The data-flow model: how many records each source and stage emits, what they look like, what
+they cost to process and to encode. Pure functions of the workload; no engine, no I/O.
+
+A `Flow` describes the records leaving a source or a stage at ONE site: their rate, how many
+distinct keys they carry, and a `FieldModel` per column (a statistical description, e.g. "a
+reading with a base level in [40, 80], noise 0.5 at two decimals, 0.1% spikes at 100.5"). Each
+operator has a transfer function (input flows -> output flow) and a CPU cost model; both are
+the planner's *estimates*, which `--simulate` then checks against the real engine.
+
+Encoded size: `encoded_bytes` builds one representative uplink chunk from the field models
+(seeded random values with the declared statistics) and encodes it with the real wire codec,
+so the per-record cost includes the codec's dictionary, delta and zstd behaviour. CPU costs are
+per-operator constants in microseconds, calibrated with the engine on a 2-core x86-64 VM
+(see docs/planner.md); `--simulate` replaces them with thread-CPU measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from edgewise.pipeline import registry
+from edgewise.plan.workload import Signal, SourceSpec, StageSpec
+from edgewise.sync import codec
+
+# -- wire overheads (bytes) ----------------------------------------------------------------------
+UPLINK_FRAMING = 32  # uplink session frame per chunk: stream, sequence range, checksum
+TLS_RECORD = 22  # TLS 1.3: 5-byte header, 16-byte tag, 1 content-type byte per record
+TLS_RECORD_MAX = 16384
+TCP_IP_SEGMENT = 40  # IPv4 + TCP headers per segment
+TCP_MSS = 1448
+MAX_SYNTH_RECORDS = 100_000  # larger chunks are encoded at this size and scaled
+
+# -- CPU model (microseconds, thread CPU of the engine loop) ------------------------------------
+STAGE_BATCH_US = {  # fixed cost per batch handed to a stage
+    "window": 50.0, "threshold": 15.0, "fft": 15.0, "anomaly": 10.0, "deadband": 20.0,
+    "downsample": 25.0, "filter": 7.0, "map": 4.0, "rate_of_change": 25.0,
+}
+STAGE_RECORD_US = {  # cost per input record
+    "window": 0.09, "threshold": 0.006, "fft": 0.1, "anomaly": 0.33, "deadband": 0.25,
+    "downsample": 0.09, "filter": 0.012, "map": 0.003, "rate_of_change": 0.09,
+}
+WINDOW_GROUP_US = 1.3  # per (key, window) touched in a batch
+WINDOW_NEW_GROUP_US = 1.1  # extra for a (key, window) seen for the first time
+WINDOW_EMIT_US = 1.0  # per window record emitted
+FFT_BLOCK_US = 0.025  # per sample of a transformed block (n log n folded in for 1k-16k)
+FFT_KEY_US = 3.0  # per key present in a batch (blocks are assembled per key)
+DEFAULT_FUNCTION_US = 10.0
+# engine, commit and ingest costs (for node sizing; the realtime run measures their total)
+ENGINE_BATCH_US = 150.0  # queue, routing and bookkeeping per source batch (event loop awake)
+COMMIT_US = 600.0  # CPU per group commit: encode, SQLite, hand-over (writer thread)
+SNAPSHOT_US_PER_ENTRY = 2.0  # operator state is snapshotted at every commit: per key/window
+INGEST_US = {  # protocol decoding per reading, before the engine sees it
+    "mqtt": 4.0, "http": 6.0, "modbus": 12.0, "opcua": 15.0, "file": 1.5, "simulator": 0.3,
+}
+LINGER_S = {  # how long a source collects readings before handing a batch over
+    "mqtt": 0.005, "http": 0.0, "modbus": 0.0, "opcua": 0.0, "file": 0.0, "simulator": 0.0,
+}
+MAX_BATCH = 4096
+_AGG = re.compile(r"^\s*([a-z0-9]+)\s*(?:\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*\))?\s*$")
+
+
+@dataclass(frozen=True)
+class FieldModel:
+    """A statistical description of one column. ``kind`` is one of:
+    key, time_tick, time_window, time_random, reading, level, mean, spike, const_num,
+    const_text, count, float, grid."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Records leaving a source or stage at one site."""
+
+    rate: float  # records per second
+    keys: int  # distinct keys
+    fields: dict[str, FieldModel]
+    key_fields: tuple[str, ...] = ("sensor",)
+    windowed: float | None = None  # all keys emitted together every this many seconds
+    tick_hz: float = 1.0  # sampling rate of the underlying readings, per key
+    key_prefixes: tuple[tuple[str, int], ...] = (("s", 1),)
+    bytes_per_record: float | None = None  # declared (user functions): skip the codec model
+    scales_with_keys: bool = True
+    assumed: tuple[str, ...] = ()  # notes on figures that are guesses, not derived
+
+    @property
+    def per_key_rate(self) -> float:
+        return self.rate / max(1, self.keys)
+
+
+def source_groups(src: SourceSpec, site: str) -> list[tuple[str, int, Signal]]:
+    """(prefix, count, signal) per group of sensors; keys are ``{prefix}/{i:03d}``."""
+    if src.groups:
+        return [(g.prefix, g.count, g.signal or src.signal) for g in src.groups]
+    return [(f"{site}/{src.id}", src.count, src.signal)]
+
+
+def source_flow(src: SourceSpec, site: str) -> Flow:
+    groups = source_groups(src, site)
+    fields = {
+        "sensor": FieldModel("key"),
+        "ts": FieldModel("time_tick", {"hz": src.rate_hz}),
+        "value": FieldModel("reading", {
+            "groups": [(c, s) for _, c, s in groups], "decimals": src.decimals,
+        }),
+    }
+    return Flow(
+        rate=src.count * src.rate_hz, keys=src.count, fields=fields, tick_hz=src.rate_hz,
+        key_prefixes=tuple((p, c) for p, c, _ in groups),
+    )
+
+
+def batch_records(rate: float, keys: int, protocol: str = "mqtt") -> int:
+    """Records per batch a source hands to the engine: one sampling tick of all its sensors,
+    or what arrives within the source's linger time, whichever is more (at most MAX_BATCH)."""
+    return int(max(1, min(MAX_BATCH, max(keys, round(rate * LINGER_S[protocol])))))
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _tail_normal(x: float) -> float:
+    """P(N(0,1) > x)."""
+    return 1.0 - _phi(x)
+
+
+def exceed_fraction(fm: FieldModel, high: float | None, low: float | None) -> float | None:
+    """Fraction of values beyond the limits, for readings; None if the model cannot tell."""
+    if fm.kind != "reading":
+        return None
+    total = 0.0
+    weight = 0
+    bases = np.linspace(0.0, 1.0, 41)
+    phases = np.sin(np.linspace(0, 2 * np.pi, 48, endpoint=False))
+    for count, sig in fm.params["groups"]:
+        base = sig.low + (sig.high - sig.low) * bases[:, None] + sig.drift * phases[None, :]
+        p_norm = 0.0
+        p_spike = 0.0
+        sd = max(sig.noise, 1e-9)
+        if high is not None:
+            z = (high - base) / sd
+            p_norm += float(np.mean(0.5 * np.vectorize(math.erfc)(z / math.sqrt(2))))
+            p_spike += 1.0 if high < sig.spike_value else 2 * _tail_normal(
+                (high - sig.spike_value) / 5.0)
+        if low is not None:
+            z = (base - low) / sd
+            p_norm += float(np.mean(0.5 * np.vectorize(math.erfc)(z / math.sqrt(2))))
+            p_spike += 0.0 if low < sig.spike_value else 1.0
+        total += count * ((1 - sig.spike_prob) * p_norm + sig.spike_prob * min(1.0, p_spike))
+        weight += count
+    return total / max(weight, 1)
+
+
+def _reading_noise(fm: FieldModel) -> tuple[float, float]:
+    """(noise, spike probability) averaged over the groups of a reading field."""
+    groups = fm.params.get("groups", [])
+    n = sum(c for c, _ in groups) or 1
+    return (sum(c * s.noise for c, s in groups) / n, sum(c * s.spike_prob for c, s in groups) / n)
+
+
+# -- transfer functions --------------------------------------------------------------------------
+
+def merge(flows: list[Flow]) -> Flow:
+    if len(flows) == 1:
+        return flows[0]
+    first = flows[0]
+    return replace(
+        first, rate=sum(f.rate for f in flows), keys=sum(f.keys for f in flows),
+        key_prefixes=tuple(p for f in flows for p in f.key_prefixes),
+        assumed=tuple(a for f in flows for a in f.assumed),
+    )
+
+
+def _decimals_of(step: float) -> int:
+    for d in range(7):
+        if abs(step * 10**d - round(step * 10**d)) < 1e-9:
+            return d
+    return 6
+
+
+def stage_flow(stage: StageSpec, inputs: list[Flow]) -> Flow:
+    """The estimated output of a stage at one site."""
+    fin = merge(inputs)
+    if stage.function is not None:
+        red = stage.reduction if stage.reduction is not None else 1.0
+        notes = () if stage.reduction is not None else (
+            f"{stage.id}: output reduction of user function not given; 1.0 assumed",)
+        return replace(
+            fin, rate=fin.rate * red, windowed=None,
+            bytes_per_record=stage.output_bytes_per_record or 32.0,
+            assumed=fin.assumed + notes,
+        )
+    cls = registry.resolve("operator", stage.operator or "")
+    cfg = cls.Config.model_validate(stage.params)
+    op = stage.operator
+    out = _operator_flow(op or "", cfg, fin, stage)
+    if stage.reduction is not None:
+        out = replace(out, rate=fin.rate * stage.reduction)
+    return out
+
+
+def _key_count(key_by: list[str], fin: Flow) -> tuple[int, bool]:
+    if not key_by:
+        return 1, False
+    return fin.keys, True
+
+
+def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
+    keys_fields = {k: FieldModel("key") for k in getattr(cfg, "key_by", list(fin.key_fields))}
+    if op == "window":
+        slide = float(cfg.slide or cfg.size)
+        keys, scales = _key_count(cfg.key_by, fin)
+        count = fin.rate / keys * float(cfg.size)
+        src = fin.fields.get(cfg.field, FieldModel("float"))
+        fields: dict[str, FieldModel] = dict(keys_fields)
+        tdec = _decimals_of(slide)
+        for name in ("ts", "window_start"):
+            fields[name] = FieldModel("time_window", {"decimals": tdec})
+        fields["window_end"] = FieldModel("time_window", {"decimals": tdec, "offset": cfg.size})
+        for agg in cfg.aggregates:
+            m = _AGG.match(agg)
+            if m is None:  # validated by the operator's Config
+                continue
+            name = m.group(1) if m.group(2) is None else f"{m.group(1)}_{m.group(2)}"
+            kind = m.group(1)
+            fsrc = fin.fields.get(m.group(2) or cfg.field, src)
+            if kind == "count":
+                fields[name] = FieldModel("count", {"value": max(1, round(count))})
+            elif kind == "mean":
+                fields[name] = FieldModel("mean", {"of": fsrc, "count": max(1, round(count))})
+            elif kind == "sum":
+                fields[name] = FieldModel("mean", {"of": fsrc, "count": 1})
+            elif kind in ("min", "max", "first", "last"):
+                fields[name] = FieldModel("level", {"of": fsrc})
+            elif kind.startswith("p"):
+                fields[name] = FieldModel("level", {"of": fsrc, "half": True})
+            else:
+                fields[name] = FieldModel("float")
+        return Flow(keys / slide, keys, fields, tuple(cfg.key_by), slide, fin.tick_hz,
+                    fin.key_prefixes if scales else (("all", 1),), None, scales, fin.assumed)
+    if op in ("threshold", "anomaly", "rate_of_change", "deadband", "filter", "downsample"):
+        frac, note = _selectivity(op, cfg, fin, stage)
+        fields = dict(fin.fields)
+        if op == "threshold":
+            fields = dict(keys_fields)
+            fields["ts"] = FieldModel("time_random", {"hz": fin.tick_hz})
+            vsrc = fin.fields.get(cfg.field, FieldModel("float"))
+            fields["value"] = FieldModel("spike", {"of": vsrc}) if vsrc.kind == "reading" else vsrc
+            fields["limit"] = FieldModel("const_num", {"value": cfg.high if cfg.high is not None
+                                                       else cfg.low})
+            fields["kind"] = FieldModel("const_text", {"value": "high"})
+            fields["severity"] = FieldModel("const_text", {"value": cfg.severity})
+        elif op == "anomaly":
+            fields = {**fields, "ts": FieldModel("time_random", {"hz": fin.tick_hz}),
+                      "zscore": FieldModel("float"), "mean": FieldModel("float"),
+                      "std": FieldModel("float")}
+        elif op == "rate_of_change":
+            fields = {**fields, cfg.output: FieldModel("float")}
+        sparse = frac < 0.2
+        if sparse and "ts" in fields and fields["ts"].kind == "time_tick":
+            fields["ts"] = FieldModel("time_random", {"hz": fin.tick_hz})
+        windowed = None
+        rate = fin.rate * frac
+        if op == "downsample" and cfg.interval is not None:
+            windowed = float(cfg.interval)
+            rate = fin.keys / windowed
+            if cfg.how == "mean":
+                fields = {**keys_fields, "ts": FieldModel("time_window", {"decimals": 3}),
+                          "value": FieldModel("mean", {"of": fin.fields.get(cfg.field),
+                                                       "count": 10}),
+                          "count": FieldModel("count", {"value": 10})}
+        assumed = fin.assumed + ((note,) if note else ())
+        return Flow(rate, fin.keys, fields, fin.key_fields, windowed, fin.tick_hz,
+                    fin.key_prefixes, None, True, assumed)
+    if op == "fft":
+        keys = fin.keys
+        rate = fin.rate / cfg.samples
+        from edgewise.pipeline.operators.fft import band_name
+
+        freqs = np.fft.rfftfreq(cfg.samples, d=1.0 / cfg.sample_rate)[1:]
+        fields = dict(keys_fields)
+        fields["ts"] = FieldModel("time_random", {"hz": fin.tick_hz})
+        fields["rms"] = FieldModel("float")
+        fields["peak_hz"] = FieldModel("grid", {"values": freqs})
+        for lo, hi in cfg.bands:
+            fields[band_name(lo, hi)] = FieldModel("float")
+        return Flow(rate, keys, fields, tuple(cfg.key_by), None, fin.tick_hz, fin.key_prefixes,
+                    None, True, fin.assumed)
+    if op == "map":
+        fields = dict(fin.fields)
+        for name in cfg.set:
+            fields[name] = FieldModel("float")
+        for name in cfg.drop:
+            fields.pop(name, None)
+        for old, new in cfg.rename.items():
+            if old in fields:
+                fields[new] = fields.pop(old)
+        return replace(fin, fields=fields)
+    # an operator from a plugin: pass-through unless a reduction is declared
+    note = f"{stage.id}: operator {op!r} has no model; output = input assumed"
+    return replace(fin, assumed=(*fin.assumed, note))
+
+
+def _selectivity(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> tuple[float, str | None]:
+    """Fraction of input records a selecting operator emits, and a note if it is a guess."""
+    if stage.reduction is not None:
+        return stage.reduction, None
+    fm = fin.fields.get(getattr(cfg, "field", "value"), FieldModel("float"))
+    if op == "threshold":
+        frac = exceed_fraction(fm, cfg.high, cfg.low)
+        if frac is not None:
+            return frac, None
+        return 0.001, f"{stage.id}: alarm rate on {cfg.field!r} unknown; 0.1% assumed"
+    if op == "filter":
+        return 0.5, f"{stage.id}: filter selectivity unknown; 50% assumed (set reduction)"
+    if op == "downsample":
+        if cfg.every is not None:
+            return 1.0 / cfg.every, None
+        return 1.0, None
+    noise, spikes = _reading_noise(fm) if fm.kind == "reading" else (0.0, 0.0)
+    if fm.kind != "reading":
+        return 1.0, f"{stage.id}: selectivity unknown; all records assumed to pass"
+    if op == "anomaly":
+        return spikes + (1 - spikes) * 2 * _tail_normal(cfg.z), None
+    if op == "deadband":
+        p = 1.0
+        if cfg.deadband is not None and noise > 0:
+            p = spikes + (1 - spikes) * 2 * _tail_normal(cfg.deadband / (noise * math.sqrt(2)))
+        if cfg.max_interval is not None:
+            p = max(p, 1.0 / (float(cfg.max_interval) * fin.per_key_rate))
+        return min(1.0, p), None
+    if op == "rate_of_change":
+        if cfg.limit is None:
+            return 1.0, None
+        step = noise * math.sqrt(2) * fin.per_key_rate * float(cfg.per)
+        p = 2 * _tail_normal(cfg.limit / step) if step > 0 else 0.0
+        return min(1.0, p + 2 * spikes), None
+    return 1.0, None
+
+
+# -- CPU -----------------------------------------------------------------------------------------
+
+def stage_cpu_us(stage: StageSpec, fin: Flow, fout: Flow, batch: float) -> float:
+    """Estimated thread-CPU microseconds per second of input, at one site."""
+    if stage.cpu_us_per_record is not None:
+        return stage.cpu_us_per_record * fin.rate
+    if stage.function is not None:
+        return DEFAULT_FUNCTION_US * fin.rate
+    op = stage.operator or ""
+    batches = fin.rate / max(batch, 1.0)
+    us = batches * STAGE_BATCH_US.get(op, 20.0) + fin.rate * STAGE_RECORD_US.get(op, 0.2)
+    if op == "window":
+        cls = registry.resolve("operator", op)
+        cfg = cls.Config.model_validate(stage.params)
+        slide = float(cfg.slide or cfg.size)
+        per_batch_span = batch / max(fin.rate, 1e-9)  # seconds of data in one batch
+        keys = fout.keys
+        groups = min(batch, keys * (1 + math.floor(per_batch_span / slide))) if keys else batch
+        windows_per_s = keys * round(float(cfg.size) / slide) / slide
+        us += batches * groups * WINDOW_GROUP_US
+        us += windows_per_s * (WINDOW_NEW_GROUP_US + WINDOW_EMIT_US)
+        nfields = max(1, len({a for a in cfg.aggregates if not a.startswith("count")}) // 3)
+        us += fin.rate * STAGE_RECORD_US["window"] * (nfields - 1)
+    elif op == "fft":
+        us += fin.rate * FFT_BLOCK_US + batches * min(batch, fin.keys) * FFT_KEY_US
+    return us
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+def _key_names(flow: Flow) -> np.ndarray:
+    names: list[str] = []
+    for prefix, count in flow.key_prefixes:
+        names.extend(f"{prefix}/{i:03d}" for i in range(count))
+    if len(names) < flow.keys:
+        names.extend(f"key/{i:05d}" for i in range(len(names), flow.keys))
+    out = np.empty(max(1, flow.keys), dtype=object)
+    out[:] = names[: max(1, flow.keys)] if names else ["all"]
+    return out
+
+
+def _levels(fm: FieldModel | None, n_keys: int, rng: np.random.Generator) -> tuple[np.ndarray,
+                                                                                    float, int]:
+    """Per-key base levels, noise and decimals of the reading a field derives from."""
+    while fm is not None and fm.kind in ("level", "mean", "spike"):
+        fm = fm.params.get("of")
+    if fm is None or fm.kind != "reading":
+        return rng.uniform(0, 100, n_keys), 1.0, 2
+    levels = []
+    noise = []
+    for count, sig in fm.params["groups"]:
+        levels.append(rng.uniform(sig.low, sig.high, count))
+        noise.append(np.full(count, sig.noise))
+    lv = np.concatenate(levels)
+    reps = math.ceil(n_keys / len(lv))
+    return np.tile(lv, reps)[:n_keys], float(np.mean(np.concatenate(noise))), \
+        fm.params["decimals"]
+
+
+def synth_chunk(flow: Flow, n: int, t0: float, span: float,
+                rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A representative chunk of ``n`` records covering ``span`` seconds from ``t0``."""
+    names = _key_names(flow)
+    k = len(names)
+    if flow.windowed is not None:
+        kid = np.tile(np.arange(k), math.ceil(n / k))[:n]
+        windows = np.repeat(np.arange(math.ceil(n / k)), k)[:n]
+    elif flow.rate >= flow.keys * flow.tick_hz * 0.5:  # every key at every tick: stream order
+        kid = np.arange(n) % k
+        windows = np.arange(n) // k
+    else:
+        kid = rng.integers(0, k, n)
+        windows = np.zeros(n, dtype=np.int64)
+    levels, noise, dec = _levels(flow.fields.get("value"), k, rng)
+    cols: dict[str, np.ndarray] = {}
+    for name, fm in flow.fields.items():
+        cols[name] = _synth_field(fm, name, names, kid, windows, n, t0, span, flow, rng,
+                                  levels, noise, dec)
+    return cols
+
+
+def _synth_field(fm: FieldModel, name: str, names: np.ndarray, kid: np.ndarray,
+                 windows: np.ndarray, n: int, t0: float, span: float, flow: Flow,
+                 rng: np.random.Generator, levels: np.ndarray, noise: float,
+                 dec: int) -> np.ndarray:
+    kind = fm.kind
+    if kind == "key" or kind == "const_text":
+        if kind == "key":
+            return names[kid]
+        out = np.empty(n, dtype=object)
+        out[:] = fm.params["value"]
+        return out
+    if kind == "time_tick":
+        hz = fm.params["hz"]
+        return np.round(t0 + windows / hz, 6)
+    if kind == "time_window":
+        step = flow.windowed or 1.0
+        return np.round(t0 + windows * step + fm.params.get("offset", 0.0), 9)
+    if kind == "time_random":
+        hz = fm.params["hz"]
+        ticks = np.sort(rng.integers(0, max(1, int(span * hz)), n))
+        return np.round(t0 + ticks / hz, 6)
+    if kind == "count":
+        return np.full(n, int(fm.params["value"]), dtype=np.int64)
+    if kind == "const_num":
+        return np.full(n, float(fm.params["value"] or 0.0))
+    if kind == "float":  # derived statistics: full float64, similar magnitudes
+        return rng.normal(1.0, 0.15, n)
+    if kind == "grid":
+        return rng.choice(np.asarray(fm.params["values"]), n)
+    lv, nz, dd = _levels(fm, len(names), rng)
+    scale = 10.0**dd  # quantise the way the sensors (and the simulator) do: round(v*s)/s
+    if kind == "reading":
+        v = lv[kid] + rng.normal(0, 1, n) * nz
+        return np.round(v * scale) / scale
+    if kind == "level":
+        v = lv[kid] + rng.normal(0, 1, n) * nz * 2
+        if fm.params.get("half"):
+            return np.round(v * scale * 2) / (scale * 2)
+        return np.round(v * scale) / scale
+    if kind == "mean":
+        c = int(fm.params.get("count", 1))
+        total = np.round((lv[kid] + rng.normal(0, 1, n) * nz / math.sqrt(c)) * c * scale)
+        return total / scale / c
+    if kind == "spike":
+        src = fm.params.get("of")
+        spike = src.params["groups"][0][1].spike_value if src is not None and \
+            src.kind == "reading" else 100.5
+        return np.round((spike + np.abs(rng.normal(0, 5, n))) * scale) / scale
+    return rng.normal(0, 1, n)
+
+
+def wire_overhead(payload: int) -> int:
+    """Bytes on the socket for one chunk of ``payload`` bytes: framing, TLS, TCP/IP."""
+    framed = payload + UPLINK_FRAMING
+    tls = framed + TLS_RECORD * max(1, math.ceil(framed / TLS_RECORD_MAX))
+    return tls + TCP_IP_SEGMENT * max(1, math.ceil(tls / TCP_MSS)) - payload
+
+
+@dataclass(frozen=True)
+class StreamBytes:
+    chunks_per_s: float
+    records_per_chunk: float
+    payload_per_chunk: float  # codec bytes
+    wire_per_s: float  # bytes/s on the socket, all overheads included
+
+    @property
+    def payload_per_s(self) -> float:
+        return self.chunks_per_s * self.payload_per_chunk
+
+
+def encoded_bytes(flow: Flow, interval: float, seed: int = 7) -> StreamBytes:
+    """Uplink bytes of a stream sent as one chunk per ``interval`` seconds."""
+    if flow.rate <= 0:
+        return StreamBytes(0.0, 0.0, 0.0, 0.0)
+    if flow.windowed is not None:
+        per_window = flow.keys
+        windows_per_chunk = max(1.0, interval / flow.windowed)
+        chunks_per_s = 1.0 / max(interval, flow.windowed)
+        n = per_window * windows_per_chunk
+    else:
+        lam = flow.rate * interval
+        chunks_per_s = (1 - math.exp(-lam)) / interval if lam < 50 else 1.0 / interval
+        n = flow.rate / chunks_per_s
+    if flow.bytes_per_record is not None:
+        payload = n * flow.bytes_per_record
+    else:
+        rng = np.random.default_rng(seed)
+        m = int(min(max(1, round(n)), MAX_SYNTH_RECORDS))
+        cols = synth_chunk(flow, m, 1_764_547_200.0, interval, rng)
+        payload = len(codec.encode(cols)) * (n / m)
+    wire = chunks_per_s * (payload + wire_overhead(int(payload)))
+    return StreamBytes(chunks_per_s, n, payload, wire)
+
+
+# -- the naive baseline ---------------------------------------------------------------------------
+
+def json_reading_bytes(src: SourceSpec, site: str) -> float:
+    """Size of ``{"sensor": ..., "ts": ..., "value": ...}`` for a typical reading."""
+    if src.bytes_per_sample is not None:
+        return float(src.bytes_per_sample)
+    prefix = source_groups(src, site)[0][0]
+    sig = src.signal
+    value = f"{(sig.low + sig.high) / 2:.{src.decimals}f}"
+    tdec = max(2, _decimals_of(1.0 / src.rate_hz))
+    ts = f"{1_764_547_200.0:.{min(tdec, 6)}f}"
+    return float(len(f'{{"sensor":"{prefix}/000","ts":{ts},"value":{value}}}'))
+
+
+def mqtt_message_bytes(topic_len: int, payload: float) -> float:
+    """One MQTT PUBLISH (QoS 0) in its own TLS record; TCP/IP headers not counted."""
+    body = 2 + topic_len + payload
+    length_bytes = 1 if body < 128 else 2 if body < 16384 else 3
+    return 1 + length_bytes + body + TLS_RECORD

@@ -1,0 +1,554 @@
+"""The workload description: YAML in the shape of a Kubernetes object, validated with pydantic.
+
+    apiVersion: edgewise.io/v1
+    kind: Workload
+    metadata: {name: factory-line}
+    spec:
+      use_case: "alarms and 1 s aggregates for a production line"     required
+      sites:                       where the data is born, and how many such sites
+        - name: plant
+          count: 1
+          sources: [{id, count, rate_hz, bytes_per_sample, resolution, ...}]   required
+          link: {uplink, downlink, rtt: {p50, p99}, availability, longest_outage, cost_per_gb}
+      stages: [{id, operator | function, inputs, params, latency_budget, needs, ...}]
+      hardware: [{name, cores, ram, disk, price, gpu}]
+      requirements: {max_alarm_latency, offline_autonomy, encryption, fleet_size, retention}
+                                   max_alarm_latency and offline_autonomy are required
+
+Only the use case, the sources (counts and rates) and the latency and offline requirements are
+required; everything else gets a stated default (`Workload.inferred` lists each one with its
+value), so the planner can be asked a question before every detail is known.
+
+`load_workload` returns a `Workload` or raises `SpecError` listing every problem as
+``file:line: field: message``, exactly like the pipeline loader.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from edgewise.errors import ConfigError, SpecError
+from edgewise.pipeline import registry
+from edgewise.pipeline.units import ByteSize, Duration
+from edgewise.pipeline.yamlmarks import Path as KeyPath
+from edgewise.pipeline.yamlmarks import line_of, load_with_lines
+
+ID_PATTERN = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
+NEEDS = ("global_context", "gpu", "large_model", "privacy")
+
+_BANDWIDTH = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(bit/s|bps|b/s|B/s)\s*$")
+_BW_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_bandwidth(value: Any) -> float:
+    """Bits per second from a number or a string such as '20Mbit/s', '512kbps', '1MB/s'."""
+    if isinstance(value, bool):
+        raise ValueError("expected a bandwidth such as '20Mbit/s'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError("a bandwidth must be positive")
+        return float(value)
+    if isinstance(value, str):
+        m = _BANDWIDTH.match(value)
+        if m:
+            bits = float(m.group(1)) * _BW_PREFIX[m.group(2).lower()]
+            if m.group(3) == "B/s":
+                bits *= 8
+            if bits <= 0:
+                raise ValueError("a bandwidth must be positive")
+            return bits
+    raise ValueError(
+        f"{value!r} is not a bandwidth; write e.g. '20Mbit/s', '512kbps' or bits per second"
+    )
+
+
+Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Metadata(_Strict):
+    name: str = Field(pattern=ID_PATTERN)
+    labels: dict[str, str] = {}
+    description: str = ""
+
+
+class Signal(_Strict):
+    """What the readings look like: a base level per sensor in [low, high], a slow drift, noise
+    and rare spikes. Used for the estimates (alarm rates, compression) and to generate data."""
+
+    low: float = 40.0
+    high: float = 80.0
+    drift: float = Field(default=5.0, ge=0)
+    period: Duration = Field(default=600.0, gt=0)
+    noise: float = Field(default=0.5, ge=0)
+    spike_prob: float = Field(default=0.001, ge=0, le=1)
+    spike_value: float = 100.5
+
+    @model_validator(mode="after")
+    def _range(self) -> Signal:
+        if self.high < self.low:
+            raise ValueError("signal.high must not be below signal.low")
+        return self
+
+
+class SourceGroup(_Strict):
+    """A named group of the source's sensors (keys are ``{prefix}/{i:03d}``)."""
+
+    prefix: str = Field(min_length=1)
+    count: int = Field(ge=1, le=1_000_000)
+    signal: Signal | None = None
+
+
+class AlarmLimits(_Strict):
+    high: float | None = None
+    low: float | None = None
+
+
+class SourceSpec(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    kind: str = "sensor"
+    protocol: Literal["mqtt", "http", "modbus", "opcua", "file", "simulator"] = "mqtt"
+    count: int = Field(ge=1, le=1_000_000)
+    rate_hz: float = Field(gt=0, le=1_000_000)
+    bytes_per_sample: int | None = Field(default=None, ge=1, le=64 * 1024 * 1024)
+    resolution: float = Field(default=0.01, gt=0, le=1000)
+    personal_data: bool = False
+    signal: Signal = Signal()
+    groups: list[SourceGroup] = []
+    alarm: AlarmLimits | None = None
+    connection: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _groups(self) -> SourceSpec:
+        if self.groups and sum(g.count for g in self.groups) != self.count:
+            raise ValueError(
+                f"the groups hold {sum(g.count for g in self.groups)} sensors but count is "
+                f"{self.count}; make them agree"
+            )
+        return self
+
+    @property
+    def decimals(self) -> int:
+        """Decimal places of a reading at this resolution (0 for whole units)."""
+        d = -math.floor(math.log10(self.resolution) + 1e-9)
+        return max(0, min(6, d))
+
+
+class Rtt(_Strict):
+    p50: Duration = Field(gt=0)
+    p99: Duration = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Rtt:
+        if self.p99 < self.p50:
+            raise ValueError("p99 must not be below p50")
+        return self
+
+
+class LinkSpec(_Strict):
+    kind: str = "broadband"
+    uplink: Bandwidth = 20e6
+    downlink: Bandwidth = 50e6
+    rtt: Rtt = Rtt(p50=0.030, p99=0.080)
+    availability: float = Field(default=0.995, gt=0, le=1)
+    longest_outage: Duration = Field(default=3600.0, ge=0)
+    cost_per_gb: float = Field(default=0.09, ge=0)
+    batch_interval: Duration = Field(default=1.0, gt=0, le=3600)
+    """How often the uplink sends one chunk per stream (seconds)."""
+
+
+class SiteSpec(_Strict):
+    name: str = Field(pattern=ID_PATTERN)
+    count: int = Field(default=1, ge=1, le=1_000_000)
+    nodes: int = Field(default=1, ge=1, le=64)
+    sources: list[SourceSpec] = Field(min_length=1)
+    link: LinkSpec = LinkSpec()
+    lan: Rtt = Rtt(p50=0.0005, p99=0.002)
+
+
+class LocalAction(_Strict):
+    mqtt_topic: str | None = None
+    webhook_url: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> LocalAction:
+        if not self.mqtt_topic and not self.webhook_url:
+            raise ValueError("give mqtt_topic or webhook_url")
+        return self
+
+
+class StageSpec(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    operator: str | None = None
+    function: str | None = None
+    inputs: list[str] = Field(min_length=1)
+    params: dict[str, Any] = {}
+    cpu_us_per_record: float | None = Field(default=None, gt=0)
+    reduction: float | None = Field(default=None, ge=0)
+    output_bytes_per_record: float | None = Field(default=None, gt=0)
+    memory: ByteSize | None = None
+    latency_budget: Duration | None = Field(default=None, gt=0)
+    needs: list[Literal["global_context", "gpu", "large_model", "privacy"]] = []
+    during_outage: bool = False
+    to_cloud: bool = True
+    local: LocalAction | None = None
+    placement: Literal["auto", "edge", "cloud"] = "auto"
+
+    @model_validator(mode="after")
+    def _kind(self) -> StageSpec:
+        if (self.operator is None) == (self.function is None):
+            raise ValueError("set exactly one of operator (a built-in) or function (pkg.mod:Class)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError("function must be an import path such as 'mypkg.models:Counter'")
+        return self
+
+
+class HardwareOption(_Strict):
+    name: str = Field(min_length=1)
+    cores: int = Field(ge=1, le=1024)
+    ram: ByteSize
+    disk: ByteSize
+    price: float = Field(ge=0)
+    gpu: bool = False
+    tpm: bool = True
+
+
+class Requirements(_Strict):
+    max_alarm_latency: Duration = Field(gt=0)
+    offline_autonomy: Duration = Field(ge=0)
+    encryption: bool = True
+    fleet_size: int | None = Field(default=None, ge=1)
+    retention: Duration = Field(default=90 * 86400.0, gt=0)
+    utilisation: float = Field(default=0.5, gt=0, le=1)
+    """Highest planned CPU utilisation of a node; the rest is headroom."""
+
+
+class Costs(_Strict):
+    cloud_core_hour: float = Field(default=0.04, ge=0)
+    cloud_storage_gb_month: float = Field(default=0.023, ge=0)
+    hardware_months: int = Field(default=36, ge=1)
+    """Months over which edge hardware is written off."""
+
+
+class Body(_Strict):
+    use_case: str = Field(min_length=3)
+    sites: list[SiteSpec] = Field(min_length=1)
+    stages: list[StageSpec] = []
+    hardware: list[HardwareOption] = []
+    requirements: Requirements
+    costs: Costs = Costs()
+
+
+class Document(_Strict):
+    apiVersion: Literal["edgewise.io/v1"]
+    kind: Literal["Workload"]
+    metadata: Metadata
+    spec: Body
+
+
+# -- defaults that the planner states when it fills them in -------------------------------------
+
+DEFAULT_HARDWARE: tuple[HardwareOption, ...] = (
+    HardwareOption(name="k3s-small", cores=2, ram=4 * 1024**3, disk=64 * 1024**3, price=350.0),
+    HardwareOption(name="k3s-standard", cores=4, ram=8 * 1024**3, disk=256 * 1024**3, price=700.0),
+    HardwareOption(name="k3s-large", cores=8, ram=32 * 1024**3, disk=1024**4, price=1600.0),
+    HardwareOption(
+        name="k3s-gpu", cores=8, ram=32 * 1024**3, disk=1024**4, price=2900.0, gpu=True
+    ),
+)
+
+ARCHITECTURE_DEFAULTS = (
+    ("edge nodes", "K3s-class nodes running the Edgewise agent as a container workload"),
+    ("consistency", "hybrid edge-cloud with eventual consistency: the edge owns what happened, "
+     "the cloud owns intent; shared keys merge by hybrid-logical-clock last-writer-wins"),
+    ("security", "zero trust with device attestation: mutual TLS 1.3 with short-lived node "
+     "certificates, TPM-backed identity, no trust in network addresses"),
+)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """A value the planner filled in because the workload did not give it."""
+
+    field: str
+    value: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Workload:
+    path: Path
+    document: Document
+    stages: list[StageSpec]
+    hardware: list[HardwareOption]
+    inferred: list[Inferred] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.document.metadata.name
+
+    @property
+    def body(self) -> Body:
+        return self.document.spec
+
+    @property
+    def sites(self) -> list[SiteSpec]:
+        return self.document.spec.sites
+
+    @property
+    def requirements(self) -> Requirements:
+        return self.document.spec.requirements
+
+    @property
+    def total_nodes(self) -> int:
+        return sum(s.count * s.nodes for s in self.sites)
+
+    @property
+    def fleet_size(self) -> int:
+        return max(self.requirements.fleet_size or 0, self.total_nodes)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+_FIXES = {
+    "missing": "add it",
+    "extra_forbidden": "remove it or check its spelling",
+    "literal_error": "use one of the allowed values",
+}
+
+Problem = tuple[int | None, str, str]
+
+
+def _problems(exc: ValidationError, prefix: KeyPath, lines: dict[KeyPath, int]) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        # tagged unions and wrappers add type names to the location; keep real keys only
+        loc = tuple(x for x in loc if not (isinstance(x, str) and x[:1].isupper()))
+        path = (*prefix, *loc)
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        fix = _FIXES.get(err["type"])
+        if fix:
+            msg = f"{msg} ({fix})"
+        out.append((line_of(lines, path), ".".join(str(p) for p in path), msg))
+    return out
+
+
+def load_workload(path: str | Path) -> Workload:
+    """Read and validate a workload file. Raises `SpecError` (or `ConfigError` if unreadable)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_workload(text, str(path))
+
+
+def parse_workload(text: str, source: str = "<workload>") -> Workload:
+    try:
+        data, lines = load_with_lines(text, source)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [(line, "", f"not valid YAML: {problem}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError(
+            source, [(1, "", "expected a mapping with apiVersion, kind, metadata and spec")]
+        )
+    try:
+        doc = Document.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, _problems(exc, (), lines)) from None
+
+    problems: list[Problem] = []
+    body = doc.spec
+    source_ids: dict[str, KeyPath] = {}
+    site_names: set[str] = set()
+    for i, site in enumerate(body.sites):
+        if site.name in site_names:
+            problems.append((line_of(lines, ("spec", "sites", i, "name")),
+                             f"spec.sites.{i}.name", f"duplicate site name {site.name!r}"))
+        site_names.add(site.name)
+        for j, src in enumerate(site.sources):
+            where = ("spec", "sites", i, "sources", j, "id")
+            if src.id in source_ids and source_ids[src.id][2] == i:
+                problems.append((line_of(lines, where), ".".join(map(str, where)),
+                                 f"duplicate source id {src.id!r} in site {site.name!r}"))
+            source_ids.setdefault(src.id, where)
+    stage_ids: dict[str, int] = {}
+    for i, st in enumerate(body.stages):
+        where: KeyPath = ("spec", "stages", i)
+        if st.id in stage_ids or st.id in source_ids:
+            problems.append((line_of(lines, (*where, "id")), f"spec.stages.{i}.id",
+                             f"duplicate id {st.id!r}; stage and source ids must be unique"))
+        stage_ids.setdefault(st.id, i)
+        if st.operator is not None:
+            if st.operator == "python":
+                problems.append((line_of(lines, (*where, "operator")), f"spec.stages.{i}.operator",
+                                 "write user code as function: 'pkg.mod:Class'"))
+                continue
+            try:
+                cls = registry.resolve("operator", st.operator)
+            except KeyError:
+                problems.append((
+                    line_of(lines, (*where, "operator")), f"spec.stages.{i}.operator",
+                    f"unknown operator {st.operator!r}; known: "
+                    f"{', '.join(n for n in registry.known('operator') if n != 'python')}",
+                ))
+                continue
+            except ConfigError as exc:
+                problems.append((line_of(lines, (*where, "operator")),
+                                 f"spec.stages.{i}.operator", str(exc)))
+                continue
+            try:
+                cls.Config.model_validate(st.params)
+            except ValidationError as exc:
+                problems.extend(_problems(exc, (*where, "params"), lines))
+    for i, st in enumerate(body.stages):
+        for j, ref in enumerate(st.inputs):
+            if ref not in source_ids and ref not in stage_ids:
+                known = ", ".join([*source_ids, *stage_ids])
+                problems.append((line_of(lines, ("spec", "stages", i, "inputs", j)),
+                                 f"spec.stages.{i}.inputs.{j}",
+                                 f"{ref!r} is not the id of a source or stage; known: {known}"))
+            elif ref == st.id:
+                problems.append((line_of(lines, ("spec", "stages", i, "inputs", j)),
+                                 f"spec.stages.{i}.inputs.{j}",
+                                 "a stage cannot read its own output"))
+    if not problems:
+        cycle = _find_cycle(body.stages)
+        if cycle:
+            problems.append((line_of(lines, ("spec", "stages")), "spec.stages",
+                             f"stages form a cycle: {' -> '.join(cycle)}; break it"))
+    if problems:
+        raise SpecError(source, problems)
+    return _complete(doc, Path(source))
+
+
+def _find_cycle(stages: list[StageSpec]) -> list[str] | None:
+    graph = {s.id: [r for r in s.inputs] for s in stages}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in graph.get(n, []):
+            if m not in graph:
+                continue
+            if state.get(m) == 1:
+                return [*stack[stack.index(m):], m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in graph:
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 1:
+        return f"{seconds:g} s"
+    return f"{seconds * 1000:g} ms"
+
+
+def _complete(doc: Document, path: Path) -> Workload:
+    """Fill in the defaults and say which ones were used."""
+    body = doc.spec
+    inferred: list[Inferred] = []
+    for i, site in enumerate(body.sites):
+        if "link" not in site.model_fields_set:
+            ln = site.link
+            inferred.append(Inferred(
+                f"sites.{i}.link", f"{ln.kind}: {ln.uplink / 1e6:g} Mbit/s up, "
+                f"{ln.downlink / 1e6:g} Mbit/s down, RTT p50 {_fmt_s(ln.rtt.p50)} / p99 "
+                f"{_fmt_s(ln.rtt.p99)}, availability {ln.availability:.1%}, longest outage "
+                f"{_fmt_s(ln.longest_outage)}, ${ln.cost_per_gb:g}/GB",
+                "no link given: a business broadband line is assumed"))
+        for j, src in enumerate(site.sources):
+            if src.bytes_per_sample is None:
+                inferred.append(Inferred(
+                    f"sites.{i}.sources.{j}.bytes_per_sample", "JSON size of a reading",
+                    "not given: the naive baseline sends one JSON object per reading"))
+    stages = list(body.stages)
+    if not stages:
+        stages = default_stages(body, inferred)
+    hardware = list(body.hardware)
+    if not hardware:
+        hardware = list(DEFAULT_HARDWARE)
+        inferred.append(Inferred(
+            "hardware", ", ".join(f"{h.name} ({h.cores} cores, {h.ram // 1024**3} GiB, "
+                                  f"${h.price:g})" for h in hardware),
+            "no hardware options given: K3s-class edge nodes for container workloads"))
+    if body.requirements.fleet_size is None:
+        total = sum(s.count * s.nodes for s in body.sites)
+        inferred.append(Inferred("requirements.fleet_size", str(total),
+                                 "not given: the sites times their nodes"))
+    for name, value in ARCHITECTURE_DEFAULTS:
+        inferred.append(Inferred(f"architecture.{name}", value, "Edgewise default"))
+    return Workload(path, doc, stages, hardware, inferred)
+
+
+def default_stages(body: Body, inferred: list[Inferred]) -> list[StageSpec]:
+    """Per source: aggregates towards the cloud, and alarms if the source gives limits."""
+    out: list[StageSpec] = []
+    seen: set[str] = set()
+    for site in body.sites:
+        for src in site.sources:
+            if src.id in seen:
+                continue
+            seen.add(src.id)
+            size = "1s" if src.rate_hz >= 1 else "60s"
+            out.append(StageSpec(
+                id=f"{src.id}-aggregates", operator="window", inputs=[src.id],
+                params={"size": size, "aggregates": ["count", "mean", "min", "max"]},
+            ))
+            inferred.append(Inferred(f"stages.{src.id}-aggregates",
+                                     f"window {size}: count, mean, min, max per sensor",
+                                     "no stages given: aggregates per sensor go to the cloud"))
+            if src.alarm is not None and (src.alarm.high is not None or src.alarm.low is not None):
+                params: dict[str, Any] = {}
+                if src.alarm.high is not None:
+                    params["high"] = src.alarm.high
+                if src.alarm.low is not None:
+                    params["low"] = src.alarm.low
+                out.append(StageSpec(
+                    id=f"{src.id}-alarms", operator="threshold", inputs=[src.id], params=params,
+                    latency_budget=body.requirements.max_alarm_latency, during_outage=True,
+                ))
+                inferred.append(Inferred(f"stages.{src.id}-alarms", f"threshold {params}",
+                                         "the source gives alarm limits: alarms at once"))
+    return out
+
