@@ -212,9 +212,13 @@ def components(markdown: bool) -> None:
 
 
 def _register_subcommands() -> None:
+    from edgewise.cloud.cli import cloud
+    from edgewise.cloud.operator_cli import config, data, node
+    from edgewise.edge.cli import agent
     from edgewise.plan.cli import plan
 
-    main.add_command(plan)
+    for command in (plan, cloud, agent, node, config, data):
+        main.add_command(command)
 
 
 _register_subcommands()

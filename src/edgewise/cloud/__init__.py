@@ -1,0 +1,1 @@
+"""The control plane: device and operator APIs, ingest, fleet registry, config, PKI glue."""
