@@ -1,0 +1,129 @@
+"""The plan model: infeasible requirements are reported, artefacts validate, the link model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgewise.errors import SpecError
+from edgewise.pipeline.spec import load_pipeline
+from edgewise.plan import artefacts, document
+from edgewise.plan.linksim import StreamLoad, simulate_link
+from edgewise.plan.model import build_plan
+from edgewise.plan.workload import load_workload, parse_workload
+
+ROOT = Path(__file__).resolve().parents[2]
+FACTORY = ROOT / "examples" / "workloads" / "factory-line.yaml"
+
+INFEASIBLE = """\
+apiVersion: edgewise.io/v1
+kind: Workload
+metadata: {name: too-much}
+spec:
+  use_case: alarms faster than any node can act, over a thin link
+  sites:
+    - name: site
+      sources:
+        - {id: s, count: 2000, rate_hz: 100}
+      link: {uplink: 64kbps, rtt: {p50: 40ms, p99: 40ms}}
+  stages:
+    - {id: raw, operator: map, inputs: [s], params: {set: {v2: "value * 2"}},
+       placement: cloud}
+    - {id: alarm, operator: threshold, inputs: [s], params: {high: 100.0},
+       latency_budget: 5us, during_outage: true, needs: [global_context]}
+  requirements:
+    max_alarm_latency: 10us
+    offline_autonomy: 1h
+"""
+
+
+def test_infeasible_requirements_are_reported_not_ignored() -> None:
+    plan = build_plan(parse_workload(INFEASIBLE, "too-much.yaml"))
+    unmet = plan.unmet
+    assert any(u.startswith("site: alarm latency: p99 ") and u.endswith(
+        "against the maximum of 0 ms - no placement meets it") for u in unmet)
+    assert any(u.startswith("site: alarm latency budget: p99 ") and
+               "exceeds the budget of 0.0 ms; no placement meets it" in u for u in unmet)
+    assert any(u.startswith("site: uplink capacity: ") for u in unmet)
+    assert any("stage 'alarm': latency (budget 0.0 ms < cloud path p99" in u and
+               "context (needs fleet-wide context); no placement meets both" in u for u in unmet)
+    md = document.to_markdown(document.build(plan))
+    top = md.split("## 1. Edge Topology Design")[0]
+    assert "## Unmet constraints" in top
+    assert f"**{len(unmet)} requirement(s) or hard constraint(s) are NOT met" in top
+    for u in unmet:
+        assert f"- **UNMET** {u}" in top
+
+
+def test_factory_line_plan_places_and_quantifies() -> None:
+    plan = build_plan(load_workload(FACTORY))
+    sp = plan.sites[0]
+    assert {st.id: sp.where(st.id) for st in sp.stages} == {"windows": "edge", "alarms": "edge"}
+    assert [(s.name, s.priority) for s in sp.streams] == [("windows", "normal"),
+                                                         ("alarms", "alarm")]
+    f = sp.estimate
+    assert f.readings_per_s == 10_000
+    assert sp.flows["windows"].rate == 200.0
+    assert sp.flows["alarms"].rate == pytest.approx(10.0, rel=0.01)  # 0.1% spikes above 100.5
+    assert f.naive_per_s / f.edge_wire_per_s > 100
+    assert f.latency.edge_p99 < f.latency.cloud_p99
+    assert plan.unmet == []
+    assert [c.met for c in plan.hard] == [True, True, True, True]
+
+
+def test_artefacts_validate_with_the_agent_and_control_plane_loaders(tmp_path: Path) -> None:
+    plan = build_plan(load_workload(ROOT / "examples" / "workloads" / "retail.yaml"))
+    written = artefacts.write_artefacts(plan, tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "pipelines/store.yaml", "agents/store.yaml", "rollout.yaml"]
+    spec = load_pipeline(tmp_path / "pipelines" / "store.yaml")
+    placement = {c.id: c.entry.placement for c in spec.stages}
+    assert placement == {"occupancy": "edge", "dwell-stats": "edge", "queue-alert": "edge",
+                         "chain-footfall-partial": "edge", "chain-footfall": "cloud"}
+    agent = artefacts.load_artefact(tmp_path / "agents" / "store.yaml")
+    assert agent.kind == "AgentConfig" and agent.spec.sites == 400
+    assert agent.spec.autonomy.offline_for == 12 * 3600
+    rollout = artefacts.load_artefact(tmp_path / "rollout.yaml")
+    assert [(w.name, w.nodes) for w in rollout.spec.waves] == [
+        ("canary", 4), ("early", 36), ("half", 160), ("all", 200)]
+
+
+def test_bad_agent_config_gives_file_line_field(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("apiVersion: edgewise.io/v1\nkind: RolloutPlan\nmetadata: {name: r}\n"
+                    "spec:\n  release: x\n  fleet: 3\n  expires_after: 1d\n  max_unavailable: 1\n"
+                    "  waves:\n    - {name: all, nodes: 2, percent: 100,\n"
+                    "       gate: {soak: 1h, max_error_rate: 0.01, max_restarts: 0,\n"
+                    "              max_alarm_latency: 100ms}}\n")
+    with pytest.raises(SpecError) as err:
+        artefacts.load_artefact(path)
+    assert str(err.value) == (f"{path}:4: spec: the waves hold 2 nodes but the fleet has 3")
+
+
+@pytest.mark.parametrize(("fleet", "waves"), [
+    (1, [("all", 1)]), (2, [("canary", 1), ("all", 1)]),
+    (15, [("canary", 1), ("early", 1), ("half", 6), ("all", 7)]),
+    (10_000, [("canary", 100), ("early", 900), ("half", 4000), ("all", 5000)])])
+def test_rollout_waves(fleet: int, waves: list[tuple[str, int]]) -> None:
+    got = artefacts.rollout_waves(fleet)
+    assert [(n, k) for n, k, _ in got] == waves
+    assert sum(k for _, k, _ in got) == fleet
+
+
+def test_link_model_outbox_rides_out_the_outage_and_none_loses_it() -> None:
+    loads = [StreamLoad("alarms", "alarm", False, 100.0), StreamLoad("agg", "normal", False,
+                                                                      1000.0)]
+    kinds = {"alarms": "alarm", "agg": "data"}
+    res = simulate_link(loads, kinds, uplink_bytes_per_s=10_000.0, availability=0.99,
+                        longest=6 * 3600.0, capacity=64 * 1024**2,
+                        compare={"small": 5 * 1024**2, "none": 0})
+    assert res.lost_bytes == {"alarm": 0.0, "data": 0.0}
+    assert res.max_backlog == pytest.approx(1100.0 * 6 * 3600, rel=0.01)
+    assert res.drain_s == pytest.approx(1100.0 * 6 * 3600 / (10_000 - 1100), rel=0.1)
+    small = res.by_capacity["small"]
+    assert small["alarm"] == 0.0  # alarms are kept, lower priority goes first
+    assert small["data"] > 1000.0 * 6 * 3600 - 5 * 1024**2 - 1100 * res.step_s
+    none = res.by_capacity["none"]
+    down = sum(d for _, d in res.outages)
+    assert none["alarm"] == pytest.approx(100.0 * down, rel=0.02)
