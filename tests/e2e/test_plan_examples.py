@@ -75,10 +75,10 @@ def test_estimate_and_simulation_agree_on_reference_workloads(
         for key in ("uplink_bytes_per_s", "records_per_s"):
             assert meas[key] / est[key] == pytest.approx(1.0, abs=0.15), key
         # processing cost (thread CPU of the stages) is noisy on a shared 2-core machine:
-        # checked on the factory line, with a wider band
+        # checked on the factory line, with a wider band (1.0-1.24 seen under load)
         if example == "factory-line":
             assert meas["stage_cpu_us_per_s"] / est["stage_cpu_us_per_s"] == pytest.approx(
-                1.0, abs=0.25)
+                1.0, abs=0.35)
 
 
 def test_factory_line_placement_and_numbers_without_simulation(tmp_path: Path) -> None:
