@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,33 @@ def make_spec(body: str, tmp_path: Path | None = None, name: str = "test") -> Pi
         + "\n"
     )
     return parse_pipeline(text, "<test>", base_dir=tmp_path)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the local server for one test, dropped after.
+
+    Yields its async SQLAlchemy URL (``postgresql+asyncpg://…``). Skips (or fails under CI)
+    when PostgreSQL is not reachable.
+    """
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    host, port = need_service("postgres")
+    user = os.environ.get("EDGEWISE_PG_USER", "postgres")
+    name = f"edgewise_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(host=host, port=port, user=user, database="test")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://{user}@{host}:{port}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
