@@ -31,11 +31,15 @@ class Committer:
         snapshot: Callable[[dict[str, Any]], dict[str, bytes]],
         on_durable: Callable[[dict[str, Any], CommitReport], None],
         max_pending_records: int = 65536,
+        min_interval: float = 0.0,
     ) -> None:
         self.outbox = outbox
         self._snapshot = snapshot
         self._on_durable = on_durable
         self.max_pending_records = max_pending_records
+        self.min_interval = min_interval  # seconds between commit starts (bounds snapshot cost)
+        self._last_start = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._chunks: dict[str, list[Batch]] = {}
         self._dead: list[DeadLetter] = []
         self._positions: dict[str, Any] = {}  # latest per source, kept across commits
@@ -81,6 +85,13 @@ class Committer:
             raise self.error
         if self._inflight is not None or not self._dirty:
             return
+        loop = asyncio.get_running_loop()
+        wait = self._last_start + self.min_interval - loop.time()
+        if wait > 0 and not self.overloaded:
+            if self._timer is None:
+                self._timer = loop.call_later(wait, self._kick_later)
+            return
+        self._last_start = loop.time()
         chunks = [
             PendingChunk(stream, Batch.concat(parts).columns, sum(p.n for p in parts))
             for stream, parts in self._chunks.items()
@@ -91,9 +102,14 @@ class Committer:
         self._chunks, self._dead, self._changed = {}, [], set()
         self._pending_records = 0
         self._dirty = False
-        self._inflight = asyncio.get_running_loop().create_task(
+        self._inflight = loop.create_task(
             self._commit(chunks, dead, checkpoint, positions)
         )
+
+    def _kick_later(self) -> None:
+        self._timer = None
+        if self.error is None:
+            self.kick()
 
     async def _commit(
         self,
@@ -126,10 +142,17 @@ class Committer:
             raise self.error
 
     async def drain(self) -> None:
-        """Commit everything pending and wait until it is durable."""
+        """Commit everything pending (now, whatever the interval) and wait until it is durable."""
         await self.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._last_start = 0.0
         self.kick()
         await self.wait()
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._executor.shutdown(wait=True)

@@ -70,11 +70,13 @@ class Engine:
         *,
         duration: float | None = None,
         flush_on_stop: bool = False,
+        max_pending_records: int | None = None,
     ) -> None:
         self.spec = spec
         self.data_dir = Path(data_dir)
         self.duration = duration
         self.flush_on_stop = flush_on_stop
+        self.max_pending_records = max_pending_records
         self.ctx = RunContext(spec.name, self.data_dir, spec.path.parent)
         self.counters = Counters()
         self.sources: dict[str, Source] = {
@@ -145,7 +147,9 @@ class Engine:
                 self.outbox,
                 self._snapshot,
                 self._on_durable,
-                max_pending_records=8 * self.spec.body.batching.max_records,
+                max_pending_records=self.max_pending_records
+                or 8 * self.spec.body.batching.max_records,
+                min_interval=self.spec.body.outbox.commit_interval,
             )
             self._restore()
             try:

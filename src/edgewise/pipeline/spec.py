@@ -59,6 +59,9 @@ class OutboxSettings(_Strict):
     sync: Literal["full", "normal"] = "full"
     """full: fsync the WAL on every group commit (survives power loss); normal: survives a crash
     of the process but may lose the last commits on power loss."""
+    commit_interval: Duration = 0.02
+    """Least time between two group commits (records wait at most this long to be durable;
+    local actions do not wait). Bounds how often operator state is checkpointed."""
 
 
 class BatchingSettings(_Strict):
