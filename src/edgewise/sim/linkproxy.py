@@ -1,0 +1,182 @@
+"""A TCP proxy that plays the network between an edge node and the cloud: it can be cut
+(a silent blackhole or a reset) and restored, and it can shape bandwidth and add latency.
+
+Used by `edgewise demo`, the end-to-end partition tests and the backlog-drain benchmark. It only
+ever listens and connects on the addresses it is given (loopback in our tests).
+
+* ``blackhole``: nothing is forwarded in either direction and new connections hang, like a
+  dead link: TCP on both ends sees no data and no error until its own timeouts fire.
+* ``reset``: every connection is closed at once with a TCP reset, and new ones are refused
+  until `restore`.
+* ``rate`` (bytes/s, each direction) and ``delay`` (seconds, each way) shape what is forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+CHUNK = 16 * 1024
+
+
+@dataclass
+class LinkStats:
+    bytes_up: int = 0  # client -> target
+    bytes_down: int = 0  # target -> client
+    connections: int = 0
+    resets: int = 0
+
+
+class LinkProxy:
+    """Use as ``async with LinkProxy(host, port) as link: ... link.port ...``."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        rate: float | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self.target = (target_host, target_port)
+        self.listen = (listen_host, listen_port)
+        self.rate = rate
+        self.delay = delay
+        self.stats = LinkStats()
+        self._server: asyncio.Server | None = None
+        self._open = asyncio.Event()
+        self._open.set()
+        self._mode = "up"
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the link proxy is not started")
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def state(self) -> str:
+        return self._mode
+
+    async def __aenter__(self) -> LinkProxy:
+        self._server = await asyncio.start_server(self._accept, *self.listen)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client, upstream in list(self._conns):
+            _abort(client)
+            if upstream is not None:
+                _abort(upstream)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- control ------------------------------------------------------------------------------
+    def cut(self, mode: str = "blackhole") -> None:
+        """Cut the link: ``blackhole`` (silence) or ``reset`` (close everything now)."""
+        if mode not in ("blackhole", "reset"):
+            raise ValueError("mode must be 'blackhole' or 'reset'")
+        self._mode = mode
+        self._open.clear()
+        if mode == "reset":
+            for client, upstream in list(self._conns):
+                self.stats.resets += 1
+                _abort(client)
+                if upstream is not None:
+                    _abort(upstream)
+
+    def restore(self) -> None:
+        self._mode = "up"
+        self._open.set()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._mode == "reset":
+            _abort(writer)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter | None] = (writer, None)
+        self._conns.add(pair)
+        try:
+            await self._open.wait()  # a blackholed link: the connection hangs
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            self._conns.discard(pair)
+            pair = (writer, up_writer)
+            self._conns.add(pair)
+            self.stats.connections += 1
+            await asyncio.gather(
+                self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down")
+            )
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._conns.discard(pair)
+            for w in pair:
+                if w is None:
+                    continue
+                if self._mode == "reset":
+                    _abort(w)
+                else:
+                    _close(w)
+            self._tasks.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str
+    ) -> None:
+        allowance = 0.0
+        last = time.monotonic()
+        try:
+            while True:
+                await self._open.wait()
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                await self._open.wait()  # cut while we held data: it waits with the link
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if self.rate:
+                    now = time.monotonic()
+                    allowance = min(self.rate, allowance + (now - last) * self.rate)
+                    last = now
+                    allowance -= len(data)
+                    if allowance < 0:
+                        await asyncio.sleep(-allowance / self.rate)
+                        allowance, last = 0.0, time.monotonic()
+                writer.write(data)
+                await writer.drain()
+                if direction == "up":
+                    self.stats.bytes_up += len(data)
+                else:
+                    self.stats.bytes_down += len(data)
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                if writer.can_write_eof():
+                    writer.write_eof()
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.close()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), like a middlebox dropping the connection."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError, RuntimeError, AttributeError):
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()

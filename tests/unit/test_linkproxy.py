@@ -1,0 +1,91 @@
+"""The link proxy used for partition tests: forwards, blackholes, resets, shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from edgewise.sim.linkproxy import LinkProxy
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+async def _roundtrip(port: int, payload: bytes, timeout: float = 2.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), timeout)
+    finally:
+        writer.close()
+
+
+async def test_forwards_both_ways_and_counts_bytes(echo_port: int) -> None:
+    async with LinkProxy("127.0.0.1", echo_port) as link:
+        assert await _roundtrip(link.port, b"x" * 100_000) == b"x" * 100_000
+        assert link.stats.bytes_up == 100_000
+        assert link.stats.bytes_down == 100_000
+        assert link.stats.connections == 1
+
+
+async def test_blackhole_holds_data_until_restored(echo_port: int) -> None:
+    async with LinkProxy("127.0.0.1", echo_port) as link:
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+        writer.write(b"before")
+        assert await asyncio.wait_for(reader.readexactly(6), 2) == b"before"
+        link.cut("blackhole")
+        writer.write(b"during")
+        await writer.drain()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.readexactly(6), 0.3)
+        # a new connection hangs too
+        with pytest.raises(asyncio.TimeoutError):
+            await _roundtrip(link.port, b"new", timeout=0.3)
+        link.restore()
+        assert await asyncio.wait_for(reader.readexactly(6), 2) == b"during"
+        writer.close()
+        assert await _roundtrip(link.port, b"after") == b"after"
+
+
+async def test_reset_closes_connections_and_refuses_new_ones(echo_port: int) -> None:
+    async with LinkProxy("127.0.0.1", echo_port) as link:
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+        writer.write(b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 2) == b"hi"
+        link.cut("reset")
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 2)
+        assert link.stats.resets == 1
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await _roundtrip(link.port, b"no")
+        link.restore()
+        assert await _roundtrip(link.port, b"yes") == b"yes"
+
+
+async def test_rate_limit_slows_a_transfer_to_the_link_capacity(echo_port: int) -> None:
+    # 60 kB each way at 100 kB/s per direction cannot take less than ~0.5 s (a lower bound:
+    # the shaper must wait; an upper bound would depend on the machine's load)
+    async with LinkProxy("127.0.0.1", echo_port, rate=100_000) as link:
+        t0 = time.monotonic()
+        assert await _roundtrip(link.port, b"y" * 60_000, timeout=10) == b"y" * 60_000
+        assert time.monotonic() - t0 >= 0.45
