@@ -29,6 +29,7 @@ nodes
 revocations
     add_revocation(serial=None, fingerprint=None, node_id=None, reason="")
     load_revocations() -> security.tls.RevocationList
+    list_revocations() -> ([serial], [fingerprint])
 operator tokens
     add_operator_token(token: OperatorToken, actor="system")        audited
     get_operator_token(hash) -> OperatorToken | None                None if unknown or revoked

@@ -438,13 +438,16 @@ class Store:
                     fingerprint=fingerprint.lower(), node_id=node_id, reason=reason, created=t
                 ).on_conflict_do_nothing())
 
-    async def load_revocations(self) -> RevocationList:
+    async def list_revocations(self) -> tuple[list[int], list[str]]:
+        """Every revoked serial and every revoked key fingerprint."""
         async with self._tx(write=False) as conn:
             rows = (await conn.execute(select(Revocation.serial, Revocation.fingerprint))).all()
-        return RevocationList(
-            serials=[int(r.serial, 16) for r in rows if r.serial],
-            fingerprints=[r.fingerprint for r in rows if r.fingerprint],
-        )
+        return ([int(r.serial, 16) for r in rows if r.serial],
+                [r.fingerprint for r in rows if r.fingerprint])
+
+    async def load_revocations(self) -> RevocationList:
+        serials, fingerprints = await self.list_revocations()
+        return RevocationList(serials=serials, fingerprints=fingerprints)
 
     # -- operator tokens ----------------------------------------------------------------------
     async def add_operator_token(self, token: OperatorToken, *, actor: str = "system",

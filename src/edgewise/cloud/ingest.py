@@ -1,0 +1,244 @@
+"""Exactly-once ingest: decide what a batch is, check its payload, group-commit, then ack.
+
+Three parts, pure decisions inside and I/O around them:
+
+* `StreamTracker` (pure): per (node, stream) the *contiguous* mark (every seq below it is stored
+  or declared lost) and the settled ranges above it (chunks or gaps that arrived out of order).
+  `classify` says whether a batch ``[seq, seq+count)`` is new, a duplicate (wholly below the
+  mark, or exactly a stored range: acknowledge, do not store), or inconsistent (overlaps settled
+  sequence numbers any other way, or was declared lost: refuse).
+* `check_payload`: every payload is decoded with `edgewise.sync.codec.decode` before it is
+  stored, with the decoded size bounded first (the zstd frame must declare its content size,
+  at most `MAX_DECODED_BYTES`), and its record count must be the one the batch claims.
+* `GroupCommitter`: one task per application. Sessions submit their writes; everything that
+  arrives within ``linger`` (2 ms) goes into one transaction (`Store.commit_ingest`), and only
+  then are the submitters' futures resolved, so a session acknowledges a batch only after its
+  durable commit. The primary key (node, stream, seq_first) is the last guard: a row already
+  stored is never stored again.
+
+A node has one live session at a time (the session registry closes the old one and waits for
+its commits before the new one loads its marks), so the trackers of a session are the truth
+for that node while it lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import zstandard
+
+from edgewise.cloud.metrics import Metrics
+from edgewise.cloud.store import ChunkWrite, GapWrite, IngestResult, MarkWrite, SeqRange, Store
+from edgewise.errors import PeerError
+from edgewise.sync import codec
+
+log = logging.getLogger(__name__)
+
+MAX_DECODED_BYTES = 64 * 1024 * 1024  # per payload, checked before decompressing
+MAX_ABOVE = 10_000  # out-of-order ranges kept per stream before batches are refused
+MAX_STREAM_CHARS = 128
+INLINE_DECODE_BYTES = 64 * 1024  # larger payloads are decoded in a worker thread
+
+NEW, DUPLICATE, CONFLICT = "new", "duplicate", "conflict"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # NEW | DUPLICATE | CONFLICT
+    reason: str = ""
+
+
+def check_stream_name(stream: Any) -> str:
+    if (not isinstance(stream, str) or not 1 <= len(stream) <= MAX_STREAM_CHARS
+            or not stream.isprintable()):
+        raise PeerError(f"stream name must be 1-{MAX_STREAM_CHARS} printable characters, "
+                        f"got {stream!r:.80}")
+    return stream
+
+
+@dataclass
+class StreamTracker:
+    """What is settled in one stream: ``[0, contiguous)`` plus ``above`` (sorted, disjoint)."""
+
+    contiguous: int = 0
+    above: list[SeqRange] = field(default_factory=list)
+
+    def classify(self, seq: int, count: int, *, gap: bool = False) -> Verdict:
+        end = seq + count
+        if end <= self.contiguous:
+            return Verdict(DUPLICATE)
+        if seq < self.contiguous:
+            return Verdict(CONFLICT, f"seq {seq}..{end - 1} straddles the contiguous mark "
+                                     f"{self.contiguous} (already settled below it)")
+        i = bisect.bisect_right(self.above, seq, key=lambda r: r.first)
+        for r in self.above[max(i - 1, 0):]:
+            if r.first >= end:
+                break
+            if r.end <= seq:
+                continue
+            if r.first == seq and r.count == count and r.gap == gap:
+                return Verdict(DUPLICATE)
+            what = "declared lost by a gap" if r.gap else "stored"
+            return Verdict(CONFLICT, f"seq {seq}..{end - 1} overlaps {r.first}..{r.end - 1}, "
+                                     f"already {what}")
+        if len(self.above) >= MAX_ABOVE and seq != self.contiguous:
+            return Verdict(CONFLICT, f"more than {MAX_ABOVE} ranges out of order above seq "
+                                     f"{self.contiguous}; send the missing chunks or a gap")
+        return Verdict(NEW)
+
+    def settle(self, seq: int, count: int, *, gap: bool = False) -> None:
+        """Record ``[seq, seq+count)`` as settled (call after `classify` said NEW)."""
+        if seq == self.contiguous:
+            self.contiguous += count
+        else:
+            bisect.insort(self.above, SeqRange(seq, count, gap), key=lambda r: r.first)
+        while self.above and self.above[0].first == self.contiguous:
+            self.contiguous = self.above.pop(0).end
+
+
+def check_payload(payload: bytes, records: int) -> None:
+    """Decode-check one chunk payload (bounded); raises `PeerError` with the reason."""
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise PeerError(f"payload is not a zstd frame: {exc}") from None
+    if size < 0:
+        raise PeerError("payload does not declare its decompressed size")
+    if size > MAX_DECODED_BYTES:
+        raise PeerError(f"payload decompresses to {size} bytes; the limit is {MAX_DECODED_BYTES}")
+    cols = codec.decode(payload)
+    n = len(next(iter(cols.values()))) if cols else 0
+    if n != records:
+        raise PeerError(f"payload holds {n} records, the batch says {records}")
+
+
+async def check_payload_async(payload: bytes, records: int) -> None:
+    if len(payload) > INLINE_DECODE_BYTES:
+        await asyncio.to_thread(check_payload, payload, records)
+    else:
+        check_payload(payload, records)
+
+
+@dataclass
+class _Item:
+    chunks: list[ChunkWrite]
+    gaps: list[GapWrite]
+    marks: list[MarkWrite]
+    future: asyncio.Future[IngestResult]
+    nbytes: int
+
+
+class GroupCommitter:
+    """One transaction for everything submitted within ``linger`` seconds (up to
+    ``max_items`` submissions or ``max_bytes`` of payload), then the futures resolve.
+
+    Use as ``async with GroupCommitter(store, metrics):``; `submit` from sessions.
+    """
+
+    def __init__(self, store: Store, metrics: Metrics, *, linger: float = 0.002,
+                 max_items: int = 512, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.linger = linger
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> GroupCommitter:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="edgewise-group-commit")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(PeerError("the control plane is shutting down"))
+
+    def submit(self, chunks: Iterable[ChunkWrite] = (), gaps: Iterable[GapWrite] = (),
+               marks: Iterable[MarkWrite] = ()) -> asyncio.Future[IngestResult]:
+        """Queue writes for the next group commit; the future resolves after it (or raises)."""
+        if self._queue is None or self._task is None or self._task.done():
+            raise PeerError("the control plane is not accepting data (shutting down)")
+        fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        item = _Item(list(chunks), list(gaps), list(marks), fut, 0)
+        item.nbytes = sum(len(c.payload) for c in item.chunks)
+        self._queue.put_nowait(item)
+        return fut
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await queue.get()]
+            nbytes = group[0].nbytes
+            deadline = loop.time() + self.linger
+            while len(group) < self.max_items and nbytes < self.max_bytes:
+                if queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                else:
+                    item = queue.get_nowait()
+                group.append(item)
+                nbytes += item.nbytes
+            await self._commit(group)
+
+    async def _commit(self, group: list[_Item]) -> None:
+        chunks = [c for it in group for c in it.chunks]
+        gaps = [g for it in group for g in it.gaps]
+        marks: dict[tuple[str, str], MarkWrite] = {}
+        for it in group:
+            for m in it.marks:
+                old = marks.get((m.node_id, m.stream))
+                if old is None or m.contiguous >= old.contiguous:
+                    marks[(m.node_id, m.stream)] = m
+        started = time.perf_counter()
+        try:
+            if chunks or gaps or marks:
+                result = await self.store.commit_ingest(chunks, gaps, list(marks.values()))
+            else:
+                result = IngestResult()
+        except asyncio.CancelledError:
+            for it in group:
+                if not it.future.done():
+                    it.future.set_exception(PeerError("the control plane is shutting down"))
+            raise
+        except Exception as exc:
+            log.error("group commit of %d batches failed: %s", len(group), exc)
+            for it in group:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        self.metrics.commits.observe(time.perf_counter() - started)
+        self.metrics.commit_size.observe(len(group))
+        for it in group:
+            if not it.future.done():
+                it.future.set_result(result)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
