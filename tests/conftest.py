@@ -70,6 +70,7 @@ def postgres() -> Iterator[str]:
     when PostgreSQL is not reachable.
     """
     import asyncio
+    import concurrent.futures
     import uuid
 
     import asyncpg
@@ -85,8 +86,12 @@ def postgres() -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    def run(sql: str) -> None:  # in a thread of its own: works inside a running event loop too
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, admin(sql)).result()
+
+    run(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+asyncpg://{user}@{host}:{port}/{name}"
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

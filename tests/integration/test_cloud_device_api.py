@@ -85,8 +85,18 @@ class Node:
 
 
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, maintenance_interval=0.2,
+def backend() -> str:
+    return "sqlite"  # tests parametrize this to run on PostgreSQL too
+
+
+@pytest.fixture
+def db(backend: str, request: pytest.FixtureRequest) -> str | None:
+    return request.getfixturevalue("postgres") if backend == "postgres" else None
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path, db: str | None) -> AsyncIterator[Cloud]:
+    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, db=db, maintenance_interval=0.2,
                          limits=SessionLimits(hello_timeout=2.0))
     async with Store(config.db_url) as store:
         boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
@@ -191,6 +201,7 @@ async def test_enrol_single_use_token(cloud: Cloud) -> None:
 # -- the session ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_session_round_trip_exactly_once(cloud: Cloud, tmp_path: Path) -> None:
     node = await cloud.enrol("n")
     chunks = outbox_chunks(tmp_path, [50, 30, 20])
@@ -237,6 +248,7 @@ async def test_session_round_trip_exactly_once(cloud: Cloud, tmp_path: Path) -> 
     assert float(wire_in[0].split()[-1]) > sum(len(c.payload) for c in chunks)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_out_of_order_overlaps_gaps_and_bad_payloads(cloud: Cloud, tmp_path: Path) -> None:
     node = await cloud.enrol("n")
     chunks = outbox_chunks(tmp_path, [10, 10, 10, 10])
