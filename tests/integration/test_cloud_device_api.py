@@ -279,10 +279,23 @@ async def test_out_of_order_overlaps_gaps_and_bad_payloads(cloud: Cloud, tmp_pat
         assert await link.recv() == {"t": "ack", "ids": [c0.id]}
         await link.send(batch(c3))
         assert await link.recv() == {"t": "ack", "ids": [c3.id]}
+        # a gap over a stored chunk and beyond (its ack was lost, then it was evicted): only
+        # what the cloud does not hold is recorded as lost, and the session goes on
+        await link.send({"t": "gap", "stream": "raw", "seq": 30, "count": 20,
+                         "reason": "outbox full"})
+        for _ in range(100):
+            [s] = await cloud.store.stream_stats(node.id)
+            if s.contiguous == 50:
+                break
+            await asyncio.sleep(0.02)
+        await link.send(batch(c3))
+        assert await link.recv() == {"t": "ack", "ids": [c3.id]}
         await link.ws.close()
     [s] = await cloud.store.stream_stats(node.id)
-    assert (s.contiguous, s.stored_records, s.gap_records) == (40, 30, 10)
+    assert (s.contiguous, s.stored_records, s.gap_records) == (50, 30, 20)
     assert [c.seq_first for c in await cloud.store.read_chunks(node.id, "raw")] == [10, 20, 30]
+    assert [(g.seq_first, g.seq_count) for g in await cloud.store.list_gaps(node.id)] == [
+        (0, 10), (40, 10)]
 
 
 @pytest.mark.parametrize(

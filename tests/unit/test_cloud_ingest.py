@@ -179,3 +179,23 @@ async def test_close_fails_what_is_still_queued(store: CountingStore) -> None:
     for fut in (first, queued):
         with pytest.raises(PeerError, match="shutting down"):
             fut.result()
+
+
+@pytest.mark.parametrize(
+    ("seq", "count", "parts"),
+    [
+        (0, 100, []),  # all below the mark
+        (90, 20, [(100, 10)]),  # clipped at the mark
+        (100, 50, [(100, 20), (130, 10)]),  # around the stored range, up to the old gap
+        (125, 30, [(130, 10), (150, 5)]),
+        (120, 10, []),  # exactly the stored chunk (its ack was lost, then it was evicted)
+        (155, 5, [(155, 5)]),
+    ],
+)
+def test_gap_declares_only_what_is_unsettled(seq: int, count: int,
+                                             parts: list[tuple[int, int]]) -> None:
+    t = tracker(100, (120, 10, False), (140, 10, True))
+    assert t.unsettled(seq, count) == parts
+    for first, n in parts:
+        t.settle(first, n, gap=True)
+    assert t.unsettled(seq, count) == []

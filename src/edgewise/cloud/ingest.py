@@ -6,7 +6,8 @@ Three parts, pure decisions inside and I/O around them:
   or declared lost) and the settled ranges above it (chunks or gaps that arrived out of order).
   `classify` says whether a batch ``[seq, seq+count)`` is new, a duplicate (wholly below the
   mark, or exactly a stored range: acknowledge, do not store), or inconsistent (overlaps settled
-  sequence numbers any other way, or was declared lost: refuse).
+  sequence numbers any other way, or was declared lost: refuse). A gap declares lost only the
+  parts of its range that are not settled yet (`unsettled`); it is never refused.
 * `check_payload`: every payload is decoded with `edgewise.sync.codec.decode` before it is
   stored, with the decoded size bounded first (the zstd frame must declare its content size,
   at most `MAX_DECODED_BYTES`), and its record count must be the one the batch claims.
@@ -93,6 +94,25 @@ class StreamTracker:
             return Verdict(CONFLICT, f"more than {MAX_ABOVE} ranges out of order above seq "
                                      f"{self.contiguous}; send the missing chunks or a gap")
         return Verdict(NEW)
+
+    def unsettled(self, seq: int, count: int) -> list[tuple[int, int]]:
+        """The parts of ``[seq, seq+count)`` not yet settled, as ``(first, count)``: what a
+        gap message newly declares lost (a node may report a range the cloud partly holds,
+        e.g. a chunk stored whose ack was lost before the node evicted it)."""
+        lo, end = max(seq, self.contiguous), seq + count
+        parts: list[tuple[int, int]] = []
+        i = bisect.bisect_right(self.above, lo, key=lambda r: r.first)
+        for r in self.above[max(i - 1, 0):]:
+            if r.first >= end:
+                break
+            if r.end <= lo:
+                continue
+            if r.first > lo:
+                parts.append((lo, r.first - lo))
+            lo = max(lo, r.end)
+        if lo < end:
+            parts.append((lo, end - lo))
+        return parts
 
     def settle(self, seq: int, count: int, *, gap: bool = False) -> None:
         """Record ``[seq, seq+count)`` as settled (call after `classify` said NEW)."""

@@ -6,8 +6,9 @@ Per session three coroutines share one `asyncio.TaskGroup`:
 
 * the reader takes one frame at a time: ``hello`` (first, within `SessionLimits.hello_timeout`),
   then ``batch`` → `ingest` (classify, decode-check, submit to the group commit), ``gap`` →
-  record the loss and move the mark, ``report`` → merge and store the reported state,
-  ``heartbeat`` → last seen. Anything malformed gets ``error`` and the session is closed.
+  record as lost what is not settled yet in its range and move the mark, ``report`` → merge
+  and store the reported state, ``heartbeat`` → last seen. Anything malformed gets ``error``
+  and the session is closed.
 * the acker waits for the group commits in order and sends one ``ack`` per commit with the
   chunk ids it made durable: a batch is acknowledged only after its commit.
 * the sender owns the socket's write side; its queue is bounded, and everything the cloud sends
@@ -87,7 +88,7 @@ class Session:
         self._send: asyncio.Queue[Any] = asyncio.Queue(self.limits.send_queue)
         self._acks: deque[_Pending | None] = deque()
         self._acks_ready = asyncio.Event()
-        self._trackers: dict[str, StreamTracker] = {}
+        self._trackers: dict[str, StreamTracker] = {}  # per stream: what is settled
         self._inflight = 0
         self._pending = 0
         self._room = asyncio.Event()
@@ -307,19 +308,18 @@ class Session:
             self.fail(f"malformed frame: gap: {exc}")
             return False
         tracker = self._tracker(stream)
-        verdict = tracker.classify(seq, count, gap=True)
-        if verdict.kind == CONFLICT:
-            self.fail(f"wrong sequence numbers: gap in {stream}: {verdict.reason}")
-            return False
-        if verdict.kind == DUPLICATE:
-            return True
-        tracker.settle(seq, count, gap=True)
+        parts = tracker.unsettled(seq, count)
+        if not parts:
+            return True  # all of it is settled already (stored, or reported lost before)
         now = datetime.now(UTC)
+        reason = msg["reason"][:500]
+        for first, n in parts:
+            tracker.settle(first, n, gap=True)
         fut = self.registry.committer.submit(
-            gaps=[GapWrite(self.node_id, stream, seq, count, msg["reason"][:500], now)],
+            gaps=[GapWrite(self.node_id, stream, first, n, reason, now) for first, n in parts],
             marks=[MarkWrite(self.node_id, stream, tracker.contiguous, now)],
         )
-        self.metrics.gap_records.inc(count)
+        self.metrics.gap_records.inc(sum(n for _, n in parts))
         await self._submit(_Pending(fut, [], 0, 0, False))
         return True
 
