@@ -522,3 +522,37 @@ async def test_healthz_and_openapi_need_no_certificate(cloud: Cloud) -> None:
                 "/v1/device/reauth/challenge", "/v1/device/desired",
                 "/v1/device/session"} <= set(spec["paths"])
     assert cloud.running.app[STORE] is cloud.store
+
+
+async def test_session_ends_when_its_certificate_expires(cloud: Cloud, tmp_path: Path) -> None:
+    node = await cloud.enrol("n")
+    short = cloud.ca.sign_node_csr(pki.make_csr(pki.load_key(node.key)), node.id,
+                                   timedelta(seconds=1.5))
+    (tmp_path / "short.pem").write_bytes(short.pem)
+    brief = Node(node.id, node.key, tmp_path / "short.pem")
+    async with cloud.client(brief) as http:
+        link = await session(cloud, http)
+        await link.hello()
+        assert (await cloud.store.get_node(node.id)).status == "online"
+        msg = await link.recv()  # the maintenance task (every 0.2 s here) closes it
+        assert msg == {"t": "error", "reason": "certificate expired: renew it and reconnect"}
+        await link.closed()
+    for _ in range(50):
+        if (await cloud.store.get_node(node.id)).status == "offline":
+            break
+        await asyncio.sleep(0.02)
+    assert (await cloud.store.get_node(node.id)).status == "offline"
+
+
+async def test_shutdown_tells_live_sessions(cloud: Cloud, tmp_path: Path) -> None:
+    node = await cloud.enrol("n")
+    [c0] = outbox_chunks(tmp_path, [5])
+    async with cloud.client(node) as http:
+        link = await session(cloud, http)
+        await link.hello()
+        await link.send(batch(c0))
+        assert await link.recv() == {"t": "ack", "ids": [c0.id]}
+        stop = asyncio.create_task(cloud.running.stop())
+        assert await link.recv() == {"t": "error", "reason": "the control plane is shutting down"}
+        await link.closed()
+        await stop

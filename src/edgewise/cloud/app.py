@@ -171,7 +171,13 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
             if own_store:
                 await store_.close()
 
+    async def end_sessions(app: web.Application) -> None:
+        # before aiohttp closes the connections: each session says why, and its submitted
+        # commits finish and are acknowledged while the socket is still open
+        await sessions.close_all()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_sessions)
     return app
 
 
