@@ -227,3 +227,46 @@ def test_bad_config_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as e:
         forwarders_from_config([{"type": "mqtt", "porrt": 1}])
     assert "porrt" in str(e.value)
+
+
+async def test_committed_chunks_are_forwarded_once_through_the_app(
+    mosquitto, prefix, subscriber, tmp_path
+) -> None:
+    """The control plane's app with data out: only chunks the store inserted leave."""
+    from datetime import UTC, datetime
+
+    from aiohttp import web
+
+    from edgewise.cloud.app import STORE, CloudConfig, create_app
+    from edgewise.cloud.bootstrap import bootstrap
+    from edgewise.cloud.forward import FORWARDERS, data_out_config, setup_data_out
+    from edgewise.cloud.store import ChunkWrite, Store
+    from edgewise.sync import codec
+
+    host, port = mosquitto
+    config = CloudConfig(data_dir=tmp_path / "cloud", port=0)
+    cfg = data_out_config({"retention": "7d", "forwarders": [
+        {"type": "mqtt", "host": host, "port": port, "topic": prefix + "/{node}/{stream}"}]})
+    async with Store(config.db_url) as store:
+        boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
+                               trust_domain="edgewise.local")
+        app = create_app(config, boot.ca, store=store)
+        setup_data_out(app, cfg)
+        runner = web.AppRunner(app)
+        await runner.setup()  # runs the startup contexts: forwarders and retention start
+        try:
+            now = datetime.now(UTC)
+            chunks = [ChunkWrite("n1", "alarms", s, 2, 2, False,
+                                 codec.encode({k: v[s:s + 2] for k, v in columns(4).items()}),
+                                 now) for s in (0, 2)]
+            result = await app[STORE].commit_ingest(chunks)
+            assert await app[FORWARDERS].forward_committed(chunks, result.chunks) == 2
+            again = await app[STORE].commit_ingest(chunks)  # a resent batch: a duplicate
+            assert await app[FORWARDERS].forward_committed(chunks, again.chunks) == 0
+            got = await subscriber.wait_for(4)
+        finally:
+            await runner.cleanup()
+    assert [orjson.loads(p)["seq"] for _t, p in got] == [0, 1, 2, 3]
+    assert [orjson.loads(p)["data"]["value"] for _t, p in got] == [20.0, 20.25, 20.5, 20.75]
+    stats = app[FORWARDERS].stats()[0]
+    assert (stats["forwarded_chunks"], stats["queued_chunks"], stats["connected"]) == (2, 0, False)

@@ -38,6 +38,12 @@ Configuration (`forwarders_from_config`), e.g. from ``edgewise cloud serve`` or 
 Retention: `prune(store, older_than)` deletes stored chunks received before a time;
 `run_retention(store, keep, every)` is the one periodic task for the whole store.
 
+Wiring into the control plane: ``setup_data_out(app, data_out_config(doc))`` sets
+``app[FORWARDERS]`` and adds a ``cleanup_ctx`` that starts and stops the forwarders and the
+retention task; after each durable group commit the ingest calls ``await
+app[FORWARDERS].forward_committed(chunks, result.chunks)``, which forwards only the chunks the
+store actually inserted (a duplicate batch is not forwarded twice).
+
 Lifecycle: ``async with forwarders_from_config(cfg) as fwd: ... await fwd.forward(...)``, or
 ``await fwd.start()`` / ``await fwd.stop()``. `stop` gives queued chunks ``flush_timeout``
 seconds to leave, then counts what is left as dropped and cancels the worker.
@@ -53,13 +59,14 @@ import random
 import string
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import orjson
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgewise.errors import ConfigError, EdgewiseError
@@ -394,6 +401,36 @@ class ForwarderSet:
     def stats(self) -> list[dict[str, Any]]:
         return [f.stats() for f in self.forwarders]
 
+    async def forward_committed(self, chunks: Sequence[Any], inserted: Any) -> int:
+        """Forward the chunks of one group commit that were actually stored.
+
+        ``chunks`` are the `store.ChunkWrite`s given to ``Store.commit_ingest`` and
+        ``inserted`` its result's ``chunks`` (keys ``(node, stream, seq_first)``), so a
+        duplicate the store skipped is not forwarded again. Each payload is decoded once for
+        every forwarder. Returns the number of chunks queued; a payload that does not decode
+        (the ingest checked it, so this is a bug) is logged and skipped.
+        """
+        if not self.forwarders:
+            return 0
+        from edgewise.sync import codec
+
+        queued = 0
+        for c in chunks:
+            if (c.node_id, c.stream, c.seq_first) not in inserted:
+                continue
+            try:
+                columns = codec.decode(c.payload)
+            except EdgewiseError as exc:
+                log.error("not forwarding %s/%s/%d: %s", c.node_id, c.stream, c.seq_first, exc)
+                continue
+            await self.forward(c.node_id, c.stream, c.seq_first, columns)
+            queued += 1
+        return queued
+
+
+FORWARDERS = web.AppKey("forwarders", ForwarderSet)
+"""The control plane's forwarders (`setup_data_out`); the ingest calls ``forward_committed``."""
+
 
 # -- configuration ----------------------------------------------------------------------------
 
@@ -564,12 +601,16 @@ async def prune(store: Any, older_than: datetime | timedelta, *, batch: int = 10
         await asyncio.sleep(0)  # let sessions and ingest in between batches
 
 
-async def run_retention(store: Any, keep: timedelta, every: float = 3600.0) -> None:
-    """Prune chunks older than ``keep`` now and then every ``every`` seconds, until cancelled.
+async def run_retention(store: Any, keep: timedelta, every: float = 3600.0, *,
+                        first_delay: float = 0.0) -> None:
+    """Prune chunks older than ``keep`` after ``first_delay`` s and then every ``every`` s,
+    until cancelled.
 
     The control plane runs one of these for the whole store. Errors are logged and retried at
     the next period, never raised (a failed prune must not stop the server).
     """
+    if first_delay > 0:
+        await asyncio.sleep(first_delay)
     while True:
         started = time.monotonic()
         try:
@@ -581,3 +622,43 @@ async def run_retention(store: Any, keep: timedelta, every: float = 3600.0) -> N
         except Exception:
             log.exception("retention: pruning failed; will retry in %.0f s", every)
         await asyncio.sleep(max(0.0, every - (time.monotonic() - started)))
+
+
+# -- wiring into the control plane ------------------------------------------------------------
+
+
+def setup_data_out(app: web.Application, config: DataOutConfig, *, store_key: Any = None,
+                   first_prune_after: float = 10.0) -> ForwarderSet:
+    """Give an aiohttp control-plane app its forwarders and its retention task.
+
+    Sets ``app[FORWARDERS]`` and appends a ``cleanup_ctx`` that starts the forwarders and (when
+    ``config.retention`` is set) one `run_retention` task for the whole store, and stops both
+    on cleanup. Call it after the app's own store lifecycle is in ``cleanup_ctx`` (contexts run
+    in order). The ingest then calls ``await app[FORWARDERS].forward_committed(chunks,
+    result.chunks)`` after each durable group commit.
+    """
+    from edgewise.cloud import app as appmod
+
+    forwarders = ForwarderSet([build_forwarder(c) for c in config.forwarders])
+    app[FORWARDERS] = forwarders
+    key = store_key if store_key is not None else appmod.STORE
+
+    async def data_out(app: web.Application) -> AsyncIterator[None]:
+        await forwarders.start()
+        task: asyncio.Task[None] | None = None
+        if config.retention:
+            task = asyncio.create_task(
+                run_retention(app[key], timedelta(seconds=config.retention),
+                              config.prune_every, first_delay=first_prune_after),
+                name="edgewise-retention")
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await forwarders.stop()
+
+    app.cleanup_ctx.append(data_out)
+    return forwarders
