@@ -89,8 +89,21 @@ class Cloud:
 
 
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, maintenance_interval=0.5)
+def backend() -> str:
+    return "sqlite"  # the tests marked with BOTH run on PostgreSQL too
+
+
+@pytest.fixture
+def db(backend: str, request: pytest.FixtureRequest) -> str | None:
+    return request.getfixturevalue("postgres") if backend == "postgres" else None
+
+
+BOTH = pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path, db: str | None) -> AsyncIterator[Cloud]:
+    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, db=db, maintenance_interval=0.5)
     async with Store(config.db_url) as store:
         boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
                                trust_domain="edgewise.local")
@@ -271,6 +284,7 @@ async def test_every_mutating_call_is_audited(cloud: Cloud) -> None:
 # -- nodes and selectors ----------------------------------------------------------------------
 
 
+@BOTH
 async def test_selectors(cloud: Cloud) -> None:
     await cloud.node({"site": "plant1", "line": "1"}, "a1")
     await cloud.node({"site": "plant1", "line": "2"}, "a2")
@@ -323,6 +337,7 @@ async def test_selectors(cloud: Cloud) -> None:
 # -- config -----------------------------------------------------------------------------------
 
 
+@BOTH
 async def test_config_set_by_selector_and_node(cloud: Cloud, monkeypatch: pytest.MonkeyPatch
                                                ) -> None:
     for nid, labels in (("a1", {"site": "p1"}), ("a2", {"site": "p1"}), ("b1", {"site": "p2"})):
@@ -411,6 +426,7 @@ def cols(first: int, n: int) -> dict[str, np.ndarray]:
             "ts": np.round(T0 + seq * 0.5, 2), "value": np.round(seq * 1.25, 2)}
 
 
+@BOTH
 async def test_data_stats_and_query_are_exact(cloud: Cloud) -> None:
     await cloud.node({}, "n1")
     await cloud.node({}, "n2")

@@ -23,7 +23,9 @@ from edgewise.errors import TransportError
 
 log = logging.getLogger(__name__)
 
-MAX_INFLIGHT = 100  # QoS 1 messages paho keeps unacknowledged on the wire
+# QoS 1 messages paho keeps unacknowledged on the wire; per-record forwarding measured 3.5k,
+# 4.2k and 5.7k records/s with 20, 100 and 1000 (docs/operations.md)
+MAX_INFLIGHT = 1000
 
 
 def topic_part(value: str) -> str:

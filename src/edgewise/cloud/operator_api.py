@@ -32,6 +32,7 @@ operator tokens, each desired version). A mutating call refused with 403 is audi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ from edgewise.sync.twin_state import DesiredState
 
 MAX_BODY = 8 * 1024 * 1024  # bytes of one request (pipelines are YAML text)
 SINCE_MARGIN = timedelta(hours=1)  # clock skew allowed between a record's ts and its arrival
-CHUNKS_PER_READ = 64
+CHUNKS_PER_READ = 64  # at most, per store read; the first reads take fewer
+CONFIG_CONCURRENCY = 8  # nodes written at once on PostgreSQL (SQLite has one writer: 1)
 SETPOINT_CLOCK_NODE = "cloud"
 
 CLOCK = web.AppKey("operator_clock", Clock)
@@ -405,34 +407,44 @@ async def set_config(call: Call) -> oa.ConfigSetResponse:
     expires = call.now + timedelta(seconds=body.expires_in_s) if body.expires_in_s else None
     writes = _setpoint_writes(call, body.setpoints) if body.setpoints else None
     sessions = call.app[appmod.SESSIONS]
-    done: list[oa.NodeVersion] = []
-    for node in nodes:
-        prev = await call.store.get_desired_state(node.id)
-        pipelines = dict(prev.pipelines) if prev is not None else {}
-        config = dict(prev.config) if prev is not None else {}
-        if body.pipelines is not None:
-            pipelines = dict(body.pipelines)
-        for key, value in (body.config or {}).items():
-            if value is None:
-                config.pop(key, None)
-            else:
-                config[key] = value
-        if writes is not None:
+    gate = asyncio.Semaphore(CONFIG_CONCURRENCY if call.store.dialect == "postgresql" else 1)
+
+    async def one(node: NodeInfo) -> oa.NodeVersion:
+        async with gate:
+            prev = await call.store.get_desired_state(node.id)
+            pipelines = dict(prev.pipelines) if prev is not None else {}
+            config = dict(prev.config) if prev is not None else {}
+            if body.pipelines is not None:
+                pipelines = dict(body.pipelines)
+            for key, value in (body.config or {}).items():
+                if value is None:
+                    config.pop(key, None)
+                else:
+                    config[key] = value
+            if writes is not None:
+                try:
+                    current = LwwMap.from_wire(config.get("setpoints", {}))
+                except PeerError:
+                    current = LwwMap()
+                merged, _lost = current.merge(writes)
+                config["setpoints"] = merged.to_wire()
+                await call.store.merge_setpoints(node.id, writes, actor=call.actor,
+                                                 now=call.now)
             try:
-                current = LwwMap.from_wire(config.get("setpoints", {}))
-            except PeerError:
-                current = LwwMap()
-            merged, _lost = current.merge(writes)
-            config["setpoints"] = merged.to_wire()
-            await call.store.merge_setpoints(node.id, writes, actor=call.actor, now=call.now)
-        try:
-            state = await call.store.put_desired_state(
-                node.id, pipelines=pipelines, config=config, labels=node.labels,
-                expires_at=expires, actor=call.actor, now=call.now)
-        except KeyError:
-            raise NotFound(f"no node {node.id!r}") from None
-        notified = await sessions.notify_desired(node.id, state.version)
-        done.append(oa.NodeVersion(node=node.id, version=state.version, notified=notified))
+                state = await call.store.put_desired_state(
+                    node.id, pipelines=pipelines, config=config, labels=node.labels,
+                    expires_at=expires, actor=call.actor, now=call.now)
+            except KeyError:
+                raise NotFound(f"no node {node.id!r}") from None
+            notified = await sessions.notify_desired(node.id, state.version)
+            return oa.NodeVersion(node=node.id, version=state.version, notified=notified)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(n)) for n in nodes]
+    except BaseExceptionGroup as group:  # the first error says what went wrong
+        raise group.exceptions[0] from None
+    done = [t.result() for t in tasks]
     target = f"node:{body.node}" if body.node is not None else f"selector:{body.selector}"
     await call.store.audit(call.actor, "config.set", target, {
         "nodes": len(done),
@@ -538,16 +550,18 @@ async def data_query(call: Call) -> oa.DataQueryResponse:
     want = q.limit + 1
     records: list[oa.Record] = []
     cursor = await _chunk_start(call.store, node.id, q.stream, q.from_seq)
+    batch = 2  # chunks per read: grows, so a small page reads few payloads
     while len(records) < want:
         chunks = await call.store.read_chunks(node.id, q.stream, from_seq=cursor,
-                                              since=received_since, limit=CHUNKS_PER_READ)
+                                              since=received_since, limit=batch)
         for chunk in chunks:
             records.extend(_records_of(node.id, q, chunk, want - len(records)))
             if len(records) >= want:
                 break
-        if len(chunks) < CHUNKS_PER_READ:
+        if len(chunks) < batch:
             break
         cursor = chunks[-1].seq_first + 1
+        batch = min(batch * 2, CHUNKS_PER_READ)
     next_seq = None
     if len(records) > q.limit:
         next_seq = records[q.limit].seq
