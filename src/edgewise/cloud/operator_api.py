@@ -7,7 +7,7 @@ Entry points (the app factory calls the first):
 
 It uses the app's shared state (`edgewise.cloud.app`): ``app[STORE]``, ``app[SESSIONS]``
 (``notify_desired`` after storing a desired version), `app.revoke_node` (store, revocation list
-and live session in one call), ``app[METRICS]`` and ``app[OPENAPI]`` (it adds the OpenAPI path
+and live session in one call) and ``app[OPENAPI]`` (it adds the OpenAPI path
 items of every route in `openapi.ALL_ROUTES`, the device endpoints' richer descriptions included).
 
 Routes are registered from `openapi.OPERATOR_ROUTES`; each names its handler here, takes the
@@ -192,10 +192,6 @@ def _endpoint(route: oa.Route, handler: Handler) -> Callable[[web.Request], Awai
             result = await handler(call)
         except PeerError as exc:
             status = int(getattr(exc, "status", 400))
-            if status in (401, 403):
-                metrics = app.get(appmod.METRICS)
-                if metrics is not None:
-                    metrics.auth_failures.labels(str(status)).inc()
             if isinstance(exc, Forbidden) and token is not None and route.mutating:
                 await _audit_denied(app, token, route, request, str(exc), now)
             if status == 401:
