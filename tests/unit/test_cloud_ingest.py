@@ -199,3 +199,29 @@ def test_gap_declares_only_what_is_unsettled(seq: int, count: int,
     for first, n in parts:
         t.settle(first, n, gap=True)
     assert t.unsettled(seq, count) == []
+
+
+async def test_after_commit_gets_the_chunks_and_what_was_inserted(store: CountingStore) -> None:
+    seen: list[tuple[list[int], set[tuple[str, str, int]]]] = []
+
+    async def after(chunks, inserted):  # type: ignore[no-untyped-def]
+        seen.append(([c.seq_first for c in chunks], set(inserted)))
+
+    async with GroupCommitter(store, Metrics(), linger=0.001) as gc:
+        gc.after_commit = after
+        await gc.submit([cw(0), cw(1)])
+        await gc.submit([cw(1)])  # a duplicate: committed again, inserts nothing
+    assert seen == [([0, 1], {("n1", "raw", 0), ("n1", "raw", 1)}), ([1], set())]
+
+
+def test_cloud_config_with_data_out_wires_forwarders_to_the_committer(tmp_path: Path) -> None:
+    from edgewise.cloud.app import COMMITTER, CloudConfig, create_app
+    from edgewise.cloud.forward import FORWARDERS, data_out_config
+    from edgewise.security.pki import CertificateAuthority
+
+    cfg = data_out_config({"forwarders": [
+        {"type": "mqtt", "host": "127.0.0.1", "port": 1883, "topic": "t/{node}/{stream}"}]})
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    app = create_app(CloudConfig(data_dir=tmp_path, data_out=cfg), ca)
+    assert app[COMMITTER].after_commit == app[FORWARDERS].forward_committed
+    assert create_app(CloudConfig(data_dir=tmp_path), ca)[COMMITTER].after_commit is None

@@ -69,6 +69,7 @@ class CloudConfig:
     commit_linger: float = 0.002  # s the group commit waits for more batches
     maintenance_interval: float = 10.0  # s between last-seen flushes / revocation checks
     limits: SessionLimits = field(default_factory=SessionLimits)
+    data_out: Any = None  # forward.DataOutConfig: forwarders (MQTT, NATS) and retention
 
     @property
     def pki_dir(self) -> Path:
@@ -178,6 +179,11 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_sessions)
+    if config.data_out is not None:
+        from edgewise.cloud.forward import setup_data_out
+
+        forwarders = setup_data_out(app, config.data_out)
+        committer.after_commit = forwarders.forward_committed
     return app
 
 

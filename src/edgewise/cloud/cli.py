@@ -77,16 +77,24 @@ def cloud() -> None:
 @click.option("--trust-domain", default="edgewise.local", show_default=True)
 @click.option("--name", "names", multiple=True,
               help="Extra DNS name or IP for the server certificate (repeatable).")
+@click.option("--data-out", "data_out", type=click.Path(dir_okay=False), default=None,
+              help="YAML file with forwarders (MQTT, NATS JetStream) and retention; see "
+              "docs/operations.md.")
 def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: str,
-          names: tuple[str, ...]) -> None:
+          names: tuple[str, ...], data_out: str | None) -> None:
     """Run the control plane (device API, sessions, ingest) until Ctrl-C."""
     from edgewise.cloud.app import CloudConfig
 
     try:
         if not 0 <= port <= 65535:
             raise ConfigError(f"--port {port} is not a TCP port")
+        out = None
+        if data_out is not None:
+            from edgewise.cloud.forward import load_data_out
+
+            out = load_data_out(data_out)
         config = CloudConfig(data_dir=data_dir, host=host, port=port, db=db,
-                             trust_domain=trust_domain, server_names=names)
+                             trust_domain=trust_domain, server_names=names, data_out=out)
         config.db_url  # noqa: B018 - validates --db early
         asyncio.run(_serve(config))
     except EdgewiseError as exc:

@@ -29,7 +29,7 @@ import bisect
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -170,6 +170,8 @@ class GroupCommitter:
         self.linger = linger
         self.max_items = max_items
         self.max_bytes = max_bytes
+        # called after each durable group commit with (chunks, result): data out
+        self.after_commit: Callable[[list[Any], Any], Awaitable[Any]] | None = None
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -258,6 +260,13 @@ class GroupCommitter:
         for it in group:
             if not it.future.done():
                 it.future.set_result(result)
+        if self.after_commit is not None and chunks:
+            try:  # forwarding is best effort after the acks; it never fails the ingest
+                await self.after_commit(chunks, result.chunks)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("data out after a group commit failed")
 
 
 def utcnow() -> datetime:
