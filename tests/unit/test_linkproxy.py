@@ -89,3 +89,23 @@ async def test_rate_limit_slows_a_transfer_to_the_link_capacity(echo_port: int) 
         t0 = time.monotonic()
         assert await _roundtrip(link.port, b"y" * 60_000, timeout=10) == b"y" * 60_000
         assert time.monotonic() - t0 >= 0.45
+
+
+async def test_closing_with_open_connections_logs_no_error(
+    echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving the proxy while connections are open (one forwarding, one held by a blackhole)
+    ends its handlers without asyncio logging 'Exception in callback' for them."""
+    async with LinkProxy("127.0.0.1", echo_port) as link:
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 2) == b"ping"
+        link.cut("blackhole")
+        _r2, w2 = await asyncio.open_connection("127.0.0.1", link.port)
+        await asyncio.sleep(0.05)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    writer.close()
+    w2.close()
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
+    assert errors == [], [r.getMessage() for r in errors]

@@ -106,9 +106,14 @@ class LinkProxy:
         if self._mode == "reset":
             _abort(writer)
             return
-        task = asyncio.current_task()
-        assert task is not None
+        # The connection runs in a task this proxy owns: cancelling asyncio's own handler task
+        # makes asyncio log "Exception in callback" (its done-callback calls task.exception()).
+        task = asyncio.create_task(self._serve(reader, writer))
         self._tasks.add(task)
+        await asyncio.wait({task})
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter | None] = (writer, None)
         self._conns.add(pair)
         try:
@@ -132,7 +137,8 @@ class LinkProxy:
                     _abort(w)
                 else:
                     _close(w)
-            self._tasks.discard(task)
+            if task is not None:
+                self._tasks.discard(task)
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str
