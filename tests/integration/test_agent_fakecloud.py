@@ -266,6 +266,8 @@ class FakeCloud:
         self.sessions[node_id] = ws
         try:
             first = await ws.receive(timeout=5)
+            if first.type != aiohttp.WSMsgType.BINARY:
+                return ws
             hello = P.decode(first.data)
             assert hello["t"] == P.HELLO
             self.hellos.append(hello)

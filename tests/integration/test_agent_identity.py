@@ -145,7 +145,8 @@ async def test_revoked_live_stops_the_agent_and_the_upgrade_is_refused(tmp_path:
 
         # restarted, it is refused at the session upgrade (403) and stops again
         again = make_agent(data, cloud)
-        with pytest.raises(Revoked, match="has been revoked by the control plane"):
+        with pytest.raises(Revoked, match=r"revoked by the control plane \(the session "
+                           r"upgrade was refused with 403\)"):
             await asyncio.wait_for(again.run(), 10)
         assert cloud.counts["refused_403"] == 1
 
@@ -204,3 +205,21 @@ async def test_cli_without_token_on_a_fresh_node_is_a_config_error(tmp_path: Pat
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert "is not enrolled yet: pass --token" in " ".join(err.decode().split())
+
+
+async def test_a_refused_enrolment_token_stops_the_agent_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    from edgewise.edge.identity import EnrolmentRefused
+
+    async with FakeCloud(tmp_path) as cloud:
+        used = cloud.token()
+        cloud.tokens[used] = 0  # already used
+        agent = make_agent(tmp_path / "node", cloud, token=used)
+        with pytest.raises(EnrolmentRefused) as err:
+            await asyncio.wait_for(agent.run(), 10)
+    assert str(err.value) == (
+        "the control plane refused the enrolment token (401: enrolment token unknown, expired "
+        "or used up); ask an operator for a new one (`edgewise cloud token create`)")
+    assert used not in str(err.value)
+    assert not (tmp_path / "node" / "identity" / "node.pem").exists()

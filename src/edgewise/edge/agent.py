@@ -48,7 +48,7 @@ from edgewise.edge.identity import NodeIdentity
 from edgewise.edge.outbox import Outbox
 from edgewise.edge.status import ENGINE_DIR, OutboxView, outbox_path, write_status
 from edgewise.edge.twin import Twin
-from edgewise.edge.uplink import Backoff, OutboxAccess, Uplink, UplinkConfig
+from edgewise.edge.uplink import Backoff, OutboxAccess, Uplink, UplinkConfig, first_error
 from edgewise.errors import EdgewiseError, StorageError
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.spec import PipelineSpec
@@ -86,7 +86,7 @@ class EngineSupervisor:
         self._spec: PipelineSpec | None = None
         self._changed: asyncio.Event | None = None
         self._stopping = False
-        self._started: asyncio.Future[str | None] | None = None
+        self._waiter: asyncio.Future[str | None] | None = None
 
     def status(self) -> dict[str, Any]:
         eng = self.engine
@@ -111,51 +111,58 @@ class EngineSupervisor:
                 "late": c.late, "dead_lettered": c.dead_lettered}
 
     async def apply(self, spec: PipelineSpec | None) -> str | None:
-        """Switch to ``spec`` (None: no pipeline); returns the engine's start error, if any."""
+        """Switch to ``spec`` (None: no pipeline); returns once it runs, or the error that
+        kept it from starting."""
         assert self._changed is not None
-        loop = asyncio.get_running_loop()
-        started = self._started = loop.create_future()
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)  # superseded before it started
+        self._waiter = waiter
         self._spec = spec
         self._changed.set()
-        return await started
+        return await waiter
 
     def stop(self) -> None:
         self._stopping = True
         if self._changed is not None:
             self._changed.set()
 
-    def _report_started(self, error: str | None) -> None:
-        if self._started is not None and not self._started.done():
-            self._started.set_result(error)
+    @staticmethod
+    def _resolve(waiter: asyncio.Future[str | None] | None, error: str | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(error)
 
     async def run(self, spec: PipelineSpec | None) -> None:
         self._spec = spec
         self._changed = asyncio.Event()
         self.dir.mkdir(parents=True, exist_ok=True)
         failures = 0
-        while not self._stopping:
-            self._changed.clear()
-            spec = self._spec
-            if spec is None:
-                self.state = "idle"
-                self._report_started(None)
-                await self._idle()
-                continue
-            outcome = await self._run_engine(spec)
-            if outcome == "changed" or self._stopping:
-                failures = 0
-                continue
-            if outcome == "finished":
-                self.state = "finished"
-                await self._idle()
-                continue
-            failures += 1
-            delay = self.restart.delay(failures)
-            self.state = "restarting"
-            log.error("pipeline %s failed: %s; restarting in %.1f s", spec.name, self.error,
-                      delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), delay)
+        try:
+            while not self._stopping:
+                self._changed.clear()
+                spec, waiter, self._waiter = self._spec, self._waiter, None
+                if spec is None:
+                    self.state = "idle"
+                    self._resolve(waiter, None)
+                    await self._idle()
+                    continue
+                outcome = await self._run_engine(spec, waiter)
+                if outcome == "changed" or self._stopping:
+                    failures = 0
+                    continue
+                if outcome == "finished":
+                    self.state = "finished"
+                    await self._idle()
+                    continue
+                failures += 1
+                delay = self.restart.delay(failures)
+                self.state = "restarting"
+                log.error("pipeline %s failed: %s; restarting in %.1f s", spec.name, self.error,
+                          delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), delay)
+        finally:
+            self._resolve(self._waiter, "the agent is stopping")
         self.state = "stopped"
 
     async def _idle(self) -> None:
@@ -168,14 +175,17 @@ class EngineSupervisor:
             finally:
                 await self.access.withdraw()
 
-    async def _run_engine(self, spec: PipelineSpec) -> str:
-        """Run one engine until it ends or the spec changes: 'changed', 'finished', 'failed'."""
+    async def _run_engine(
+        self, spec: PipelineSpec, waiter: asyncio.Future[str | None] | None
+    ) -> str:
+        """Run one engine until it ends or the spec changes: 'changed', 'finished', 'failed'.
+        ``waiter`` learns when it runs (None) or why it could not start."""
         assert self._changed is not None
         try:
             engine = Engine(spec, self.dir)
         except EdgewiseError as exc:
             self.error = str(exc)
-            self._report_started(self.error)
+            self._resolve(waiter, self.error)
             return "failed"
         self.engine = engine
         self.starts += 1
@@ -188,7 +198,7 @@ class EngineSupervisor:
             if engine.running:
                 await self.access.publish(engine.outbox)
                 self.state, self.error = "running", None
-                self._report_started(None)
+                self._resolve(waiter, None)
                 log.info("pipeline %s running", spec.name)
             await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
             await self.access.withdraw()
@@ -198,16 +208,14 @@ class EngineSupervisor:
                 await task
             except EdgewiseError as exc:
                 self.error = str(exc)
-                self._report_started(self.error)
                 return "failed"
             except Exception as exc:  # a bug in a component must not kill the agent
                 log.exception("pipeline %s crashed", spec.name)
                 self.error = f"{type(exc).__name__}: {exc}"
-                self._report_started(self.error)
                 return "failed"
-            self._report_started(None)
             return "changed" if changed.done() else "finished"
         finally:
+            self._resolve(waiter, self.error)  # ended before it ever ran
             changed.cancel()
             if not task.done():  # cancelled from outside: stop gracefully, then re-raise
                 engine.stop()
@@ -337,6 +345,8 @@ class Agent:
                     t.cancel()
                 self.supervisor.stop()
                 await engine_task
+        except BaseExceptionGroup as group:  # the supervisor failed (its outbox, say)
+            self.error = self.error or first_error(group)
         finally:
             self.view.close()
             self.state = "failed" if self.error is not None else "stopped"

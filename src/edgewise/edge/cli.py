@@ -168,8 +168,9 @@ def status_tables(st: dict[str, Any]) -> list[Table]:
         head.add_row("certificate", "none (not enrolled)")
     twin = st.get("twin") or {}
     if twin:
-        head.add_row("desired state", f"v{twin.get('applied_version', 0)}: "
-                                      f"{escape(str(twin.get('status', '')))}")
+        version = twin.get("applied_version") or 0
+        head.add_row("desired state", (f"v{version}: " if version else "")
+                     + escape(str(twin.get("status", ""))))
     eng = st.get("engine") or {}
     if eng:
         extra = f", {eng['readings_in']:,} readings, {eng['alarms']:,} alarms" \

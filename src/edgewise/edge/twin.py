@@ -157,7 +157,7 @@ class Twin:
             self.status_text = "running" if spec else "idle: no pipeline assigned"
             return spec
         if pipeline_file is not None:
-            self.status_text = "running"
+            self.status_text = f"no desired state yet: running --pipeline {pipeline_file}"
             return load_pipeline(pipeline_file)
         self.status_text = "idle: no pipeline assigned"
         return None

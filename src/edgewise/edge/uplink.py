@@ -492,6 +492,7 @@ class UplinkConfig:
     connect_timeout_s: float = 10.0
     welcome_timeout_s: float = 10.0
     poll_s: float = 0.01  # how often the feeder looks for new chunks when idle
+    close_grace_s: float = 2.0  # after a failed send, time for the receiver to read a last word
     tick_s: float = 0.25
 
 
@@ -501,10 +502,11 @@ def _short(exc: BaseException) -> str:
     return describe_network_error(exc)
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real (not cancellation) exception of a task group, however nested."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
+            return first_error(exc)
         if not isinstance(exc, asyncio.CancelledError):
             return exc
     return group.exceptions[0]
@@ -748,7 +750,7 @@ class Uplink:
                 )
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == 403:
-                    raise Revoked(exc.message or "403 at the session upgrade") from None
+                    raise Revoked("the session upgrade was refused with 403") from None
                 raise LinkDown(f"session upgrade refused: {exc.status} {exc.message}") from None
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise ConfigError(
@@ -806,7 +808,7 @@ class Uplink:
                 tg.create_task(self._feeder(window, lanes))
                 tg.create_task(self._ticker())
         except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+            raise first_error(group) from None
 
     async def _gap_snapshot(self) -> OutboxSnapshot:
         return await asyncio.to_thread(self.view.snapshot, True)
@@ -878,7 +880,13 @@ class Uplink:
     async def _sender(self, ws: aiohttp.ClientWebSocketResponse, lanes: Lanes) -> None:
         while True:
             frame, _control = await lanes.get()
-            await ws.send_bytes(frame)
+            try:
+                await ws.send_bytes(frame)
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                # the cloud may be closing with a last word (revoked, error) still unread:
+                # give the receiver a moment to read it before the session ends
+                await asyncio.sleep(self.config.close_grace_s)
+                raise LinkDown(f"cannot send: {describe_network_error(exc)}") from None
             self.ws_sent += len(frame)
             self.frames_sent += 1
 
