@@ -94,8 +94,8 @@ def _committed_offset(db: Path) -> int:
         return 0
     if row is None:
         return 0
-    pos = ckpt.unpack(row[0])["positions"].get("readings")
-    return int(pos["offset"]) if pos else 0
+    entry = ckpt.unpack(row[0])["positions"].get("readings")
+    return int(entry["position"]["offset"]) if entry else 0
 
 
 def _run_with_kills(

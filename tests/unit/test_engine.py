@@ -104,7 +104,8 @@ def durable(db: Path) -> tuple[int, Any]:
         row = con.execute("SELECT value FROM checkpoint WHERE key=?", (CHECKPOINT_KEY,)).fetchone()
     finally:
         con.close()
-    pos = ckpt.unpack(row[0])["positions"].get("src") if row else None
+    entry = ckpt.unpack(row[0])["positions"].get("src") if row else None
+    pos = entry["position"] if entry else None
     return dead, pos
 
 
@@ -190,7 +191,7 @@ async def test_stop_keeps_window_state_and_restart_counts_exactly_once(tmp_path:
     assert s1["stages"]["windows"]["out"] == 6  # seconds 0 and 1 closed, second 2 still open
     with Outbox(tmp_path / "data/outbox.db") as ob:
         state = ckpt.unpack(ob.load_checkpoint()[CHECKPOINT_KEY])
-    assert state["positions"] == {"src": {"i": 7}}
+    assert state["positions"]["src"]["position"] == {"i": 7}
     held = state["operators"]["windows"]["state"]["windows"]
     assert sorted((w, k, count) for w, k, count, _ in held) == [
         (1002, 0, 4), (1002, 1, 3), (1002, 2, 3)
@@ -333,3 +334,18 @@ async def test_failed_commit_stops_the_run_and_a_restart_loses_nothing(
     keys = list(zip(agg["sensor"], agg["window_start"], strict=True))
     assert len(keys) == len(set(keys)) == 60
     assert agg["count"] == [10] * 60
+
+
+async def test_a_changed_source_starts_afresh_instead_of_reusing_an_old_position(
+    tmp_path: Path,
+) -> None:
+    write_ndjson(tmp_path / "in.ndjson", readings(10))  # 30 readings
+    first = await engine_for(tmp_path).run()
+    assert first["readings_in"] == 30
+    again = await engine_for(tmp_path).run()  # same source: continues at the end of the file
+    assert again["readings_in"] == 0
+    other = tmp_path / "other.ndjson"
+    write_ndjson(other, readings(5))  # 15 readings
+    spec_text = WINDOW_PIPELINE.format(batch=8192, lateness="0s").replace("in.ndjson", str(other))
+    changed = Engine(make_spec(spec_text, tmp_path), tmp_path / "data")
+    assert (await changed.run())["readings_in"] == 15  # not resumed at the old file's offset

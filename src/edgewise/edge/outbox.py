@@ -371,21 +371,31 @@ class Outbox:
     # -- reading (uplink) ---------------------------------------------------------------------
     def peek(self, max_bytes: int = 1024 * 1024, exclude: set[int] | None = None) -> list[Chunk]:
         """Chunks to send next: highest priority first, oldest first within a priority."""
-        out: list[Chunk] = []
+        picked: list[int] = []
         total = 0
         with self._lock:
+            # sizes first, payloads only of the chunks that fit the budget
+            for cid, nbytes in self.db.execute(
+                "SELECT id, nbytes FROM chunks ORDER BY priority DESC, id LIMIT 10000"
+            ):
+                if exclude and cid in exclude:
+                    continue
+                if picked and total + nbytes > max_bytes:
+                    break
+                picked.append(cid)
+                total += nbytes
+            if not picked:
+                return []
             rows = self.db.execute(
                 "SELECT id, stream, priority, seq_first, seq_count, records, compacted, payload "
-                "FROM chunks ORDER BY priority DESC, id LIMIT 1000"
+                f"FROM chunks WHERE id IN ({','.join('?' * len(picked))})",
+                picked,
             ).fetchall()
-        for row in rows:
-            if exclude and row[0] in exclude:
-                continue
-            if out and total + len(row[7]) > max_bytes:
-                break
-            out.append(Chunk(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7]))
-            total += len(row[7])
-        return out
+        by_id = {r[0]: r for r in rows}
+        return [
+            Chunk(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
+            for r in (by_id[c] for c in picked if c in by_id)
+        ]
 
     def ack(self, chunk_ids: list[int]) -> int:
         """Delete chunks the cloud has durably stored; returns the records acknowledged."""

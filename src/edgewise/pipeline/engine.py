@@ -86,6 +86,9 @@ class Engine:
             c.id: c.cls(c.id, c.config, self.ctx) for c in topological_stages(spec)
         }
         self._stage_digest = {c.id: ckpt.config_digest(c.config) for c in spec.stages}
+        self._source_digest = {
+            c.id: ckpt.config_digest(c.config) + c.entry.type for c in spec.sources
+        }
         self.sinks: dict[str, Sink] = {c.id: c.cls(c.id, c.config, self.ctx) for c in spec.sinks}
         self._routes: dict[tuple[str, str], list[tuple[str, str]]] = {}
         for kind, comps in (("stage", spec.stages), ("sink", spec.sinks)):
@@ -112,6 +115,7 @@ class Engine:
         self.error: BaseException | None = None
         self.finished_sources: set[str] = set()
         self.running = False
+        self.started = asyncio.Event()  # set once sinks are open and sources run
 
     def _alarm_path(self, target: tuple[str, str]) -> bool:
         kind, tid = target
@@ -157,6 +161,7 @@ class Engine:
                     for sink in self.sinks.values():
                         await stack.enter_async_context(sink)
                     self.running = True
+                    self.started.set()
                     try:
                         await self._run_tasks(on_status)
                     except BaseExceptionGroup as group:
@@ -337,7 +342,10 @@ class Engine:
                 sid: {"digest": self._stage_digest[sid], "state": op.snapshot()}
                 for sid, op in self.stages.items()
             },
-            "positions": positions,
+            "positions": {
+                sid: {"digest": self._source_digest.get(sid), "position": pos}
+                for sid, pos in positions.items()
+            },
         }
         return {CHECKPOINT_KEY: ckpt.pack(state)}
 
@@ -355,12 +363,17 @@ class Engine:
                 continue
             op.restore(entry.get("state"))
         assert self._committer is not None
-        for sid, pos in state.get("positions", {}).items():
+        for sid, entry in state.get("positions", {}).items():
             src = self.sources.get(sid)
-            if src is not None and pos is not None:
-                src.restore(pos)
-                self._positional.add(sid)
-                self._committer.position(sid, pos)
+            if src is None or not isinstance(entry, dict) or entry.get("position") is None:
+                continue
+            if entry.get("digest") != self._source_digest[sid]:
+                log.warning("source %s changed since the last run; starting it afresh", sid)
+                continue
+            pos = entry["position"]
+            src.restore(pos)
+            self._positional.add(sid)
+            self._committer.position(sid, pos)
 
     def _on_durable(self, positions: dict[str, Any], report: CommitReport) -> None:
         for sid, pos in positions.items():

@@ -143,35 +143,50 @@ class LinkProxy:
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str
     ) -> None:
-        allowance = 0.0
-        last = time.monotonic()
-        try:
-            while True:
-                await self._open.wait()
-                data = await reader.read(CHUNK)
-                if not data:
-                    break
-                await self._open.wait()  # cut while we held data: it waits with the link
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                if self.rate:
-                    now = time.monotonic()
-                    allowance = min(self.rate, allowance + (now - last) * self.rate)
-                    last = now
-                    allowance -= len(data)
-                    if allowance < 0:
-                        await asyncio.sleep(-allowance / self.rate)
-                        allowance, last = 0.0, time.monotonic()
-                writer.write(data)
-                await writer.drain()
-                if direction == "up":
-                    self.stats.bytes_up += len(data)
-                else:
-                    self.stats.bytes_down += len(data)
-        finally:
-            with contextlib.suppress(OSError, RuntimeError):
-                if writer.can_write_eof():
-                    writer.write_eof()
+        # the reader stamps each chunk with when it may leave (delay, then the rate's schedule);
+        # the writer sends in order at those times, so latency does not cap throughput
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=64)
+
+        async def read() -> None:
+            next_free = 0.0
+            try:
+                while True:
+                    await self._open.wait()
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        break
+                    await self._open.wait()  # cut while we held data: it waits with the link
+                    due = time.monotonic() + self.delay
+                    if self.rate:
+                        start = max(due, next_free)
+                        next_free = start + len(data) / self.rate
+                        due = next_free
+                    await queue.put((due, data))
+            finally:
+                await queue.put(None)
+
+        async def write() -> None:
+            try:
+                while (item := await queue.get()) is not None:
+                    due, data = item
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    await self._open.wait()
+                    writer.write(data)
+                    await writer.drain()
+                    if direction == "up":
+                        self.stats.bytes_up += len(data)
+                    else:
+                        self.stats.bytes_down += len(data)
+            finally:
+                with contextlib.suppress(OSError, RuntimeError):
+                    if writer.can_write_eof():
+                        writer.write_eof()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(read())
+            tg.create_task(write())
 
 
 def _close(writer: asyncio.StreamWriter) -> None:
