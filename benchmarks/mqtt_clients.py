@@ -1,24 +1,30 @@
-"""Which MQTT client should the `mqtt` source use? Receive rate of paho-mqtt 2.x and gmqtt.
+"""Which MQTT client should the `mqtt` source and sink use? paho-mqtt 2.x against gmqtt.
 
-A publisher (this process, paho, pre-built payloads) sends factory-line readings
-(``{"sensor":"line1/temp/001","ts":1764547200.02,"value":61.27}`` on
-``<prefix>factory/line1/<kind>/<nnn>``, 200 sensors) to the local Mosquitto as fast as it can,
-for a bounded count, at QoS 0 and QoS 1. Each receiver runs in its own subprocess (so its CPU
-time is its own) and does what the source does per message: a callback that appends topic,
-payload and accept time to a list. Figures per (client, QoS): messages received, publish rate,
-receive rate (messages per wall second between the first and the last message) and messages
-per CPU-second of the receiving process (user + system, all threads).
+Receiving: a publisher (this process, pre-encoded packets on a raw socket) sends factory-line
+readings (``{"sensor":"line1/temp/001","ts":1764547200.02,"value":61.27}`` on
+``<prefix>factory/line1/<kind>/<nnn>``, 200 sensors) to the local Mosquitto, for a bounded count,
+at QoS 0 and QoS 1, as fast as possible or at ``--rate`` messages per second. Each receiver runs
+in its own subprocess (so its CPU time is its own) and does what the source does per message: a
+callback that appends topic, payload and accept time to a list. Figures per (client, QoS):
+messages received, publish rate, receive rate (messages per wall second between the first and the
+last message) and messages per CPU-second of the receiving process (user + system, all threads).
 
-A third receiver, ``edgewise``, is the `mqtt` source itself (paho underneath) inside a pipeline
-that commits every reading to the outbox and, at QoS 1, acknowledges only after the commit: what a
-user gets, parse, commit and fsync included.
+A third receiver, ``edgewise``, is the `mqtt` source itself (gmqtt underneath, on the event loop)
+inside a pipeline that commits every reading to the outbox and, at QoS 1, acknowledges only after
+the commit: what a user gets, parse, commit and fsync included. ``--linger`` sets its linger.
 
 The receivers connect with MQTT v5 and Receive Maximum 65535, so Mosquitto's default of 20
 in-flight QoS 1 messages per v3.1.1 client does not cap the QoS 1 figures.
 
-    python benchmarks/mqtt_clients.py [--count 200000] [--qos 0 1] [--clients paho gmqtt]
+Publishing (what the sink does for an alarm): each client publishes ``--publish-count`` single
+alarm-sized messages from an asyncio event loop, one every 2 ms, and the time each ``publish()``
+call takes on the loop thread is recorded (p50/p99). paho hands the message to its network
+thread (``loop_start``); gmqtt writes it to the asyncio transport, i.e. to the socket, at once.
 
-Prints a table, then as its last line one JSON object with the figures.
+    python benchmarks/mqtt_clients.py [--count 200000] [--rate 10000] [--qos 0 1]
+                                      [--clients paho gmqtt edgewise] [--linger 0]
+
+Prints tables, then as its last line one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from _common import emit_json
 
 KINDS = ("temp", "pressure", "vibration")
 IDLE_END_S = 3.0  # a receiver stops this long after its last message
-LINGER = [0.005]  # the edgewise source's linger (seconds), from --linger
+LINGER = [0.0]  # the edgewise source's linger (seconds), from --linger
 
 
 def _cpu() -> float:
@@ -234,6 +240,58 @@ spec:
 RECEIVERS = {"paho": receive_paho, "gmqtt": receive_gmqtt, "edgewise": receive_edgewise}
 
 
+# -- publishing from the event loop (what the sink does) ----------------------------------------
+ALARM = orjson.dumps({"sensor": "line1/temp/001", "ts": 1764547200.02, "value": 101.27,
+                      "limit": 100.0, "kind": "high", "severity": "alarm"})
+
+
+def publish_cost(host: str, port: int, name: str, qos: int, count: int) -> dict[str, Any]:
+    """Time of each ``publish()`` call on the event loop thread, one message every 2 ms."""
+    import numpy as np
+
+    topic = f"edgewise-bench/publish/{uuid.uuid4().hex[:6]}/line1/temp/001"
+
+    async def main() -> list[float]:
+        times: list[float] = []
+        if name == "paho":
+            import paho.mqtt.client as mqtt
+
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                 client_id=f"bench-pub-paho-{uuid.uuid4().hex[:8]}")
+            client.connect(host, port, keepalive=30)
+            client.loop_start()
+
+            def send() -> None:
+                client.publish(topic, ALARM, qos)
+        else:
+            import gmqtt
+
+            client = gmqtt.Client(f"bench-pub-gmqtt-{uuid.uuid4().hex[:8]}")
+            await client.connect(host, port, keepalive=30)
+
+            def send() -> None:
+                client.publish(topic, ALARM, qos)
+
+        await asyncio.sleep(0.2)
+        for _ in range(count):
+            await asyncio.sleep(0.002)
+            t0 = time.perf_counter()
+            send()
+            times.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.2)
+        if name == "paho":
+            client.disconnect()
+            client.loop_stop()
+        else:
+            await client.disconnect()
+        return times
+
+    ms = np.asarray(asyncio.run(main())) * 1000
+    return {"client": name, "qos": qos, "count": count,
+            "publish_p50_ms": round(float(np.percentile(ms, 50)), 4),
+            "publish_p99_ms": round(float(np.percentile(ms, 99)), 4)}
+
+
 # -- publisher (this process) -------------------------------------------------------------------
 # The load generator writes pre-encoded MQTT 3.1.1 PUBLISH packets straight to a socket, so that
 # it costs almost no CPU and publishes far faster than either client under test can receive; a
@@ -347,8 +405,10 @@ def main() -> None:
     ap.add_argument("--clients", nargs="+", default=["paho", "gmqtt", "edgewise"],
                     choices=list(RECEIVERS),
                     help="edgewise = the whole mqtt source in a pipeline, committing to an outbox")
-    ap.add_argument("--linger", type=float, default=0.005,
-                    help="linger (seconds) of the edgewise source (default 0.005, its default)")
+    ap.add_argument("--linger", type=float, default=0.0,
+                    help="linger (seconds) of the edgewise source (default 0, its default)")
+    ap.add_argument("--publish-count", type=int, default=500,
+                    help="messages per client and QoS in the publish-call figures (0: skip)")
     ap.add_argument("--prefix", default="edgewise-bench/", help="topic prefix (keeps runs apart)")
     ap.add_argument("--receiver", choices=list(RECEIVERS), help=argparse.SUPPRESS)
     ap.add_argument("--topic", help=argparse.SUPPRESS)
@@ -377,7 +437,20 @@ def main() -> None:
               f"{r['msg_per_s']!s:>11} {r['msg_per_cpu_s']!s:>10} {r['cpu_s']:>7}")
     print("  (recv msg/s is bounded by the publisher when it is close to pub msg/s; "
           "msg/CPU-s is the receiver's own cost)")
-    emit_json({"benchmark": "mqtt_clients", "count": args.count, "cases": results})
+    publishing = []
+    if args.publish_count:
+        for qos in args.qos:
+            for name in ("paho", "gmqtt"):
+                publishing.append(publish_cost(args.host, args.port, name, qos,
+                                               args.publish_count))
+        print(f"\npublish() call on the event loop thread, {args.publish_count} alarm-sized "
+              "messages one every 2 ms")
+        print(f"  {'client':8} {'qos':>3} {'p50 ms':>8} {'p99 ms':>8}")
+        for r in publishing:
+            print(f"  {r['client']:8} {r['qos']:>3} {r['publish_p50_ms']:>8} "
+                  f"{r['publish_p99_ms']:>8}")
+    emit_json({"benchmark": "mqtt_clients", "count": args.count, "rate": args.rate,
+               "linger": args.linger, "cases": results, "publishing": publishing})
 
 
 if __name__ == "__main__":

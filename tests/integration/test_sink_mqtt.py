@@ -1,4 +1,6 @@
-"""The MQTT sink against the real Mosquitto: every alarm arrives once, on its own topic, exactly."""
+"""The MQTT sink against the real Mosquitto: every alarm arrives once, on its own topic, exactly.
+
+The subscriber is paho-mqtt (a different client than the sink's gmqtt, on its own thread)."""
 
 from __future__ import annotations
 
@@ -180,7 +182,7 @@ async def test_queued_messages_drain_in_order_once_connected(
     cfg = MqttConfig(host=host, port=port, topic=f"{prefix}/{{kind}}", max_queue=3, qos=1)
     sink = MqttSink("local", cfg, RunContext("t", tmp_path))
     try:
-        # not started yet: nothing can be handed to paho, the oldest two are dropped
+        # not started yet: nothing can be published, the oldest two are dropped
         sink.write(Batch.from_records([{"kind": "a", "value": float(i)} for i in range(5)]))
         assert sink.stats()["queued"] == 3
         assert sink.stats()["dropped"] == 2
@@ -198,6 +200,8 @@ async def test_queued_messages_drain_in_order_once_connected(
     ]
     st = sink.stats()
     assert (st["published"], st["delivered"], st["dropped"], st["queued"]) == (4, 4, 2, 0)
+    await asyncio.sleep(0.05)  # stop() leaves no task behind (gmqtt's or ours)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
 
 class Proxy:
@@ -209,6 +213,7 @@ class Proxy:
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.writers: list[asyncio.StreamWriter] = []
+        self.hold_replies = False  # drop what the broker sends (CONNACK, PUBACKs) while set
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
@@ -217,9 +222,11 @@ class Proxy:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.writers += [writer, up_writer]
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, reply: bool) -> None:
             try:
                 while data := await r.read(65536):
+                    if reply and self.hold_replies:
+                        continue
                     w.write(data)
                     await w.drain()
             except ConnectionError:
@@ -227,9 +234,15 @@ class Proxy:
             finally:
                 w.close()
 
-        for r, w in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(pipe(r, w))
+        for r, w, reply in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(pipe(r, w, reply))
             self.tasks.add(task)
+
+    def cut(self) -> None:
+        """Close every relayed connection (the server keeps listening)."""
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -276,6 +289,67 @@ async def test_reconnects_in_the_background_and_drains_the_queue(
     assert st["errors"] >= 1
     assert f"cannot reach the MQTT broker at 127.0.0.1:{proxy.port}" in caplog.text
     assert "2 dropped while it was unreachable" in caplog.text
+
+
+@pytest.mark.service
+async def test_in_flight_qos1_messages_are_sent_again_after_a_lost_connection(
+    mosquitto: tuple[str, int], tmp_path: Path, prefix: str
+) -> None:
+    """Published, no PUBACK, connection gone: they go out again on the next connection."""
+    sub = Subscriber(*mosquitto, f"{prefix}/#")
+    proxy = Proxy(free_port(), mosquitto)
+    await proxy.start()
+    cfg = MqttConfig(port=proxy.port, topic=f"{prefix}/{{kind}}", qos=1, reconnect_min=0.1)
+    sink = MqttSink("local", cfg, RunContext("t", tmp_path))
+    try:
+        await sink.start()
+        assert sink.stats()["connected"] is True
+        proxy.hold_replies = True  # the broker gets the messages, we never see their PUBACKs
+        sink.write(Batch.from_records([{"kind": "a", "value": float(i)} for i in range(3)]))
+        # they reach the broker (the proxy runs on this loop: wait without blocking it)
+        deadline = time.monotonic() + 5
+        while len(sub.messages) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        st = sink.stats()
+        assert (st["published"], st["delivered"], st["queued"]) == (3, 0, 3)
+        proxy.hold_replies = False
+        proxy.cut()
+        deadline = time.monotonic() + 8
+        while sink.stats()["delivered"] < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await sink.stop()
+        got = sub.wait_for(6)
+    finally:
+        sub.close()
+        await proxy.close()
+    values = [orjson.loads(p)["value"] for _t, p in got]
+    assert values == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]  # at-least-once: each twice, in order
+    st = sink.stats()
+    assert (st["published"], st["delivered"], st["dropped"], st["queued"]) == (3, 3, 0, 0)
+
+
+@pytest.mark.service
+async def test_more_qos1_messages_than_the_broker_receive_maximum(
+    mosquitto: tuple[str, int], tmp_path: Path, prefix: str
+) -> None:
+    """Mosquitto takes 20 unacknowledged QoS 1 messages per MQTT 5 client (its Receive Maximum);
+    the rest of a large write waits in the queue and follows as PUBACKs come back, in order."""
+    host, port = mosquitto
+    sub = Subscriber(host, port, f"{prefix}/#")
+    cfg = MqttConfig(host=host, port=port, topic=f"{prefix}/x", qos=1, max_queue=1000)
+    sink = MqttSink("local", cfg, RunContext("t", tmp_path))
+    try:
+        await sink.start()
+        sink.write(Batch.from_records([{"value": float(i)} for i in range(500)]))
+        handed = sink.stats()["published"]
+        await sink.stop()
+        got = sub.wait_for(500)
+    finally:
+        sub.close()
+    assert 0 < handed < 500  # held back by the broker's Receive Maximum at first
+    assert [orjson.loads(p)["value"] for _t, p in got] == [float(i) for i in range(500)]
+    st = sink.stats()
+    assert (st["published"], st["delivered"], st["dropped"], st["queued"]) == (500, 500, 0, 0)
 
 
 @pytest.mark.service

@@ -1,5 +1,6 @@
 """The MQTT source against real Mosquitto brokers: the shared one on 127.0.0.1:1883, and private
-ones started here on free ports for outages, credentials and crash recovery."""
+ones started here on free ports for outages, credentials and crash recovery. The test's own
+publisher is paho-mqtt (a different client than the source's gmqtt, on its own thread)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
@@ -24,11 +26,14 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from gmqtt.mqtt.handler import MqttPackageHandler
+from gmqtt.mqtt.package import Package
 
 from conftest import make_spec
 from edgewise.edge.outbox import Outbox
 from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline.engine import Engine
+from edgewise.pipeline.sources.mqtt import GmqttClient, gmqtt_handler
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(60)]
 
@@ -337,8 +342,9 @@ async def test_unreachable_at_start_then_outage_and_reconnect(
     assert outbox_records(data)["value"].tolist() == [float(i) for i in range(25)]
     assert any("lost the connection" in r.getMessage() for r in caplog.records)
     assert any("reconnected to MQTT broker" in r.getMessage() for r in caplog.records)
-    # no paho thread left behind
-    assert not [t for t in threading.enumerate() if t.name.startswith("paho-mqtt-client")]
+    # no task left behind (gmqtt's own reconnect task would still be sleeping here)
+    await asyncio.sleep(0.05)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
 
 async def test_refused_credentials_are_a_config_error(
@@ -374,6 +380,111 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
         make_spec(spec_for("a/#/b"), tmp_path)
     with pytest.raises(SpecError, match="qos"):
         make_spec(spec_for("a", extra="qos: 2"), tmp_path)
+
+
+# -- the gmqtt internals the source relies on ----------------------------------------------------
+class _FakeConnection:
+    """Stands in for gmqtt's MQTTConnection: records the packets-with-id the client sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, bool, int]] = []
+
+    def send_command_with_mid(self, cmd: int, mid: int, dup: bool, reason_code: int = 0) -> None:
+        self.sent.append((cmd, mid, dup, reason_code))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def publish_packet(topic: str, mid: int, payload: bytes) -> Package:
+    """An inbound MQTT 5 QoS 1 PUBLISH as gmqtt's reader hands it to the handler."""
+    raw = topic.encode()
+    return Package(0x32, struct.pack("!H", len(raw)) + raw + struct.pack("!H", mid) + b"\x00"
+                   + payload)
+
+
+def test_gmqtt_internals_the_source_relies_on(tmp_path: Path) -> None:
+    """Fails when a gmqtt release changes what QoS 1 acknowledgements depend on: the packet id of
+    each inbound QoS 1 message reaches the source, no PUBACK goes out by itself, and the PUBACK
+    method sends exactly one PUBACK for that id; gmqtt's own reconnect is replaced by ours."""
+    spec = make_spec(spec_for("plant/#", extra="qos: 1"), tmp_path)
+    src = Engine(spec, tmp_path / "data").sources["mq"]
+    src._wake = asyncio.Event()
+    gmqtt_handler(GmqttClient("x"), "test", manual_ack=True)  # what _new_client checks
+    client = src._new_client()
+    assert isinstance(client, GmqttClient)
+    handler = client._package_handler
+    assert handler._reconnect_callback.__func__ is GmqttClient.reconnect
+    conn = _FakeConnection()
+    client._connection = conn  # what the PUBACK method writes to
+
+    handler(publish_packet("plant/s1", 4242, reading("s1", 1764547200.0, 1.5)))
+    handler(publish_packet("plant/s2", 7, reading("s2", 1764547200.0, 2.5)))
+    assert [(it.topic, it.mid, it.qos, it.gen) for it in src._buf] == [
+        ("plant/s1", 4242, 1, src._gen), ("plant/s2", 7, 1, src._gen)]
+    assert orjson.loads(src._buf[0].payload) == {"sensor": "s1", "ts": 1764547200.0, "value": 1.5}
+    assert conn.sent == []  # nothing acknowledged before the commit
+
+    src._puback(4242)
+    assert conn.sent == [(0x40, 4242, False, 0)]  # PUBACK, packet id 4242, success
+
+
+def test_a_gmqtt_without_those_internals_is_a_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = GmqttClient("x")
+    gmqtt_handler(client, "source 'mq'", manual_ack=True)  # the installed gmqtt has them
+    monkeypatch.delattr(MqttPackageHandler, "_send_puback")  # as if a release renamed it
+    with pytest.raises(ConfigError) as info:
+        gmqtt_handler(client, "source 'mq'", manual_ack=True)
+    text = str(info.value)
+    assert "source 'mq': the installed gmqtt" in text
+    assert "MqttPackageHandler._send_puback(mid, reason_code)" in text
+    assert "pip install 'gmqtt>=" in text
+    gmqtt_handler(client, "source 'mq'", manual_ack=False)  # QoS 0 does not need it
+
+
+async def test_acknowledged_messages_are_not_delivered_again(
+    tmp_path: Path, broker_factory: Callable[..., Broker]
+) -> None:
+    """PUBACKs carry the right packet ids: after a clean restart of a persistent session the
+    broker delivers only what arrived while the pipeline was down, nothing it already had."""
+    broker = broker_factory().start()
+    client_id = f"edgewise-ack-{uuid.uuid4().hex[:8]}"
+    spec = make_spec(
+        spec_for("plant/#", port=broker.port,
+                 extra="qos: 1\n            clean_session: false\n"
+                       f"            client_id: {client_id}"),
+        tmp_path,
+    )
+    data = tmp_path / "data"
+    pub = Publisher(broker.port)
+    try:
+        engine = Engine(spec, data)
+        task = asyncio.create_task(engine.run())
+        src = engine.sources["mq"]
+        await wait_for(lambda: src.stats()["subscribed"], what="subscription")
+        for i in range(5):
+            pub.send(f"plant/s{i}", reading(f"s{i}", 1764547200 + i, float(i)))
+        await wait_for(lambda: src.stats()["acked"] == 5, what="acknowledgements")
+        engine.stop()
+        first = await task
+
+        for i in range(5, 8):  # the broker keeps these for the session while we are away
+            pub.send(f"plant/s{i}", reading(f"s{i}", 1764547200 + i, float(i)))
+        engine = Engine(spec, data)
+        task = asyncio.create_task(engine.run())
+        src = engine.sources["mq"]
+        await wait_for(lambda: engine.summary()["readings_in"] == 3, what="queued readings")
+        await asyncio.sleep(0.3)  # a redelivery of the first five would arrive by now
+        engine.stop()
+        second = await task
+    finally:
+        pub.close()
+    assert first["sources"]["mq"]["received"] == 5
+    assert second["sources"]["mq"]["received"] == 3
+    assert second["sources"]["mq"]["acked"] == 3
+    assert outbox_records(data)["value"].tolist() == [float(i) for i in range(8)]
 
 
 # -- crash recovery -----------------------------------------------------------------------------
@@ -466,7 +577,8 @@ def test_qos1_messages_not_committed_at_a_crash_are_redelivered(
     data = tmp_path / "data"
     db = data / "outbox.db"
 
-    child = start_child(script, tmp_path / "p.yaml", data, slow_disk_s=0.5)
+    # 1 s per commit: the kill must land between the first commit and the second
+    child = start_child(script, tmp_path / "p.yaml", data, slow_disk_s=1.0)
     pub = Publisher(broker.port)
     try:
         infos = [

@@ -3,20 +3,25 @@
 This is how alarms reach the plant within milliseconds without any network beyond the site.
 `write()` runs on the event loop and never waits on the network: it renders each record's topic
 and payload, appends them to a bounded queue of the sink's own and, when the broker is
-connected, hands them straight to paho-mqtt, whose network thread (``loop_start``) does the I/O.
+connected, publishes them at once with gmqtt, whose ``publish()`` is synchronous and writes the
+packet to the asyncio transport (no thread, no hand-over).
 
 While the broker is unreachable messages wait in that queue, at most ``max_queue`` of them;
-beyond that the oldest are dropped and counted (the newest alarms matter most). paho reconnects
-in the background with exponential backoff; a broker that is down at start is a warning, not an
-error, so the pipeline keeps running and the queue drains once the broker is back. QoS 1
-messages that were already handed over when a connection broke are re-sent by paho itself.
+beyond that the oldest are dropped and counted (the newest alarms matter most). The connection
+is kept by `MqttLink` (see the MQTT source): it reconnects in the background with exponential
+backoff, and a broker that is down at start is a warning, not an error, so the pipeline keeps
+running and the queue drains once the broker is back. QoS 1 messages in flight (published, no
+PUBACK yet) when a connection breaks go back to the front of the queue and are sent again on the
+next connection (at-least-once). The broker's Receive Maximum bounds how many are in flight
+(Mosquitto: 20); the rest wait in the queue and go out as PUBACKs come back.
 
 Counters (``stats()``): ``written`` records given to the sink, ``published`` messages handed to
-paho, ``delivered`` messages paho confirmed (written to the socket for QoS 0, PUBACK for QoS 1),
-``dropped`` oldest messages discarded because the queue was full, ``errors`` failed connection
-attempts, refusals and unpublishable records (e.g. a missing topic field), ``queued`` messages
-waiting for the broker. ``latency`` is accept-to-publish: from the source accepting a reading
-to the moment its message was handed to paho.
+the client (once per message, resends not counted), ``delivered`` messages confirmed (written to
+the socket for QoS 0, PUBACK for QoS 1), ``dropped`` oldest messages discarded because the queue
+was full, ``errors`` failed connection attempts, refusals and unpublishable records (e.g. a
+missing topic field), ``queued`` messages waiting for the broker. ``latency`` is
+accept-to-publish: from the source accepting a reading to the moment its message was written to
+the connection's transport.
 
     sinks:
       - id: local-alarms
@@ -37,14 +42,18 @@ import uuid
 from collections import deque
 from typing import Any, Literal
 
+import gmqtt
 import numpy as np
 import orjson
-import paho.mqtt.client as mqtt
+from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.mqtt.handler import MQTTConnectError
+from gmqtt.storage import PersistentStorage
 from pydantic import Field, field_validator, model_validator
 
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, RunContext, Sink
 from edgewise.pipeline.latency import LatencyRecorder
+from edgewise.pipeline.sources.mqtt import GmqttClient, MqttLink, gmqtt_handler
 from edgewise.pipeline.units import Duration
 
 log = logging.getLogger(__name__)
@@ -103,7 +112,8 @@ class MqttConfig(ComponentConfig):
     """Messages kept while the broker is unreachable; beyond this the oldest are dropped."""
     keepalive: int = Field(default=30, ge=5, le=65535)  # seconds
     connect_timeout: Duration = 2.0
-    """How long one TCP connection attempt may take; start() waits at most this long."""
+    """How long one connection attempt (TCP connect until the broker's answer) may take; start()
+    waits at most this long."""
     reconnect_min: Duration = 1.0
     """Wait before the first reconnection attempt; doubled after each failed one."""
     reconnect_max: Duration = 30.0
@@ -133,6 +143,55 @@ class MqttConfig(ComponentConfig):
         return v
 
 
+def _bad_topic(topic: str) -> str | None:
+    """Why a rendered topic cannot be published (a field value made it invalid), or None."""
+    if not topic:
+        return "the topic is empty"
+    if "+" in topic or "#" in topic:
+        return "the topic contains a wildcard (+ or #)"
+    if "\x00" in topic:
+        return "the topic contains a NUL character"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return "the topic is longer than 65,535 bytes"
+    return None
+
+
+class _Out:
+    """One message to publish: topic, payload, accept time (nan: unknown) and whether it was
+    handed over before (a resend after a lost connection: not counted or timed again)."""
+
+    __slots__ = ("accepted", "payload", "sent", "topic")
+
+    def __init__(self, topic: str, payload: bytes, accepted: float) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.accepted = accepted
+        self.sent = False
+
+
+class _InFlight(PersistentStorage):
+    """gmqtt's store of one client's unacknowledged QoS 1 messages (its ``persistent_storage``
+    parameter), which also tells the sink about every PUBACK and remembers which of its messages
+    each packet id carries, so that they can be sent again on the next connection."""
+
+    def __init__(self, on_puback: Any) -> None:
+        super().__init__()
+        self.messages: dict[int, _Out] = {}  # packet id -> message, in publish order
+        self.next: _Out | None = None  # set by the sink just before client.publish()
+        self._on_puback = on_puback
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        if self.next is not None:
+            self.messages[mid] = self.next
+            self.next = None
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        if self.messages.pop(mid, None) is not None:
+            self._on_puback()
+
+
 class MqttSink(Sink):
     """Publishes each record as a JSON message; see the module docstring."""
 
@@ -141,14 +200,17 @@ class MqttSink(Sink):
     def __init__(self, id: str, config: MqttConfig, ctx: RunContext) -> None:
         super().__init__(id, config, ctx)
         self.fields = _topic_fields(config.topic)
+        self.client_id = config.client_id or (
+            f"edgewise-{ctx.pipeline}-{id}-{uuid.uuid4().hex[:8]}"[-64:]
+        )
         self.latency = LatencyRecorder()
         self.published = 0
-        self.delivered = 0  # incremented by paho's thread only
+        self.delivered = 0
         self.dropped = 0
-        # (topic, payload, accept time or nan); only touched on the event loop thread
-        self._queue: deque[tuple[str, bytes, float]] = deque()
-        self._client: mqtt.Client | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[_Out] = deque()  # waiting for the broker, oldest first
+        self._client: gmqtt.Client | None = None  # the current connection's client
+        self._inflight: _InFlight | None = None  # its unacknowledged QoS 1 messages
+        self._task: asyncio.Task[None] | None = None  # the MqttLink
         self._answered: asyncio.Event | None = None  # first CONNACK or failure seen
         self._outage_since: float | None = None
         self._outage_dropped = 0
@@ -162,79 +224,64 @@ class MqttSink(Sink):
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
-        self._loop = asyncio.get_running_loop()
-        self._answered = asyncio.Event()
-        client_id = cfg.client_id or (
-            f"edgewise-{self.ctx.pipeline}-{self.id}-{uuid.uuid4().hex[:8]}"[-64:]
-        )
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
-        )
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        client.connect_timeout = cfg.connect_timeout
-        # paho annotates the delays as int but computes with them as numbers: floats work
-        client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_max)  # type: ignore[arg-type]
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        self._client = client
+        self._answered = answered = asyncio.Event()
         self._stopping = False
+        link = MqttLink(
+            self._new_client, self,
+            host=cfg.host, port=cfg.port, keepalive=cfg.keepalive, protocol=MQTTv50,
+            connect_timeout=cfg.connect_timeout, reconnect_min=cfg.reconnect_min,
+            reconnect_max=cfg.reconnect_max,
+        )
+        self._task = task = asyncio.create_task(link.run(), name=f"mqtt sink {self.id}: connection")
+        task.add_done_callback(self._link_ended)
         try:
-            # the TCP connect (and DNS) happens in a worker thread, never on the loop
-            await asyncio.to_thread(client.connect, cfg.host, cfg.port, cfg.keepalive)
-        except OSError as exc:
-            self.errors += 1
-            self._begin_outage(f"cannot reach the MQTT broker at {self.where}: {exc}")
-            client.connect_async(cfg.host, cfg.port, cfg.keepalive)
-            client.loop_start()
-            return
-        except asyncio.CancelledError:
-            self._client = None  # the worker thread's socket closes with the client
-            raise
-        client.loop_start()
-        try:
-            await asyncio.wait_for(self._answered.wait(), cfg.connect_timeout)
+            async with asyncio.timeout(cfg.connect_timeout):
+                await answered.wait()
         except TimeoutError:
             log.warning(
-                "mqtt sink %s: the broker at %s accepted the connection but has not answered "
-                "within %.1f s; messages are queued until it does",
+                "mqtt sink %s: the broker at %s has not answered within %.1f s; messages are "
+                "queued until it does",
                 self.id, self.where, cfg.connect_timeout,
             )
         except asyncio.CancelledError:
             # stop() will not be called for a sink whose start() did not finish
-            self._client = None
-            client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
+            self._task = None
+            task.cancel()
+            await asyncio.wait([task])
             raise
 
     async def stop(self) -> None:
-        client = self._client
-        if client is None:
+        task = self._task
+        if task is None:
             return
         self._stopping = True
         try:
             deadline = time.monotonic() + self.config.flush_timeout
-            while (
-                (self._queue or self.published > self.delivered)
-                and client.is_connected()
-                and time.monotonic() < deadline
-            ):
+            while (self._queue or self._unacked()) and self._connected():
+                if time.monotonic() >= deadline:
+                    break
                 self._drain()
                 await asyncio.sleep(0.005)
         finally:
-            client.disconnect()
-            # joins paho's network thread (at most about a second while it waits to reconnect)
-            await asyncio.to_thread(client.loop_stop)
+            self._task = None
+            task.cancel()
+            await asyncio.wait([task])  # it sends DISCONNECT and closes the socket
+            unacked = self._unacked()
+            if unacked:  # never confirmed: count them as waiting, like the queue
+                self._queue.extendleft(reversed(self._take_inflight()))
             self._client = None
-            undelivered = len(self._queue) + max(0, self.published - self.delivered)
-            if undelivered:
+            if self._queue:
                 log.warning(
                     "mqtt sink %s: stopped with %d message(s) not delivered to %s "
                     "(%d dropped earlier because the queue was full)",
-                    self.id, undelivered, self.where, self.dropped,
+                    self.id, len(self._queue), self.where, self.dropped,
                 )
+
+    def _link_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.errors += 1
+            log.error("mqtt sink %s: the connection task failed: %r; messages stay queued",
+                      self.id, task.exception())
 
     # -- data path (event loop) ---------------------------------------------------------------
     def write(self, batch: Batch) -> None:
@@ -249,7 +296,7 @@ class MqttSink(Sink):
         queue = self._queue
         if not self.fields:
             for rec, a in zip(records, accepted, strict=True):
-                queue.append((template, orjson.dumps(rec, option=_OPTS), a))
+                queue.append(_Out(template, orjson.dumps(rec, option=_OPTS), a))
         else:
             for rec, a in zip(records, accepted, strict=True):
                 try:
@@ -263,10 +310,20 @@ class MqttSink(Sink):
                         self.id, template, sorted(rec), exc,
                     )
                     continue
-                queue.append((topic, orjson.dumps(rec, option=_OPTS), a))
-        client = self._client
-        if client is not None and client.is_connected():
-            self._drain()
+                problem = _bad_topic(topic)
+                if problem is not None:
+                    self.errors += 1
+                    self._warn_once(
+                        f"publish:{problem}", "mqtt sink %s: cannot publish to %r: %s",
+                        self.id, topic, problem,
+                    )
+                    continue
+                queue.append(_Out(topic, orjson.dumps(rec, option=_OPTS), a))
+        self._drain()
+        self._bound_queue()
+
+    def _bound_queue(self) -> None:
+        queue = self._queue
         over = len(queue) - self.config.max_queue
         if over > 0:
             for _ in range(over):
@@ -274,79 +331,74 @@ class MqttSink(Sink):
             self.dropped += over
             self._outage_dropped += over
 
-    def _drain(self) -> None:
-        """Hand queued messages to paho, oldest first, while it is connected."""
+    def _connected(self) -> bool:
         client = self._client
-        if client is None:
-            return
-        cfg = self.config
+        return client is not None and client.is_connected
+
+    def _unacked(self) -> int:
+        return len(self._inflight.messages) if self._inflight is not None else 0
+
+    def _drain(self) -> None:
+        """Publish queued messages, oldest first, while connected and the broker's Receive
+        Maximum allows (gmqtt raises OverflowError when it has no packet id left)."""
         queue = self._queue
-        lat: list[float] = []
-        while queue:
-            topic, payload, acc = queue[0]
-            try:
-                info = client.publish(topic, payload, cfg.qos, cfg.retain)
-            except ValueError as exc:  # e.g. a field value with + or # made the topic invalid
-                queue.popleft()
-                self.errors += 1
-                self._warn_once(
-                    f"publish:{exc}", "mqtt sink %s: cannot publish to %r: %s", self.id, topic, exc
-                )
-                continue
-            rc = info.rc
-            if rc == mqtt.MQTT_ERR_SUCCESS or (rc == mqtt.MQTT_ERR_NO_CONN and cfg.qos > 0):
-                # with QoS 1 paho keeps a message it could not send yet and sends it on reconnect
-                queue.popleft()
-                self.published += 1
-                lat.append(time.perf_counter() - acc)
-                if rc == mqtt.MQTT_ERR_NO_CONN:
-                    break
-            elif rc == mqtt.MQTT_ERR_NO_CONN:
-                break  # QoS 0 would be lost: keep it queued until the broker is back
-            else:
-                queue.popleft()
-                self.errors += 1
-                self._warn_once(
-                    f"rc:{rc}", "mqtt sink %s: publishing failed: %s", self.id,
-                    mqtt.error_string(rc),
-                )
-        if lat:
-            values = np.asarray(lat, dtype=np.float64)
-            self.latency.add(values[~np.isnan(values)])
-
-    # -- paho callbacks (paho's thread): hop to the event loop --------------------------------
-    def _call(self, fn: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is None:
+        if not queue or not self._connected():
             return
+        client = self._client
+        assert client is not None
+        cfg = self.config
+        qos, retain = cfg.qos, cfg.retain
+        inflight = self._inflight
+        lat: list[float] = []
         try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: the run is over
-            pass
+            while queue:
+                out = queue[0]
+                if qos:
+                    inflight.next = out  # type: ignore[union-attr]
+                try:
+                    client.publish(out.topic, out.payload, qos, retain)
+                except OverflowError:
+                    break  # in flight up to the broker's Receive Maximum: more after a PUBACK
+                queue.popleft()
+                if not qos:
+                    self.delivered += 1
+                if not out.sent:
+                    out.sent = True
+                    self.published += 1
+                    lat.append(time.perf_counter() - out.accepted)
+        finally:
+            if inflight is not None:
+                inflight.next = None
+            if lat:
+                values = np.asarray(lat, dtype=np.float64)
+                self.latency.add(values[~np.isnan(values)])
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        if reason.is_failure:
-            self._call(self._refused, str(reason))
-        else:
-            self._call(self._connected)
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._call(self._connect_failed)
-
-    def _on_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        self._call(self._disconnected, str(reason), bool(reason.is_failure))
-
-    def _on_publish(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
-    ) -> None:
+    def _on_puback(self) -> None:
         self.delivered += 1
+        if self._queue:
+            self._drain()
 
-    # -- connection events (event loop) -------------------------------------------------------
-    def _connected(self) -> None:
+    def _take_inflight(self) -> list[_Out]:
+        inflight = self._inflight
+        if inflight is None:
+            return []
+        out = list(inflight.messages.values())
+        inflight.messages.clear()
+        return out
+
+    # -- connection events (event loop, from MqttLink) ----------------------------------------
+    def _new_client(self) -> gmqtt.Client:
+        cfg = self.config
+        inflight = _InFlight(self._on_puback)
+        client = GmqttClient(self.client_id, clean_session=True, persistent_storage=inflight)
+        gmqtt_handler(client, f"mqtt sink {self.id!r}", manual_ack=False)
+        if cfg.username is not None:
+            client.set_auth_credentials(cfg.username, cfg.password)
+        self._client = client
+        self._inflight = inflight
+        return client
+
+    def link_connected(self, client: gmqtt.Client) -> None:
         if self._answered is not None:
             self._answered.set()
         if self._outage_since is not None:
@@ -361,24 +413,32 @@ class MqttSink(Sink):
             log.debug("mqtt sink %s: connected to %s", self.id, self.where)
         self._drain()
 
-    def _refused(self, reason: str) -> None:
+    def link_failed(self, client: gmqtt.Client, error: Exception) -> None:
         self.errors += 1
         if self._answered is not None:
             self._answered.set()
-        self._begin_outage(
-            f"the MQTT broker at {self.where} refused the connection: {reason} "
-            "(check username, password and client_id)"
-        )
+        if isinstance(error, MQTTConnectError):
+            what = (
+                f"the MQTT broker at {self.where} refused the connection: {error} "
+                "(check username, password and client_id)"
+            )
+        elif isinstance(error, TimeoutError):
+            what = (
+                f"the MQTT broker at {self.where} did not answer within "
+                f"{self.config.connect_timeout:g} s"
+            )
+        else:
+            what = f"cannot reach the MQTT broker at {self.where}: {error}"
+        self._begin_outage(what)
 
-    def _connect_failed(self) -> None:
-        self.errors += 1
-        if self._answered is not None:
-            self._answered.set()
-        self._begin_outage(f"cannot reach the MQTT broker at {self.where}")
-
-    def _disconnected(self, reason: str, unexpected: bool) -> None:
-        if unexpected and not self._stopping:
-            self._begin_outage(f"lost the connection to the MQTT broker at {self.where}: {reason}")
+    def link_lost(self, client: gmqtt.Client) -> None:
+        # QoS 1 messages without a PUBACK go out again, first, on the next connection
+        resend = self._take_inflight()
+        if resend:
+            self._queue.extendleft(reversed(resend))
+            self._bound_queue()
+        if not self._stopping:
+            self._begin_outage(f"lost the connection to the MQTT broker at {self.where}")
 
     def _begin_outage(self, what: str) -> None:
         if self._outage_since is not None or self._stopping:
@@ -387,7 +447,7 @@ class MqttSink(Sink):
         self._outage_dropped = 0
         log.warning(
             "mqtt sink %s: %s; the pipeline keeps running, up to %d message(s) are queued "
-            "(oldest dropped beyond that) and paho reconnects in the background",
+            "(oldest dropped beyond that) and it reconnects in the background",
             self.id, what, self.config.max_queue,
         )
 
@@ -399,13 +459,12 @@ class MqttSink(Sink):
 
     # -- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        client = self._client
         return {
             **super().stats(),
             "published": self.published,
             "delivered": self.delivered,
             "dropped": self.dropped,
-            "queued": len(self._queue),
-            "connected": bool(client is not None and client.is_connected()),
+            "queued": len(self._queue) + self._unacked(),
+            "connected": self._connected(),
             "latency": self.latency.summary(),
         }

@@ -1,19 +1,20 @@
 """MQTT subscriber source: JSON readings from a broker, acknowledged only once durable.
 
-paho-mqtt's network thread receives messages and appends them to a list under a lock; the asyncio
-side is woken with ``loop.call_soon_threadsafe`` only when that list goes from empty to non-empty
-(one wake per batch, not per message). `run()` takes everything accumulated, parses it in one go
-(one orjson call on the fast path) into a `Batch`, stamps each record with the time its message
-arrived (``_accepted``) and hands it to the engine.
+Everything runs on the event loop (gmqtt, no threads). gmqtt parses each packet as it arrives and
+calls `_take`, a plain function that appends the message to a list and sets an `asyncio.Event`
+only when that list goes from empty to non-empty (one wake per batch, not per message). `run()`
+takes everything accumulated, parses it in one go (one orjson call on the fast path) into a
+`Batch`, stamps each record with the time its message arrived (``_accepted``) and hands it to the
+engine.
 
-Delivery (``qos: 1``): the client uses paho's ``manual_ack``. The position emitted with each
+Delivery (``qos: 1``): gmqtt's automatic acknowledgement is off. The position emitted with each
 batch is a counter; the engine calls `ack()` with it after the batch's records (and dead letters)
 are durably committed, and only then are the PUBACKs of every message up to it sent. With
 ``clean_session: false`` and a fixed ``client_id`` the broker keeps the session, so messages that
 were received but not committed when the process died are delivered again after a restart
 (at-least-once; the outbox's sequence numbers make the cloud side exactly-once). Acknowledgements
-are sent only on the connection that received the message; after a reconnect the broker
-redelivers what was not acknowledged.
+are sent only on the connection that received the message (every connection has a generation
+number); after a reconnect the broker redelivers what was not acknowledged.
 
 MQTT 5 is the default protocol: it lets the source announce a Receive Maximum, so the broker may
 keep thousands of QoS 1 messages in flight while a commit is running (Mosquitto allows only 20 to a
@@ -25,23 +26,40 @@ QoS 0 messages arriving faster than the engine takes them are held up to ``max_b
 dropped and counted (``dropped_overflow``); QoS 1 messages are never dropped, the broker's flow
 control (Receive Maximum) bounds them.
 
-Connection: an unreachable broker, at start or later, is retried with exponential backoff
-(``reconnect_min``..``reconnect_max``) and logged; a broker that refuses the credentials before
-the first successful connection is a configuration error that ends the run.
+Connection (`MqttLink`, shared with the MQTT sink): one task of ours connects, waits for the
+connection to end and reconnects with exponential backoff (``reconnect_min``..``reconnect_max``),
+logging each outage once. Every attempt uses a fresh gmqtt client, whose own reconnect is switched
+off: gmqtt reconnects with a fixed delay, always without a clean start, and from a task nobody
+owns, which reconnects even after ``disconnect()`` (docs/decisions/0005-mqtt-client.md). An
+unreachable broker, at start or later, is retried in the background; a broker that refuses the
+credentials before the first successful connection is a configuration error that ends the run.
+
+gmqtt internals this relies on (checked by `gmqtt_handler` whenever a client is made, so a gmqtt
+that changed them fails at start with a clear error; tests/integration/test_source_mqtt.py guards
+them too): the client's ``_package_handler`` calls ``client.reconnect(delay=True)`` when a
+connection ends, passes each inbound QoS 1 PUBLISH to ``_handle_qos_1_publish_packet(mid, packet,
+print_topic, properties)`` (the only place the packet id is known; with a plain on_message and
+``optimistic_acknowledgement=False`` gmqtt then sends no PUBACK) and sends a PUBACK with
+``_send_puback(mid, reason_code=0)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
-import threading
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal, Protocol
 
+import gmqtt
 import numpy as np
 import orjson
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+from gmqtt.mqtt.handler import MQTTConnectError
 from pydantic import Field, field_validator, model_validator
 
 from edgewise.errors import ConfigError
@@ -52,17 +70,176 @@ from edgewise.pipeline.units import ByteSize, Duration
 
 log = logging.getLogger(__name__)
 
+GMQTT_TESTED = ">=0.8,<0.9"  # the gmqtt versions whose internals (below) were checked
 KEEP_BYTES = 4096  # of an oversize message, only this much is kept (for its dead letter)
+CONNECT_TIMEOUT_S = 10.0  # one connection attempt of the source: TCP connect until CONNACK
+CLOSE_TIMEOUT_S = 2.0  # waiting for our DISCONNECT to close the socket
 # CONNACK reason codes that retrying will not fix: the configuration has to change
 REFUSED_FOR_GOOD = {
-    0x85: "client identifier not valid",
-    0x86: "bad user name or password",
-    0x87: "not authorized",
-    0x8A: "banned",
-    0x8C: "bad authentication method",
+    5: {
+        0x85: "client identifier not valid",
+        0x86: "bad user name or password",
+        0x87: "not authorized",
+        0x8A: "banned",
+        0x8C: "bad authentication method",
+    },
+    4: {  # MQTT 3.1.1 return codes
+        2: "client identifier rejected",
+        4: "bad user name or password",
+        5: "not authorized",
+    },
 }
 
 
+# -- gmqtt glue (also used by the MQTT sink) ----------------------------------------------------
+class GmqttClient(gmqtt.Client):
+    """gmqtt's client without its own reconnect: `MqttLink` reconnects instead."""
+
+    async def reconnect(self, delay: bool = False) -> None:
+        """gmqtt calls this when a connection ends; our link task takes care of it."""
+        return None
+
+
+def gmqtt_version() -> str:
+    try:
+        return version("gmqtt")
+    except PackageNotFoundError:  # pragma: no cover - an unpackaged checkout
+        return str(getattr(gmqtt, "__version__", "?"))
+
+
+_HOOKS = {  # private gmqtt methods we call or replace, with the parameters we rely on
+    "_handle_qos_1_publish_packet": ["mid", "packet", "print_topic", "properties"],
+    "_send_puback": ["mid", "reason_code"],
+}
+
+
+def gmqtt_handler(client: gmqtt.Client, who: str, manual_ack: bool) -> Any:
+    """gmqtt's packet handler of ``client``, once the private parts we rely on are checked.
+
+    Raises ConfigError naming what is missing when the installed gmqtt differs from the ones
+    tested (``GMQTT_TESTED``): better to refuse at start than to lose acknowledgements.
+    """
+    missing = []
+    handler = getattr(client, "_package_handler", None)
+    if handler is None:
+        missing.append("Client._package_handler")
+    else:
+        callback = getattr(handler, "_reconnect_callback", None)
+        if getattr(callback, "__func__", None) is not GmqttClient.reconnect:
+            missing.append("MqttPackageHandler._reconnect_callback = Client.reconnect")
+        if manual_ack:
+            for name, params in _HOOKS.items():
+                fn = getattr(handler, name, None)
+                if not callable(fn) or list(inspect.signature(fn).parameters) != params:
+                    missing.append(f"MqttPackageHandler.{name}({', '.join(params)})")
+    if missing:
+        raise ConfigError(
+            f"{who}: the installed gmqtt {gmqtt_version()} does not have {'; '.join(missing)}, "
+            f"which Edgewise relies on; install a tested version: pip install 'gmqtt{GMQTT_TESTED}'"
+        )
+    return handler
+
+
+def refused_for_good(exc: MQTTConnectError, protocol: int) -> str | None:
+    """Why the broker refused, when retrying will not help (else None)."""
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    return REFUSED_FOR_GOOD[protocol].get(code) if code is not None else None
+
+
+class LinkEvents(Protocol):
+    """What `MqttLink` tells its owner, on the event loop."""
+
+    def link_connected(self, client: gmqtt.Client) -> None: ...
+
+    def link_failed(self, client: gmqtt.Client, error: Exception) -> None:
+        """An attempt failed: OSError, TimeoutError or MQTTConnectError. May raise to end."""
+
+    def link_lost(self, client: gmqtt.Client) -> None: ...
+
+
+def _setter(event: asyncio.Event) -> Callable[..., None]:
+    return lambda *_: event.set()
+
+
+class MqttLink:
+    """Keeps one MQTT connection up from one task (`run`); cancel the task to disconnect.
+
+    Each attempt uses a fresh client from ``make_client`` (a `GmqttClient`), so a connection's
+    state (packet ids, in-flight messages, callbacks) never leaks into the next one. After a
+    failed attempt it waits ``reconnect_min``, doubling up to ``reconnect_max``; after a lost
+    connection it waits ``reconnect_min`` again.
+    """
+
+    def __init__(
+        self,
+        make_client: Callable[[], gmqtt.Client],
+        events: LinkEvents,
+        *,
+        host: str,
+        port: int,
+        keepalive: int,
+        protocol: int,
+        connect_timeout: float,
+        reconnect_min: float,
+        reconnect_max: float,
+    ) -> None:
+        self.make_client = make_client
+        self.events = events
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.protocol = protocol
+        self.connect_timeout = connect_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+
+    async def run(self) -> None:
+        delay = self.reconnect_min
+        client: gmqtt.Client | None = None
+        lost = asyncio.Event()
+        open_ = False  # may the client's socket be open (so it needs our DISCONNECT)
+        try:
+            while True:
+                client = self.make_client()
+                lost = asyncio.Event()
+                client.on_disconnect = _setter(lost)  # bound now: old clients may call late
+                open_ = True
+                try:
+                    async with asyncio.timeout(self.connect_timeout):
+                        await client.connect(
+                            self.host, self.port, keepalive=self.keepalive, version=self.protocol
+                        )
+                except TimeoutError as exc:  # TCP or CONNACK too slow: close what is open
+                    await self._close(client)
+                    open_ = False
+                    self.events.link_failed(client, exc)
+                except (OSError, MQTTConnectError) as exc:
+                    if client.is_connected:  # refused, and the broker left the socket open
+                        await self._close(client)
+                    open_ = False
+                    self.events.link_failed(client, exc)
+                else:
+                    delay = self.reconnect_min
+                    self.events.link_connected(client)
+                    await lost.wait()
+                    open_ = False
+                    self.events.link_lost(client)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+        finally:
+            if client is not None and open_ and not lost.is_set():
+                await self._close(client)
+
+    @staticmethod
+    async def _close(client: gmqtt.Client) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await client.disconnect()
+        except (OSError, TimeoutError) as exc:
+            log.debug("closing an MQTT connection: %r", exc)
+
+
+# -- the source ---------------------------------------------------------------------------------
 class MqttConfig(ComponentConfig):
     topics: list[str] = Field(min_length=1)
     host: str = "127.0.0.1"
@@ -89,11 +266,11 @@ class MqttConfig(ComponentConfig):
     topic_strip_levels: int = Field(default=0, ge=0)
     """With sensor_from_topic: leading topic levels to drop (1: factory/line1/t/1 -> line1/t/1)."""
     batch: int = Field(default=8192, ge=1, le=1_000_000)  # messages per emitted batch, at most
-    linger: Duration = 0.005
-    """Wait this long after a batch's first message for more to arrive. Fewer, larger batches
-    cost less per message: at 10,000 msg/s (benchmarks/mqtt_clients.py, 2 cores) 5ms cut the CPU
-    per message by a quarter to a half, and without it QoS 1 did not keep up. Costs up to that
-    much latency; 0 hands each wake-up's messages over at once."""
+    linger: Duration = 0.0
+    """Wait this long after a batch's first message for more to arrive; 0 hands over what each
+    wake-up finds. At 10,000 msg/s (benchmarks/mqtt_clients.py --rate 10000, 2 cores) messages
+    arrive in bursts that make batches anyway: 2 or 5 ms saved at most a tenth of the CPU per
+    message, within run-to-run noise, and add up to that much alarm latency."""
     max_buffered: int = Field(default=100_000, ge=1)
     """QoS 0 messages held while the engine is busy; beyond this they are dropped and counted."""
 
@@ -133,7 +310,7 @@ class MqttConfig(ComponentConfig):
 
 
 class _Item:
-    """One received message, as the network thread hands it over."""
+    """One received message, as `MqttSource._take` keeps it."""
 
     __slots__ = ("accepted", "gen", "mid", "payload", "qos", "size", "topic")
 
@@ -155,19 +332,18 @@ class MqttSource(Source):
     def __init__(self, id: str, config: MqttConfig, ctx: RunContext) -> None:
         super().__init__(id, config, ctx)
         self.client_id = config.client_id or f"edgewise-{ctx.pipeline}-{id}-{uuid.uuid4().hex[:8]}"
-        self._lock = threading.Lock()
+        self._protocol = MQTTv50 if config.protocol == "5" else MQTTv311
         self._buf: list[_Item] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._client: Any = None
-        self._fatal: ConfigError | None = None
-        self._gen = 0  # connection generation: bumped on every successful connect
+        self._client: gmqtt.Client | None = None  # the latest connection's client
+        self._gen = 0  # connection generation: one per client, i.e. per connection attempt
+        self._puback: Callable[[int], None] | None = None  # sends a PUBACK on that connection
         self._seq = 0  # position counter
         self._unacked: collections.deque[tuple[int, int, list[int]]] = collections.deque()
         self._ever_connected = False
         self._fail_streak = 0
         self._overflow_warned = -1e9
-        # counters (written by the network thread or the loop, read anywhere)
+        # counters (read anywhere, written on the loop)
         self.received = 0
         self.dead_lettered = 0
         self.reconnects = 0
@@ -185,15 +361,15 @@ class MqttSource(Source):
             self._seq = position
 
     def ack(self, position: Any) -> None:
-        client = self._client
-        gen = self._gen
         unacked = self._unacked
+        client, gen, puback = self._client, self._gen, self._puback
+        live = client is not None and puback is not None and client.is_connected
         while unacked and unacked[0][0] <= position:
             _, msg_gen, mids = unacked.popleft()
-            if client is None or msg_gen != gen:
+            if not live or msg_gen != gen:
                 continue  # that connection is gone; the broker redelivers these
             for mid in mids:
-                client.ack(mid, 1)
+                puback(mid)  # type: ignore[misc]
             self.acked += len(mids)
 
     def stats(self) -> dict[str, Any]:
@@ -209,111 +385,112 @@ class MqttSource(Source):
         }
 
     async def run(self, out: SourceOutput) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = wake = asyncio.Event()
-        client = self._make_client()
         cfg = self.config
-        try:
-            client.connect_async(cfg.host, cfg.port, cfg.keepalive, **self._connect_args())
-        except ValueError as exc:
-            raise ConfigError(
-                f"source {self.id!r}: cannot use {cfg.host}:{cfg.port}: {exc}"
-            ) from None
-        self._client = client
-        client.loop_start()
+        self._wake = wake = asyncio.Event()
+        link = MqttLink(
+            self._new_client, self,
+            host=cfg.host, port=cfg.port, keepalive=cfg.keepalive, protocol=self._protocol,
+            connect_timeout=CONNECT_TIMEOUT_S, reconnect_min=cfg.reconnect_min,
+            reconnect_max=cfg.reconnect_max,
+        )
+        keeper = asyncio.create_task(link.run(), name=f"mqtt source {self.id}: connection")
+        keeper.add_done_callback(lambda _task: wake.set())
         try:
             while True:
                 await wake.wait()
+                if keeper.done():
+                    keeper.result()  # raises what ended it (a refused login: ConfigError)
+                    raise RuntimeError("the MQTT connection task ended")  # pragma: no cover
                 if cfg.linger and len(self._buf) < cfg.batch:
                     await asyncio.sleep(cfg.linger)  # gather more messages into this batch
                 wake.clear()
-                if self._fatal is not None:
-                    raise self._fatal
-                with self._lock:
-                    items, self._buf = self._buf, []
+                items, self._buf = self._buf, []
                 for i in range(0, len(items), cfg.batch):
                     await self._emit(items[i : i + cfg.batch], out)
         finally:
-            self._client = None
+            keeper.cancel()
+            await asyncio.wait([keeper])  # it disconnects (DISCONNECT after the last PUBACKs)
+            self._client = self._puback = None
             self.connected = self.subscribed = False
-            client.disconnect()
-            client.loop_stop()  # the thread ends within milliseconds once disconnecting
 
-    # -- paho side (network thread) -----------------------------------------------------------
-    def _make_client(self) -> Any:
-        import paho.mqtt.client as mqtt
-
+    # -- connection (event loop) --------------------------------------------------------------
+    def _new_client(self) -> gmqtt.Client:
         cfg = self.config
-        v5 = cfg.protocol == "5"
         kwargs: dict[str, Any] = {}
-        if not v5:
-            kwargs["clean_session"] = cfg.clean_session
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            manual_ack=cfg.qos == 1,
+        if self._protocol == MQTTv50:
+            kwargs["receive_maximum"] = cfg.receive_maximum
+            if not cfg.clean_session:
+                kwargs["session_expiry_interval"] = min(int(cfg.session_expiry), 0xFFFFFFFF)
+        manual = cfg.qos == 1
+        client = GmqttClient(
+            self.client_id,
+            clean_session=cfg.clean_session,
+            optimistic_acknowledgement=not manual,
             **kwargs,
         )
+        handler = gmqtt_handler(client, f"source {self.id!r}", manual_ack=manual)
         if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        client.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_max)  # type: ignore[arg-type]
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
+            client.set_auth_credentials(cfg.username, cfg.password)
+        self._gen += 1
+        gen = self._gen
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        if manual:
+            # the packet id of a QoS 1 message is only known here (see the module docstring)
+            def on_qos1(mid: int, payload: bytes, topic: Any, properties: Any) -> None:
+                self._take(topic, payload, 1, mid, gen)
+
+            handler._handle_qos_1_publish_packet = on_qos1
+            self._puback = handler._send_puback
+        self._client = client
         return client
-
-    def _connect_args(self) -> dict[str, Any]:
-        cfg = self.config
-        if cfg.protocol != "5":
-            return {}
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        props = Properties(PacketTypes.CONNECT)
-        props.ReceiveMaximum = cfg.receive_maximum
-        if not cfg.clean_session:
-            props.SessionExpiryInterval = min(int(cfg.session_expiry), 0xFFFFFFFF)
-        return {"clean_start": cfg.clean_session, "properties": props}
 
     def _where(self) -> str:
         return f"MQTT broker {self.config.host}:{self.config.port}"
 
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        try:
-            if rc.is_failure:
-                self.connect_failures += 1
-                if rc.value in REFUSED_FOR_GOOD and not self._ever_connected:
-                    self._fatal = ConfigError(
-                        f"source {self.id!r}: {self._where()} refused the connection: "
-                        f"{REFUSED_FOR_GOOD[rc.value]}; check username, password and client_id"
-                    )
-                    self._wake_loop()
-                    return
-                log.warning("source %s: %s refused the connection: %s; retrying",
-                            self.id, self._where(), rc)
-                return
-            self._gen += 1
-            self.connected = True
-            if self._ever_connected:
-                self.reconnects += 1
-                log.warning("source %s: reconnected to %s (reconnect %d)",
-                            self.id, self._where(), self.reconnects)
-            elif self._fail_streak:
-                log.warning("source %s: connected to %s after %d failed attempts",
-                            self.id, self._where(), self._fail_streak)
-            else:
-                log.info("source %s: connected to %s", self.id, self._where())
-            self._ever_connected = True
-            self._fail_streak = 0
-            client.subscribe([(t, self.config.qos) for t in self.config.topics])
-        except Exception:  # never let an exception kill paho's network thread
-            log.exception("source %s: error in on_connect", self.id)
+    def link_connected(self, client: gmqtt.Client) -> None:
+        self.connected = True
+        if self._ever_connected:
+            self.reconnects += 1
+            log.warning("source %s: reconnected to %s (reconnect %d)",
+                        self.id, self._where(), self.reconnects)
+        elif self._fail_streak:
+            log.warning("source %s: connected to %s after %d failed attempts",
+                        self.id, self._where(), self._fail_streak)
+        else:
+            log.info("source %s: connected to %s", self.id, self._where())
+        self._ever_connected = True
+        self._fail_streak = 0
+        client.subscribe([gmqtt.Subscription(t, qos=self.config.qos) for t in self.config.topics])
 
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        bad = [str(c) for c in codes if c.is_failure]
+    def link_failed(self, client: gmqtt.Client, error: Exception) -> None:
+        self.connect_failures += 1
+        self._fail_streak += 1
+        if isinstance(error, MQTTConnectError):
+            permanent = refused_for_good(error, self._protocol)
+            if permanent and not self._ever_connected:
+                raise ConfigError(
+                    f"source {self.id!r}: {self._where()} refused the connection: {permanent}; "
+                    "check username, password and client_id"
+                ) from None
+            log.warning("source %s: %s refused the connection: %s; retrying",
+                        self.id, self._where(), error)
+            return
+        if self._fail_streak == 1:
+            reason = "no answer" if isinstance(error, TimeoutError) else str(error)
+            log.warning(
+                "source %s: cannot connect to %s (%s); retrying with backoff (up to every %gs)",
+                self.id, self._where(), reason, self.config.reconnect_max,
+            )
+
+    def link_lost(self, client: gmqtt.Client) -> None:
+        self.connected = self.subscribed = False
+        log.warning("source %s: lost the connection to %s; reconnecting", self.id, self._where())
+
+    def _on_subscribe(self, client: gmqtt.Client, mid: int, codes: Any, props: Any) -> None:
+        if client is not self._client:
+            return
+        bad = [hex(c) for c in codes if c >= 0x80]
         if bad:
             log.warning("source %s: the broker refused subscriptions to %s: %s",
                         self.id, self.config.topics, ", ".join(bad))
@@ -321,64 +498,42 @@ class MqttSource(Source):
             self.subscribed = True
             log.info("source %s: subscribed to %s", self.id, ", ".join(self.config.topics))
 
-    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
-        self.connect_failures += 1
-        self._fail_streak += 1
-        if self._fail_streak == 1:
-            log.warning(
-                "source %s: cannot connect to %s; retrying with backoff (up to every %gs)",
-                self.id, self._where(), self.config.reconnect_max,
-            )
+    # -- receiving (event loop, called by gmqtt for each message) -------------------------------
+    def _on_message(
+        self, client: gmqtt.Client, topic: Any, payload: bytes, qos: int, properties: Any
+    ) -> None:
+        self._take(topic, payload, qos, 0, 0)
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        was = self.connected
-        self.connected = self.subscribed = False
-        if rc.is_failure and was:
-            log.warning("source %s: lost the connection to %s (%s); reconnecting",
-                        self.id, self._where(), rc)
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+    def _take(self, topic: Any, payload: bytes, qos: int, mid: int, gen: int) -> None:
         try:
-            payload = msg.payload
             size = len(payload)
             if size > self.config.max_message_bytes:
                 payload = payload[:KEEP_BYTES]
-            try:
-                topic = msg.topic
-            except UnicodeDecodeError:
-                topic = repr(msg._topic)
-            item = _Item(topic, payload, size, msg.qos, msg.mid, self._gen, time.perf_counter())
-            with self._lock:
-                buf = self._buf
-                if msg.qos == 0 and len(buf) >= self.config.max_buffered:
-                    self.dropped_overflow += 1
-                    now = time.monotonic()
-                    if now - self._overflow_warned >= 10.0:
-                        self._overflow_warned = now
-                        log.warning(
-                            "source %s: the engine is behind; %d messages waiting, dropping "
-                            "QoS 0 messages (%d so far, see dropped_overflow)",
-                            self.id, len(buf), self.dropped_overflow,
-                        )
-                    return
-                buf.append(item)
-                first = len(buf) == 1
+            if type(topic) is not str:  # gmqtt hands over a topic that is not UTF-8 as bytes
+                topic = repr(topic)
+            buf = self._buf
+            if qos == 0 and len(buf) >= self.config.max_buffered:
+                self._overflow(len(buf))
+                return
+            buf.append(_Item(topic, payload, size, qos, mid, gen, time.perf_counter()))
             self.received += 1
-            if first:
-                self._wake_loop()
-        except Exception:
-            log.exception("source %s: error in on_message", self.id)
+            if len(buf) == 1 and self._wake is not None:
+                self._wake.set()
+        except Exception:  # never let an exception into gmqtt's packet handling
+            log.exception("source %s: error taking a message", self.id)
 
-    def _wake_loop(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None:
-            return
-        try:
-            loop.call_soon_threadsafe(wake.set)
-        except RuntimeError:  # the loop is closed: we are shutting down
-            pass
+    def _overflow(self, waiting: int) -> None:
+        self.dropped_overflow += 1
+        now = time.monotonic()
+        if now - self._overflow_warned >= 10.0:
+            self._overflow_warned = now
+            log.warning(
+                "source %s: the engine is behind; %d messages waiting, dropping QoS 0 messages "
+                "(%d so far, see dropped_overflow)",
+                self.id, waiting, self.dropped_overflow,
+            )
 
-    # -- asyncio side -------------------------------------------------------------------------
+    # -- handing over (event loop) ------------------------------------------------------------
     async def _emit(self, items: list[_Item], out: SourceOutput) -> None:
         batch = self._parse(items, out)
         if self.config.qos == 0:
