@@ -110,3 +110,27 @@ async def test_cancellation_stops_the_engine_gracefully(tmp_path: Path) -> None:
     assert not engine.running and access.current() is None
     with pytest.raises(Exception, match="not open"):
         engine.outbox.db  # noqa: B018 - closed by the engine's own shutdown
+
+
+async def test_status_keeps_the_finished_pipelines_counts_and_sink_latency(
+    tmp_path: Path,
+) -> None:
+    """A finished pipeline's readings, alarms and local sink latency stay in the status (the
+    demo and `agent status` show them after the run), with per-sink latency while it runs."""
+    text = PIPE.format(name="fin", source=FINITE).replace(
+        "  sinks:\n", "  sinks:\n    - {id: local, type: log, inputs: [fin-src], "
+        "max_per_batch: 1}\n")
+    access = OutboxAccess()
+    sup = EngineSupervisor(tmp_path, access, Backoff(0.01, 0.05))
+    task = asyncio.create_task(sup.run(parse_pipeline(text, "fin.yaml")))
+    try:
+        await until(lambda: sup.state == "finished")
+        st = sup.status()
+        assert (st["state"], st["readings_in"], st["alarms"]) == ("finished", 500, 0)
+        assert set(st["sinks"]) == {"local"}
+        assert st["sinks"]["local"]["count"] == 500
+        assert st["sinks"]["local"]["p99_ms"] > 0
+    finally:
+        sup.stop()
+        await asyncio.wait_for(task, 10)
+    assert sup.status()["readings_in"] == 500

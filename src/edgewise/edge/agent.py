@@ -87,6 +87,7 @@ class EngineSupervisor:
         self._changed: asyncio.Event | None = None
         self._stopping = False
         self._waiter: asyncio.Future[str | None] | None = None
+        self.last_summary: dict[str, Any] | None = None  # of the last engine that ended
 
     def status(self) -> dict[str, Any]:
         eng = self.engine
@@ -96,10 +97,14 @@ class EngineSupervisor:
             "error": self.error,
             "starts": self.starts,
         }
-        if eng is not None and eng.running:
-            s = eng.summary()
+        # the live engine's figures, else those of the last engine that ended (a finished
+        # pipeline keeps showing what it did)
+        s = eng.summary() if eng is not None and eng.running else self.last_summary
+        if s is not None:
             out.update(readings_in=s["readings_in"], alarms=s["alarms"], late=s["late"],
                        dead_lettered=s["dead_lettered"], elapsed_s=s["elapsed_s"])
+            out["sinks"] = {sid: st["latency"] for sid, st in s["sinks"].items()
+                            if st.get("latency")}  # accept-to-action, per local sink
         return out
 
     def counters(self) -> dict[str, int]:
@@ -205,7 +210,7 @@ class EngineSupervisor:
             if not task.done():
                 engine.stop()
             try:
-                await task
+                self.last_summary = await task
             except EdgewiseError as exc:
                 self.error = str(exc)
                 return "failed"
