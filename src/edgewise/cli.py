@@ -45,6 +45,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
     )
+    # gmqtt logs a traceback for every lost connection; our sources and sinks say it in a line
+    logging.getLogger("gmqtt").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
 
 
 @main.command()
@@ -214,10 +216,11 @@ def components(markdown: bool) -> None:
 def _register_subcommands() -> None:
     from edgewise.cloud.cli import cloud
     from edgewise.cloud.operator_cli import config, data, node
+    from edgewise.demo import demo
     from edgewise.edge.cli import agent
     from edgewise.plan.cli import plan
 
-    for command in (plan, cloud, agent, node, config, data):
+    for command in (plan, cloud, agent, node, config, data, demo):
         main.add_command(command)
 
 
