@@ -191,7 +191,10 @@ spec:
     _, _, values = sig.readings(0, s["readings_in"])
     expected = int(np.count_nonzero(values > THRESHOLD))
     lat = s["sinks"]["local"]["latency"]
+    handoff = s["sinks"]["local"]["latency_handoff"]
     return {
+        "alarm_p50_ms_inprocess_handoff": round(handoff["p50_ms"], 4),
+        "alarm_p99_ms_inprocess_handoff": round(handoff["p99_ms"], 4),
         "inprocess_readings": s["readings_in"],
         "inprocess_alarms": s["alarms"],
         "inprocess_alarms_expected": expected,
@@ -386,9 +389,12 @@ def main() -> None:
         ("peak RSS of edgewise run", f"{figures['peak_rss_mb']} MB", "target < 150 MB"),
     ]
     if "alarm_p99_ms_inprocess" in figures:
-        rows.append(("alarm p99 in-process", f"{figures['alarm_p99_ms_inprocess']} ms",
+        rows.append(("alarm p99 in-process, written", f"{figures['alarm_p99_ms_inprocess']} ms",
                      f"target <= 1 ms ({figures['inprocess_alarms']} alarms, "
                      f"{figures['inprocess_alarms_expected']} expected)"))
+        rows.append(("alarm p99 in-process, handed to client",
+                     f"{figures['alarm_p99_ms_inprocess_handoff']} ms",
+                     "the same, before the socket write"))
         rows.append(("alarm p99 via Mosquitto", f"{figures['alarm_p99_ms_mqtt']} ms",
                      f"target <= 5 ms ({figures['mqtt_alarms_received']} of "
                      f"{figures['mqtt_alarms_expected']} received, lost {figures['alarms_lost']})"))

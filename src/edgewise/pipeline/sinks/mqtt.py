@@ -203,7 +203,8 @@ class MqttSink(Sink):
         self.client_id = config.client_id or (
             f"edgewise-{ctx.pipeline}-{id}-{uuid.uuid4().hex[:8]}"[-64:]
         )
-        self.latency = LatencyRecorder()
+        self.latency = LatencyRecorder()  # accepted -> written to the broker's socket
+        self.latency_handoff = LatencyRecorder()  # accepted -> handed to the MQTT client
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -350,11 +351,14 @@ class MqttSink(Sink):
         qos, retain = cfg.qos, cfg.retain
         inflight = self._inflight
         lat: list[float] = []
+        handoff: list[float] = []
         try:
             while queue:
                 out = queue[0]
                 if qos:
                     inflight.next = out  # type: ignore[union-attr]
+                if not out.sent:
+                    handoff.append(time.perf_counter() - out.accepted)
                 try:
                     client.publish(out.topic, out.payload, qos, retain)
                 except OverflowError:
@@ -372,6 +376,9 @@ class MqttSink(Sink):
             if lat:
                 values = np.asarray(lat, dtype=np.float64)
                 self.latency.add(values[~np.isnan(values)])
+            if handoff:
+                values = np.asarray(handoff[: len(lat)], dtype=np.float64)
+                self.latency_handoff.add(values[~np.isnan(values)])
 
     def _on_puback(self) -> None:
         self.delivered += 1
@@ -467,4 +474,5 @@ class MqttSink(Sink):
             "queued": len(self._queue) + self._unacked(),
             "connected": self._connected(),
             "latency": self.latency.summary(),
+            "latency_handoff": self.latency_handoff.summary(),
         }
