@@ -109,3 +109,43 @@ async def test_closing_with_open_connections_logs_no_error(
     w2.close()
     errors = [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_peer_reset_mid_stream_ends_the_connection_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The target resets the connection while data flows: the proxy closes the client side
+    and nothing is logged as an unretrieved task exception."""
+    import gc
+    import socket
+    import struct
+
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(resetter, "127.0.0.1", 0)
+    try:
+        async with LinkProxy("127.0.0.1", server.sockets[0].getsockname()[1]) as link:
+            reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            try:
+                for _ in range(200):
+                    writer.write(b"x" * 65536)
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+            except ConnectionError:
+                pass
+            try:  # closed towards us
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+            except ConnectionError:
+                pass
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    gc.collect()
+    await asyncio.sleep(0)
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
+    assert errors == [], [r.getMessage() for r in errors]

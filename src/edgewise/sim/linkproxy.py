@@ -126,7 +126,7 @@ class LinkProxy:
             await asyncio.gather(
                 self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down")
             )
-        except (OSError, asyncio.IncompleteReadError):
+        except* (OSError, asyncio.IncompleteReadError):  # also from _pipe's task group
             pass
         finally:
             self._conns.discard(pair)
