@@ -1,0 +1,885 @@
+"""`edgewise demo`: the whole system on this machine, one link cut, every record checked.
+
+In a temporary directory (or ``--keep DIR``) it starts, as real processes:
+
+* ``edgewise cloud serve`` on a free port of 127.0.0.1;
+* ``--agents`` edge agents (``edgewise agent run``), each running the factory line
+  (``examples/factory-line.yaml``: 200 sensors at 50 Hz, 10,000 readings/s) for ``--duration``
+  seconds of readings (the simulator's ``limit``), each enrolled with its own one-time token
+  (``edgewise cloud token create``) and connected through its own `LinkProxy`, which runs in
+  this process, counts the bytes on the wire (TLS included) and can cut the link.
+
+Then it cuts one agent's link (a blackhole) for ``--cut-seconds``, restores it, waits until
+every outbox has drained and the control plane holds every record, stops the agents gracefully
+and prints one row per node: readings, alarms, the local alarm latency p99, records produced
+against records stored in the cloud, and bytes on the wire per reading against one JSON message
+per reading over MQTT. The exit code is 0 only if every node's counts match.
+
+Every child runs in its own session (process group) and gets SIGTERM if this process dies
+(``PR_SET_PDEATHSIG``, Linux). Ctrl-C or SIGTERM stops them all: SIGTERM, then SIGKILL after a
+grace period; a second Ctrl-C kills them at once.
+
+The building blocks (`ChildProcess`, `ControlPlane`, `AgentProcess`, `System`,
+`factory_pipeline`, `json_mqtt_baseline`) are also used by the end-to-end tests and the sync
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from edgewise.errors import ConfigError, EdgewiseError
+from edgewise.sim.linkproxy import LinkProxy
+
+CLI: tuple[str, ...] = (sys.executable, "-m", "edgewise.cli")
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "factory-line.yaml"
+PR_SET_PDEATHSIG = 1
+
+
+class DemoError(EdgewiseError):
+    """A process of the demo failed to start or stopped unexpectedly."""
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send SIGTERM to the child when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def setup() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return setup
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+class ChildProcess:
+    """One child process in its own session; output to a log file; stopped as a group."""
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path,
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            out.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, **(self.env or {})}, cwd=self.cwd,
+                start_new_session=True, preexec_fn=_die_with_parent(),
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the child's whole process group."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    async def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if it is still running after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.returncode
+
+    async def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.running:
+            self.signal(signal.SIGTERM)
+            if await self.wait(grace) is None:
+                self.kill()
+                await self.wait(5.0)
+        self.signal(signal.SIGKILL)  # anything the child left in its group
+        return self.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+async def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``edgewise ARGS`` to completion (in a worker thread); output captured."""
+    return await asyncio.to_thread(
+        subprocess.run, [*CLI, *args], capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class ControlPlane:
+    """``edgewise cloud serve --data DIR --port PORT`` as a child process."""
+
+    def __init__(self, data_dir: Path, port: int, logs: Path,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.url = f"https://127.0.0.1:{port}"
+        self.child = ChildProcess(
+            "cloud", [*CLI, "cloud", "serve", "--data", str(data_dir), "--port", str(port),
+                      *extra_args], logs / "cloud.log")
+        self._operator: Any = None
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "pki" / "ca.pem"
+
+    @property
+    def cli_config(self) -> Path:
+        return self.data_dir / "cli.json"
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start and wait until ``/healthz`` answers over TLS. Raises `DemoError` with the
+        log's tail if it exits or does not answer in time."""
+        import httpx
+
+        from edgewise.security.tls import client_context
+
+        self.child.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.child.running:
+                raise DemoError(f"edgewise cloud serve exited with code {self.child.returncode}:"
+                                f"\n{self.child.log_tail()}")
+            if self.ca.exists() and self.cli_config.exists():
+                try:
+                    async with httpx.AsyncClient(verify=client_context(self.ca),
+                                                 timeout=2.0) as http:
+                        if (await http.get(f"{self.url}/healthz")).status_code == 200:
+                            return
+                except httpx.TransportError:
+                    pass
+            await asyncio.sleep(0.1)
+        raise DemoError(f"edgewise cloud serve did not answer within {timeout:.0f} s:\n"
+                        f"{self.child.log_tail()}")
+
+    async def stop(self) -> int | None:
+        return await self.child.stop()
+
+    def operator(self) -> Any:
+        """The operator API client (`edgewise.cloud.client.OperatorClient`), admin token."""
+        from edgewise.cloud.client import OperatorClient
+
+        if self._operator is None:
+            self._operator = OperatorClient.from_file(self.cli_config, timeout=10.0)
+        return self._operator
+
+    def close(self) -> None:
+        if self._operator is not None:
+            self._operator.close()
+            self._operator = None
+
+    async def token(self, labels: dict[str, str], uses: int = 1, ttl: str = "1h") -> str:
+        """A one-time enrolment token, made with the real ``edgewise cloud token create``."""
+        text = ",".join(f"{k}={v}" for k, v in labels.items())
+        res = await run_cli("cloud", "token", "create", "--data", str(self.data_dir),
+                            "--labels", text, "--uses", str(uses), "--ttl", ttl, "--json")
+        if res.returncode != 0:
+            raise DemoError(f"edgewise cloud token create failed: {res.stderr.strip()}")
+        return str(json.loads(res.stdout)["token"])
+
+    async def stats(self) -> dict[tuple[str, str], Any]:
+        """Per (node, stream) the control plane's `StreamStat` (records stored, marks)."""
+        resp = await asyncio.to_thread(self.operator().data_stats)
+        return {(s.node, s.stream): s for s in resp.streams}
+
+
+class AgentProcess:
+    """``edgewise agent run`` as a child process, connected through ``link``."""
+
+    def __init__(self, name: str, data_dir: Path, logs: Path, pipeline: Path,
+                 cloud: ControlPlane, link: LinkProxy | None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.name = name
+        self.data_dir = data_dir
+        self.pipeline = pipeline
+        self.cloud = cloud
+        self.link = link
+        self.extra_args = list(extra_args)
+        self.log = logs / f"{name}.log"
+        self.child: ChildProcess | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        port = self.link.port if self.link is not None else self.cloud.port
+        return f"https://127.0.0.1:{port}"
+
+    def start(self, token: str | None = None) -> None:
+        """Start (again); the first start needs the enrolment token."""
+        argv = [*CLI, "agent", "run", "--data", str(self.data_dir), "--cloud", self.url,
+                "--ca", str(self.cloud.ca), "--pipeline", str(self.pipeline), *self.extra_args]
+        env = {"EDGEWISE_ENROL_TOKEN": token} if token else None
+        self.child = ChildProcess(self.name, argv, self.log, env=env, cwd=self.data_dir.parent)
+        self.child.start()
+        self.starts += 1
+
+    @property
+    def running(self) -> bool:
+        return self.child is not None and self.child.running
+
+    @property
+    def node_id(self) -> str | None:
+        try:
+            return (self.data_dir / "identity" / "node_id").read_text().strip() or None
+        except OSError:
+            return None
+
+    def status(self) -> dict[str, Any]:
+        """What ``edgewise agent status --json`` prints (read in this process)."""
+        from edgewise.edge.status import read_status
+
+        return read_status(self.data_dir)
+
+    async def stop(self) -> int | None:
+        return await self.child.stop() if self.child is not None else None
+
+    def kill(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+
+class System:
+    """A control plane, agents and their link proxies, all stopped on exit (also on errors
+    and cancellation): ``async with System(workdir) as system: ...``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.cloud: ControlPlane | None = None
+        self.agents: list[AgentProcess] = []
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> System:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await asyncio.gather(*(a.stop() for a in self.agents))
+            if self.cloud is not None:
+                self.cloud.close()
+                await self.cloud.stop()
+        finally:
+            self.kill_all()
+            await self._stack.aclose()
+
+    def kill_all(self) -> None:
+        """SIGKILL every process group started here (safe from a signal handler)."""
+        for a in self.agents:
+            a.kill()
+        if self.cloud is not None:
+            self.cloud.child.kill()
+
+    def children(self) -> list[ChildProcess]:
+        out = [a.child for a in self.agents if a.child is not None]
+        if self.cloud is not None:
+            out.append(self.cloud.child)
+        return out
+
+    async def start_cloud(self, port: int | None = None,
+                          extra_args: Sequence[str] = ()) -> ControlPlane:
+        self.cloud = ControlPlane(self.workdir / "cloud", port or free_port(), self.logs,
+                                  extra_args)
+        await self.cloud.start()
+        return self.cloud
+
+    async def restart_cloud(self) -> int | None:
+        """SIGTERM the control plane, then start it again on the same directory and port."""
+        assert self.cloud is not None
+        code = await self.cloud.stop()
+        self.cloud.child = ChildProcess("cloud", self.cloud.child.argv, self.cloud.child.log)
+        await self.cloud.start()
+        return code
+
+    async def add_agent(self, name: str, pipeline: Path, token: str, *, proxy: bool = True,
+                        extra_args: Sequence[str] = ()) -> AgentProcess:
+        """Start an agent (enrolling with ``token``) behind its own link proxy."""
+        assert self.cloud is not None, "start the control plane first"
+        link = None
+        if proxy:
+            link = await self._stack.enter_async_context(LinkProxy("127.0.0.1",
+                                                                   self.cloud.port))
+        agent = AgentProcess(name, self.workdir / name, self.logs, pipeline, self.cloud, link,
+                             extra_args)
+        self.agents.append(agent)
+        agent.start(token)
+        return agent
+
+
+async def wait_for(check: Callable[[], bool], timeout: float, what: str,
+                   interval: float = 0.2) -> None:
+    """Poll ``check`` until it is true; `DemoError` naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def link_state(status: dict[str, Any]) -> str:
+    return str((status.get("link") or {}).get("state") or "-")
+
+
+# -- the pipeline and the baseline ---------------------------------------------------------
+
+
+def find_example() -> Path:
+    if EXAMPLE.is_file():
+        return EXAMPLE
+    raise ConfigError(f"{EXAMPLE} not found (an installed copy without the examples?); "
+                      "pass --pipeline FILE with a factory-line pipeline")
+
+
+def factory_pipeline(readings: int | None, source: Path | None = None, *,
+                     stages: Sequence[dict[str, Any]] = (),
+                     sinks: Sequence[dict[str, Any]] = ()) -> tuple[str, int]:
+    """The pipeline YAML of ``source`` (default: the factory-line example) with its simulator
+    limited to ``readings`` (None: unlimited) and ``stages``/``sinks`` added; and the
+    simulator's seed."""
+    import yaml
+
+    path = source or find_example()
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        sims = [s for s in doc["spec"]["sources"] if s.get("type") == "simulator"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a pipeline with a simulator source: {exc}") from None
+    if len(sims) != 1:
+        raise ConfigError(f"{path}: the demo needs exactly one simulator source")
+    if readings is not None:
+        sims[0]["limit"] = int(readings)
+    doc["spec"]["stages"] = [*doc["spec"].get("stages", []), *stages]
+    doc["spec"]["sinks"] = [*doc["spec"].get("sinks", []), *sinks]
+    return yaml.safe_dump(doc, sort_keys=False), int(sims[0].get("seed", 42))
+
+
+def mqtt_packet_bytes(topic: str, payload: bytes) -> int:
+    """An MQTT 3.1.1 QoS 0 PUBLISH: fixed header, topic length and topic, payload (as
+    benchmarks/edge_pipeline.py counts it)."""
+    body = 2 + len(topic.encode()) + len(payload)
+    length_bytes = 1 if body < 128 else 2 if body < 16384 else 3
+    return 1 + length_bytes + body
+
+
+def json_mqtt_baseline(readings: int, seed: int = 42, chunk: int = 100_000) -> int:
+    """Bytes of one JSON MQTT message per reading for the first ``readings`` factory-line
+    readings of ``seed``: the NDJSON line of `sim.signals.write_ndjson` as the payload and
+    ``factory/<sensor>`` as the topic, exactly as benchmarks/edge_pipeline.py computes it."""
+    import numpy as np
+
+    from edgewise.sim.signals import factory_line
+
+    sig = factory_line(seed)
+    start_ts = 1_764_547_200.0  # write_ndjson's default; every ts has the same width
+    total = 0
+    for first in range(0, readings, chunk):
+        k = min(chunk, readings - first)
+        s, t, v = sig.readings(first, k)
+        ts = np.round(start_ts + t / sig.rate_hz, 2)
+        for n, a, b in zip(sig.names[s].tolist(), ts.tolist(), v.tolist(), strict=True):
+            payload = f'{{"sensor":"{n}","ts":{a:.2f},"value":{b:.2f}}}'.encode()
+            total += mqtt_packet_bytes(f"factory/{n}", payload)
+    return total
+
+
+def expected_alarms(readings: int, seed: int = 42, threshold: float = 100.0) -> int:
+    """Readings above ``threshold`` among the first ``readings`` of the factory line."""
+    import numpy as np
+
+    from edgewise.sim.signals import factory_line
+
+    sig = factory_line(seed)
+    count = 0
+    for first in range(0, readings, 500_000):
+        _, _, v = sig.readings(first, min(500_000, readings - first))
+        count += int(np.count_nonzero(v > threshold))
+    return count
+
+
+def durable_readings(data_dir: Path) -> int | None:
+    """Readings the node's engine has durably consumed: the simulator positions in the
+    engine checkpoint of its outbox (read-only; exact across restarts). None if unknown."""
+    import sqlite3
+
+    from edgewise.edge.status import outbox_path
+    from edgewise.pipeline import checkpoint as ckpt
+
+    path = outbox_path(data_dir)
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM checkpoint WHERE key = 'engine'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    if row is None:
+        return None
+    positions = ckpt.unpack(row[0]).get("positions") or {}
+    counts = []
+    for entry in positions.values():  # {"digest": ..., "position": {"produced": N, ...}}
+        pos = entry.get("position") if isinstance(entry, dict) else None
+        if isinstance(pos, dict) and isinstance(pos.get("produced"), int):
+            counts.append(pos["produced"])
+    return sum(counts) if counts else None
+
+
+def sink_p99(status: dict[str, Any]) -> float | None:
+    """The largest accept-to-action p99 (ms) of the engine's local sinks, if reported."""
+    sinks = (status.get("engine") or {}).get("sinks") or {}
+    values = [s.get("p99_ms") for s in sinks.values() if isinstance(s, dict)]
+    values = [v for v in values if isinstance(v, int | float)]
+    return max(values) if values else None
+
+
+# -- the demo -------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeView:
+    """What the demo knows about one node while it runs and at the end."""
+
+    agent: AgentProcess
+    status: dict[str, Any] = field(default_factory=dict)
+    readings: int = 0
+    alarms: int = 0
+    p99_ms: float | None = None
+    engine_state: str = "-"
+    cut: tuple[float, float] | None = None  # monotonic cut and restore times
+    reconnected_after_s: float | None = None
+    drained_after_s: float | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, status: dict[str, Any]) -> None:
+        self.status = status
+        eng = status.get("engine") or {}
+        self.engine_state = str(eng.get("state") or "-")
+        self.readings = max(self.readings, int(eng.get("readings_in") or 0))
+        self.alarms = max(self.alarms, int(eng.get("alarms") or 0))
+        p99 = sink_p99(status)
+        if p99 is not None:
+            self.p99_ms = p99
+
+    def streams(self) -> dict[str, dict[str, Any]]:
+        return dict(self.status.get("streams") or {})
+
+    def pending(self) -> int:
+        return sum(int(s.get("pending") or 0) for s in self.streams().values())
+
+    def acked(self) -> int:
+        return sum(int(s.get("acknowledged") or 0) for s in self.streams().values())
+
+    def produced(self) -> int:
+        return sum(int(s.get("produced") or 0) for s in self.streams().values())
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    agents: int = 3
+    cut_seconds: float = 20.0
+    duration: float = 60.0
+    keep: Path | None = None
+    pipeline: Path | None = None
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions, console: Console) -> None:
+        self.opts = opts
+        self.console = console
+        self.phase = "starting"
+        self.t0 = time.monotonic()
+        self.nodes: list[NodeView] = []
+        self.cloud_stats: dict[tuple[str, str], Any] = {}
+        self.system: System | None = None
+        self._last_phase_line = ""
+
+    # -- progress ---------------------------------------------------------------------------
+    def set_phase(self, text: str) -> None:
+        self.phase = text
+        if not self.console.is_terminal and text != self._last_phase_line:
+            self.console.print(f"[{time.monotonic() - self.t0:5.1f} s] {escape(text)}",
+                               highlight=False, soft_wrap=True)
+        self._last_phase_line = text
+
+    def progress(self) -> Group:
+        t = Table(box=None, title=None)
+        for col in ("node", "link", "pipeline", "readings", "alarms", "outbox pending",
+                    "stored in cloud", "bytes up/down"):
+            t.add_column(col, justify="left" if col in ("node", "link", "pipeline") else "right")
+        for n in self.nodes:
+            link = n.agent.link
+            proxy = link.state if link is not None else "direct"
+            state = link_state(n.status)
+            link_text = f"{state}" if proxy == "up" else f"[bold red]CUT ({proxy})[/] {state}"
+            stored = sum(s.records_stored for (node, _), s in self.cloud_stats.items()
+                         if node == n.agent.node_id)
+            wire = (f"{link.stats.bytes_up:,}/{link.stats.bytes_down:,}"
+                    if link is not None else "-")
+            t.add_row(n.agent.name, link_text, n.engine_state, f"{n.readings:,}",
+                      f"{n.alarms:,}", f"{n.pending():,}", f"{stored:,}", wire)
+        head = Text.from_markup(f"[bold]edgewise demo[/] {time.monotonic() - self.t0:5.1f} s - "
+                                f"{escape(self.phase)}")
+        return Group(head, t)
+
+    async def poll(self, stats: bool = True) -> None:
+        import httpx
+
+        statuses = await asyncio.gather(
+            *(asyncio.to_thread(n.agent.status) for n in self.nodes), return_exceptions=True)
+        for n, st in zip(self.nodes, statuses, strict=True):
+            if isinstance(st, dict):
+                n.update(st)
+        if stats and self.system is not None and self.system.cloud is not None:
+            with contextlib.suppress(EdgewiseError, httpx.HTTPError):
+                self.cloud_stats = await self.system.cloud.stats()
+
+    async def refresher(self, live: Live | None) -> None:
+        while True:
+            await self.poll()
+            for n in self.nodes:
+                if n.agent.child is not None and not n.agent.running and \
+                        self.phase != "stopping the agents":
+                    raise DemoError(f"agent {n.agent.name} exited with code "
+                                    f"{n.agent.child.returncode}:\n{n.agent.child.log_tail()}")
+            if live is not None:
+                live.update(self.progress())
+            await asyncio.sleep(0.5)
+
+    # -- the run ----------------------------------------------------------------------------
+    async def run(self, system: System) -> bool:
+        opts = self.opts
+        self.system = system
+        work = system.workdir
+        self.set_phase("starting the control plane")
+        cloud = await system.start_cloud()
+        rate = 10_000
+        readings = round(opts.duration * rate)
+        text, seed = factory_pipeline(readings, opts.pipeline)
+        pipeline = work / "factory-line.yaml"
+        pipeline.write_text(text, encoding="utf-8")
+        self.set_phase(f"making {opts.agents} one-time enrolment tokens")
+        tokens = await asyncio.gather(*(cloud.token({"demo": "edgewise", "node": f"edge-{i}"})
+                                        for i in range(1, opts.agents + 1)))
+        self.set_phase(f"starting {opts.agents} agents (factory line, {rate:,} readings/s, "
+                       f"{readings:,} readings each)")
+        for i, token in enumerate(tokens, start=1):
+            agent = await system.add_agent(f"edge-{i}", pipeline, token)
+            self.nodes.append(NodeView(agent))
+        baseline_task = asyncio.create_task(asyncio.to_thread(json_mqtt_baseline, readings,
+                                                              seed))
+        try:
+            await self._run_phases(readings)
+            per_reading_base = await baseline_task / readings
+        finally:
+            if not baseline_task.done():
+                baseline_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await baseline_task
+        await self._finish(system, per_reading_base)
+        return all(self._node_ok(n) for n in self.nodes)
+
+    async def _run_phases(self, readings: int) -> None:
+        opts = self.opts
+        live = Live(self.progress(), console=self.console, refresh_per_second=4,
+                    transient=False) if self.console.is_terminal else None
+        with live if live is not None else contextlib.nullcontext():
+            refresher = asyncio.create_task(self.refresher(live))
+            try:
+                await self._scenario(readings, opts, refresher)
+            finally:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+            if live is not None:
+                live.update(self.progress())
+
+    async def _watch(self, refresher: asyncio.Task[None], check: Callable[[], bool],
+                     timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if refresher.done():
+                refresher.result()  # re-raises the failure it saw
+            if time.monotonic() > deadline:
+                raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+            await asyncio.sleep(0.2)
+
+    async def _scenario(self, readings: int, opts: DemoOptions,
+                        refresher: asyncio.Task[None]) -> None:
+        nodes = self.nodes
+        self.set_phase("enrolling (CSR with the token, client certificate back) and connecting")
+        await self._watch(refresher, lambda: all(
+            link_state(n.status) == "connected" and n.engine_state == "running" for n in nodes),
+            60, "every agent to enrol, connect and start its pipeline")
+        start = time.monotonic()
+        victim = nodes[1] if len(nodes) > 1 else nodes[0]
+        if opts.cut_seconds > 0:
+            cut_at = max(3.0, (opts.duration - opts.cut_seconds) / 3)
+            self.set_phase(f"running; the link of {victim.agent.name} is cut in {cut_at:.0f} s")
+            await self._watch(refresher, lambda: time.monotonic() - start >= cut_at,
+                              cut_at + 5, "the time of the cut")
+            assert victim.agent.link is not None
+            victim.agent.link.cut("blackhole")
+            t_cut = time.monotonic()
+            self.set_phase(f"link of {victim.agent.name} CUT (blackhole) for "
+                           f"{opts.cut_seconds:.0f} s; its pipeline and local alarms go on")
+            await self._watch(refresher, lambda: time.monotonic() - t_cut >= opts.cut_seconds,
+                              opts.cut_seconds + 5, "the end of the cut")
+            acked_at_restore = victim.acked()
+            victim.agent.link.restore()
+            t_restore = time.monotonic()
+            victim.cut = (t_cut, t_restore)
+            self.set_phase(f"link of {victim.agent.name} restored; reconnecting and draining "
+                           "its backlog (alarms first)")
+            await self._watch(refresher, lambda: link_state(victim.status) == "connected"
+                              and victim.acked() > acked_at_restore, 90,
+                              f"{victim.agent.name} to reconnect")
+            victim.reconnected_after_s = time.monotonic() - t_restore
+            await self._watch(refresher, lambda: self._drained(victim), 120,
+                              f"{victim.agent.name} to drain its backlog")
+            victim.drained_after_s = time.monotonic() - t_restore
+        self.set_phase(f"running until each pipeline has read its {readings:,} readings")
+        await self._watch(refresher, lambda: all(n.engine_state == "finished" for n in nodes),
+                          opts.duration * 3 + 60, "the pipelines to finish")
+        self.set_phase("pipelines finished; waiting until every outbox has drained")
+        await self._watch(refresher, lambda: all(self._drained(n, final=True) for n in nodes),
+                          120, "every outbox to drain into the cloud")
+
+    def _drained(self, n: NodeView, final: bool = False) -> bool:
+        streams = n.streams()
+        if not streams or n.pending() != 0:
+            return False
+        if not final:
+            return True
+        node = n.agent.node_id
+        for name, s in streams.items():
+            cloud = self.cloud_stats.get((node or "", name))
+            if cloud is None or cloud.records_stored != s["produced"]:
+                return False
+        return True
+
+    async def _finish(self, system: System, per_reading_base: float) -> None:
+        self.set_phase("stopping the agents (SIGTERM: a graceful stop)")
+        await self.poll()
+        codes = await asyncio.gather(*(n.agent.stop() for n in self.nodes))
+        for n, code in zip(self.nodes, codes, strict=True):
+            if code != 0:
+                raise DemoError(f"agent {n.agent.name} exited with code {code}:\n"
+                                f"{n.agent.child.log_tail() if n.agent.child else ''}")
+        await self.poll()
+        for n in self.nodes:
+            n.final = {"base_per_reading": per_reading_base}
+            durable = await asyncio.to_thread(durable_readings, n.agent.data_dir)
+            if durable is not None:
+                n.readings = durable
+            alarms = n.streams().get("alarms")
+            if alarms is not None:  # the factory line's alarm stream: one record per alarm
+                n.alarms = int(alarms["produced"])
+        self.set_phase("done")
+
+    def _node_ok(self, n: NodeView) -> bool:
+        node = n.agent.node_id or ""
+        streams = n.streams()
+        if not streams:
+            return False
+        for name, s in streams.items():
+            c = self.cloud_stats.get((node, name))
+            if c is None or c.records_stored != s["produced"] or c.lost_records != 0 \
+                    or c.contiguous_mark != s["produced"] or s["pending"] or s["dropped"]:
+                return False
+        return True
+
+    def table(self) -> Table:
+        """One column per node, one row per figure (fits a narrow terminal)."""
+        t = Table(title="edgewise demo: per node", box=box.SIMPLE_HEAD)
+        t.add_column("")
+        for n in self.nodes:
+            t.add_column(n.agent.name, justify="right")
+        rows: dict[str, list[str]] = {k: [] for k in (
+            "node id", "readings", "alarms", "alarm p99, local", "link cut",
+            "records produced", "stored in cloud", "exactly once", "wire bytes",
+            "wire B/reading", "JSON/MQTT B/reading", "wire vs JSON/MQTT")}
+        for n in self.nodes:
+            node = n.agent.node_id or "-"
+            stored = sum(s.records_stored for (nd, _), s in self.cloud_stats.items()
+                         if nd == node)
+            link = n.agent.link
+            wire = link.stats.bytes_up + link.stats.bytes_down if link is not None else 0
+            base = float(n.final.get("base_per_reading") or 0.0)
+            per = wire / n.readings if n.readings else 0.0
+            cut = "-" if n.cut is None else f"{n.cut[1] - n.cut[0]:.0f} s (blackhole)"
+            values = [
+                node, f"{n.readings:,}", f"{n.alarms:,}",
+                f"{n.p99_ms:.2f} ms" if n.p99_ms is not None else "not reported", cut,
+                f"{n.produced():,}", f"{stored:,}",
+                "[green]OK[/]" if self._node_ok(n) else "[bold red]MISMATCH[/]",
+                f"{wire:,} B", f"{per:.3f} B", f"{base:.1f} B",
+                f"{per / base:.2%}" if base else "-",
+            ]
+            for key, value in zip(rows, values, strict=True):
+                rows[key].append(value)
+        for key, values in rows.items():
+            t.add_row(key, *values)
+        return t
+
+    def notes(self) -> list[str]:
+        out = []
+        for n in self.nodes:
+            if n.cut is None:
+                continue
+            t_cut, t_restore = n.cut
+            line = (f"{n.agent.name}: link cut (blackhole) for {t_restore - t_cut:.1f} s; ")
+            if n.reconnected_after_s is not None:
+                line += f"session back {n.reconnected_after_s:.1f} s after the restore, "
+            if n.drained_after_s is not None:
+                line += f"backlog drained {n.drained_after_s:.1f} s after it"
+            out.append(line)
+        out.append("bytes on the wire: counted by each node's link proxy in both directions "
+                   "(TLS, WebSocket framing, heartbeats, enrolment included); JSON over MQTT: "
+                   "one message per reading (benchmarks/edge_pipeline.py's baseline)")
+        return out
+
+
+async def run_demo(opts: DemoOptions, console: Console, progress: Console) -> int:
+    """Run the demo; the exit code (0: every node's counts match). The result goes to
+    ``console``, progress and problems to ``progress``."""
+    if opts.agents < 1:
+        raise ConfigError("--agents must be at least 1")
+    if opts.duration <= 0 or opts.cut_seconds < 0:
+        raise ConfigError("--duration must be positive and --cut-seconds not negative")
+    if opts.keep is not None:
+        if opts.keep.exists() and any(opts.keep.iterdir()):
+            raise ConfigError(f"--keep {opts.keep}: the directory is not empty")
+        work = opts.keep
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
+    demo = Demo(opts, progress)
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    interrupted: list[int] = []
+    system = System(work)
+
+    def on_signal(sig: int) -> None:
+        interrupted.append(sig)
+        if len(interrupted) == 1:
+            main.cancel()
+        else:
+            system.kill_all()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with system:
+            ok = await demo.run(system)
+        console.print(demo.table())
+        for line in demo.notes():
+            console.print(escape(line), highlight=False)
+        console.print(f"logs and data: {work}" if opts.keep else "temporary directory removed")
+        return 0 if ok else 1
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        progress.print("interrupted: every process the demo started is stopped")
+        return 130
+    except DemoError as exc:
+        progress.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
+        progress.print(f"logs: {work / 'logs'}" if opts.keep else
+                       "run with --keep DIR to keep the logs")
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if opts.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@click.command()
+@click.option("--agents", type=click.IntRange(min=1, max=20), default=3, show_default=True,
+              help="How many edge agents to run.")
+@click.option("--cut-seconds", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="How long the link of one agent is cut (blackhole); 0: no cut.")
+@click.option("--duration", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds of readings each agent's factory line produces (10,000/s).")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work in this (new or empty) directory and keep it: logs, data, stores.")
+@click.option("--pipeline", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Another factory-line pipeline (default: "
+              "examples/factory-line.yaml).")
+def demo(agents: int, cut_seconds: float, duration: float, keep: Path | None,
+         pipeline: Path | None) -> None:
+    """A control plane and agents on this machine: cut a link, check every record arrived
+    exactly once, compare bytes on the wire with JSON over MQTT."""
+    console = Console()
+    opts = DemoOptions(agents, cut_seconds, duration, keep, pipeline)
+    try:
+        code = asyncio.run(run_demo(opts, console, Console(stderr=True)))
+    except EdgewiseError as exc:
+        from edgewise.cli import _fail
+
+        _fail(exc)
+    sys.exit(code)
