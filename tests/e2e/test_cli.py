@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edgewise.edge.outbox import Outbox
 from edgewise.sim.signals import factory_line
