@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -142,6 +143,47 @@ async def test_peer_reset_mid_stream_ends_the_connection_quietly(
             except ConnectionError:
                 pass
             writer.close()
+            await asyncio.sleep(0.3)  # both directions of the proxied connection end
+            gc.collect()
+    finally:
+        server.close()
+        await server.wait_closed()
+    gc.collect()
+    await asyncio.sleep(0)
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_one_direction_failing_ends_the_other(caplog: pytest.LogCaptureFixture) -> None:
+    """The target streams to a client that does not read, then resets; the client's writes
+    towards it fail that direction. The other direction, stuck on a peer that does not read,
+    ends with it: none of the proxy's tasks outlives its connection, nothing is logged."""
+    import gc
+    import socket
+    import struct
+
+    async def streamer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(100):
+            writer.write(b"y" * 65536)
+            await asyncio.sleep(0.005)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(streamer, "127.0.0.1", 0)
+    try:
+        async with LinkProxy("127.0.0.1", server.sockets[0].getsockname()[1]) as link:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            await asyncio.sleep(1.0)  # the target has streamed and reset; we never read
+            with contextlib.suppress(ConnectionError):
+                for _ in range(50):  # writing towards the reset target fails that direction
+                    writer.write(b"x" * 65536)
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            leftover = [t for t in asyncio.all_tasks()
+                        if "LinkProxy" in repr(t.get_coro()) and not t.done()]
+            assert leftover == []
+            writer.transport.abort()
     finally:
         server.close()
         await server.wait_closed()

@@ -123,9 +123,9 @@ class LinkProxy:
             pair = (writer, up_writer)
             self._conns.add(pair)
             self.stats.connections += 1
-            await asyncio.gather(
-                self._pipe(reader, up_writer, "up"), self._pipe(up_reader, writer, "down")
-            )
+            async with asyncio.TaskGroup() as tg:  # one direction failing ends the other
+                tg.create_task(self._pipe(reader, up_writer, "up"))
+                tg.create_task(self._pipe(up_reader, writer, "down"))
         except* (OSError, asyncio.IncompleteReadError):  # also from _pipe's task group
             pass
         finally:
@@ -149,21 +149,22 @@ class LinkProxy:
 
         async def read() -> None:
             next_free = 0.0
-            try:
-                while True:
-                    await self._open.wait()
-                    data = await reader.read(CHUNK)
-                    if not data:
-                        break
-                    await self._open.wait()  # cut while we held data: it waits with the link
-                    due = time.monotonic() + self.delay
-                    if self.rate:
-                        start = max(due, next_free)
-                        next_free = start + len(data) / self.rate
-                        due = next_free
-                    await queue.put((due, data))
-            finally:
-                await queue.put(None)
+            while True:
+                await self._open.wait()
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                await self._open.wait()  # cut while we held data: it waits with the link
+                due = time.monotonic() + self.delay
+                if self.rate:
+                    start = max(due, next_free)
+                    next_free = start + len(data) / self.rate
+                    due = next_free
+                await queue.put((due, data))
+            # end of stream: the writer sends what is queued, then EOF. Not in a `finally`: on
+            # an error or cancellation the task group cancels the writer, and waiting here for
+            # room in a full queue whose writer is stuck would never end.
+            await queue.put(None)
 
         async def write() -> None:
             try:
