@@ -1,7 +1,11 @@
 """`edgewise plan`: from a workload file to a placed, sized, quantified and deployable design.
 
-    edgewise plan WORKLOAD.yaml [--simulate] -o DIR
+    edgewise plan WORKLOAD.yaml [--simulate] [--no-calibrate] -o DIR
     edgewise plan --interactive -o DIR        (or no WORKLOAD: asks for the required inputs)
+
+CPU coefficients are calibrated on this machine (`edgewise.plan.costs`) and cached in
+``$EDGEWISE_CACHE_DIR`` or ``$XDG_CACHE_HOME/edgewise`` (default ``~/.cache/edgewise``);
+``--no-calibrate`` uses the static table instead.
 
 Writes into DIR: ``architecture.md`` and ``architecture.html``, the figures next to them,
 ``pipelines/``, ``agents/`` and ``rollout.yaml``, and ``plan.json`` with the key figures.
@@ -11,6 +15,7 @@ Heavy modules (numpy work, matplotlib) are imported inside the command only.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,11 @@ from edgewise.errors import ConfigError, EdgewiseError
               help="Ask for the required inputs, write the workload file, then plan it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the key figures as one JSON object.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when a constraint is unmet.")
+@click.option("--no-calibrate", "no_calibrate", is_flag=True,
+              help="Use the static CPU table instead of calibrating the operators on this "
+                   "machine (calibration takes about a second, then is cached).")
 def plan(workload: Path | None, out: Path | None, simulate: bool, interactive: bool,
-         as_json: bool, strict: bool) -> None:
+         as_json: bool, strict: bool, no_calibrate: bool) -> None:
     """Plan what runs at the edge and what in the cloud, size it, and prove it."""
     from edgewise.cli import _fail
 
@@ -45,7 +53,8 @@ def plan(workload: Path | None, out: Path | None, simulate: bool, interactive: b
             target.mkdir(parents=True, exist_ok=True)
             workload = ask_workload(target / "workload.yaml")
             out = target
-        result = run_plan(workload, out, simulate, progress=_progress(as_json))
+        result = run_plan(workload, out, simulate, progress=_progress(as_json),
+                          calibrate=not no_calibrate, cache_dir=cache_dir())
     except EdgewiseError as exc:
         _fail(exc)
         return
@@ -58,6 +67,14 @@ def plan(workload: Path | None, out: Path | None, simulate: bool, interactive: b
         sys.exit(3)
 
 
+def cache_dir() -> Path:
+    """Where calibrations are cached (the environment is read here, nowhere else)."""
+    if os.environ.get("EDGEWISE_CACHE_DIR"):
+        return Path(os.environ["EDGEWISE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgewise"
+
+
 def _progress(quiet: bool) -> Any:
     def say(msg: str) -> None:
         if not quiet:
@@ -66,9 +83,14 @@ def _progress(quiet: bool) -> Any:
 
 
 def run_plan(workload_path: Path, out: Path | None, simulate: bool,
-             progress: Any = None) -> dict[str, Any]:
-    """Load, plan, optionally simulate, and write everything. Returns a summary."""
+             progress: Any = None, calibrate: bool = True,
+             cache_dir: Path | None = None) -> dict[str, Any]:
+    """Load, plan, optionally simulate, and write everything. Returns a summary.
+
+    ``calibrate``: calibrate the CPU model on this machine (cached in ``cache_dir`` if given);
+    otherwise the static table is used."""
     from edgewise.plan import artefacts, document, figures
+    from edgewise.plan.costs import Calibrator, Costs
     from edgewise.plan.model import build_plan
     from edgewise.plan.workload import load_workload
 
@@ -80,12 +102,13 @@ def run_plan(workload_path: Path, out: Path | None, simulate: bool,
     except OSError as exc:
         raise ConfigError(f"{out}: cannot create the output directory: {exc}") from None
     say(f"planning {wl.name}: {len(wl.sites)} site type(s), {len(wl.stages)} stage(s)")
-    the_plan = build_plan(wl)
+    costs = Calibrator(cache_dir, say) if calibrate else Costs()
+    the_plan = build_plan(wl, costs)
     measured: dict[str, Any] = {}
     if simulate:
         from edgewise.plan.simulate import simulate as run_sim
 
-        the_plan, measured = run_sim(the_plan, say)
+        the_plan, measured = run_sim(the_plan, say, costs)
     say("drawing figures")
     figs = figures.draw_all(the_plan, out)
     blocks = document.build(the_plan)
@@ -124,7 +147,11 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                          "stage_cpu_us_per_s": sum(
                              e.calibration.stage_cpu_us[st.id] for st in sp.stages
                              if sp.where(st.id) != "cloud"),
-                         "cores": e.sizing.cores_needed},
+                         "cores": e.sizing.cores_needed,
+                         "stage_cpu_us": {st.id: e.calibration.stage_cpu_us[st.id]
+                                          for st in sp.stages if sp.where(st.id) != "cloud"},
+                         "cores_parts": dict(e.sizing.parts),
+                         "method": e.calibration.method},
             "alarm_latency_ms": {"edge_p50": f.latency.edge_p50 * 1e3,
                                  "edge_p99": f.latency.edge_p99 * 1e3,
                                  "cloud_p50": f.latency.cloud_p50 * 1e3,
@@ -139,7 +166,12 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                                 "stage_cpu_us_per_s": sum(
                                     m.calibration.stage_cpu_us[st.id] for st in sp.stages
                                     if sp.where(st.id) != "cloud"),
-                                "cores": m.sizing.cores_needed}
+                                "cores": m.sizing.cores_needed,
+                                "stage_cpu_us": {st.id: m.calibration.stage_cpu_us[st.id]
+                                                 for st in sp.stages
+                                                 if sp.where(st.id) != "cloud"},
+                                "cores_parts": dict(m.sizing.parts),
+                                "method": m.calibration.method}
             ms_ = measured.get(sp.name)
             if ms_ is not None:
                 site["simulation"] = {
@@ -148,8 +180,15 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                     "event_seconds": ms_.throughput_s,
                     "realtime_readings": ms_.realtime_readings,
                     "latency_samples": ms_.latency_source,
+                    "cpu_event_seconds": ms_.cpu_event_s,
+                    "cpu_segment_seconds": ms_.cpu_segment_s,
+                    "cpu_sample_fraction": ms_.cpu_fraction,
+                    "stage_cpu_spread": ms_.stage_cpu_spread,
                 }
         sites[sp.name] = site
     return {"workload": the_plan.workload.name, "simulated": the_plan.simulated,
+            "cpu_model": "calibrated" if any(
+                c.source == "calibrated" for sp in the_plan.sites
+                for c in sp.stage_costs.values()) else "static",
             "words": words, "unmet": the_plan.unmet,
             "hard_constraints": {c.name: c.met for c in the_plan.hard}, "sites": sites}

@@ -238,6 +238,12 @@ def _processing(b: list[Block], plan: Any) -> None:
                          ratio(m.stage_cpu_us[st.id], e.stage_cpu_us[st.id]) if m else "-"])
     b.append(Table(["site", "stage", "records/s out (est.)", "(measured)",
                     "CPU us/s (est.)", "(measured)", "ratio"], rows))
+    first = plan.sites[0] if plan.sites else None
+    if first is not None:
+        text = f"Estimated CPU: {first.estimate.calibration.method}."
+        if first.measured is not None:
+            text += f" Measured: {first.measured.calibration.method}."
+        b.append(P(text))
 
 
 def _sync(b: list[Block], plan: Any) -> None:

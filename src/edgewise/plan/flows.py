@@ -9,9 +9,9 @@ the planner's *estimates*, which `--simulate` then checks against the real engin
 
 Encoded size: `encoded_bytes` builds one representative uplink chunk from the field models
 (seeded random values with the declared statistics) and encodes it with the real wire codec,
-so the per-record cost includes the codec's dictionary, delta and zstd behaviour. CPU costs are
-per-operator constants in microseconds, calibrated with the engine on a 2-core x86-64 VM
-(see docs/planner.md); `--simulate` replaces them with thread-CPU measurements.
+so the per-record cost includes the codec's dictionary, delta and zstd behaviour. A flow also
+says how many batches per second carry its records (``calls``): the CPU model
+(`edgewise.plan.costs`) charges operators per call, per record, per key and per window.
 """
 
 from __future__ import annotations
@@ -35,28 +35,7 @@ TCP_IP_SEGMENT = 40  # IPv4 + TCP headers per segment
 TCP_MSS = 1448
 MAX_SYNTH_RECORDS = 100_000  # larger chunks are encoded at this size and scaled
 
-# -- CPU model (microseconds, thread CPU of the engine loop) ------------------------------------
-STAGE_BATCH_US = {  # fixed cost per batch handed to a stage
-    "window": 50.0, "threshold": 15.0, "fft": 15.0, "anomaly": 10.0, "deadband": 20.0,
-    "downsample": 25.0, "filter": 7.0, "map": 4.0, "rate_of_change": 25.0,
-}
-STAGE_RECORD_US = {  # cost per input record
-    "window": 0.09, "threshold": 0.006, "fft": 0.1, "anomaly": 0.33, "deadband": 0.25,
-    "downsample": 0.09, "filter": 0.012, "map": 0.003, "rate_of_change": 0.09,
-}
-WINDOW_GROUP_US = 1.3  # per (key, window) touched in a batch
-WINDOW_NEW_GROUP_US = 1.1  # extra for a (key, window) seen for the first time
-WINDOW_EMIT_US = 1.0  # per window record emitted
-FFT_BLOCK_US = 0.025  # per sample of a transformed block (n log n folded in for 1k-16k)
-FFT_KEY_US = 3.0  # per key present in a batch (blocks are assembled per key)
-DEFAULT_FUNCTION_US = 10.0
-# engine, commit and ingest costs (for node sizing; the realtime run measures their total)
-ENGINE_BATCH_US = 150.0  # queue, routing and bookkeeping per source batch (event loop awake)
-COMMIT_US = 600.0  # CPU per group commit: encode, SQLite, hand-over (writer thread)
-SNAPSHOT_US_PER_ENTRY = 2.0  # operator state is snapshotted at every commit: per key/window
-INGEST_US = {  # protocol decoding per reading, before the engine sees it
-    "mqtt": 4.0, "http": 6.0, "modbus": 12.0, "opcua": 15.0, "file": 1.5, "simulator": 0.3,
-}
+# -- batching -----------------------------------------------------------------------------------
 LINGER_S = {  # how long a source collects readings before handing a batch over
     "mqtt": 0.005, "http": 0.0, "modbus": 0.0, "opcua": 0.0, "file": 0.0, "simulator": 0.0,
 }
@@ -88,6 +67,12 @@ class Flow:
     bytes_per_record: float | None = None  # declared (user functions): skip the codec model
     scales_with_keys: bool = True
     assumed: tuple[str, ...] = ()  # notes on figures that are guesses, not derived
+    calls: float = 1.0  # batches per second that carry these records to the next stage
+
+    @property
+    def batch(self) -> float:
+        """Records per batch (per call of the next stage)."""
+        return self.rate / self.calls if self.calls > 0 else 0.0
 
     @property
     def per_key_rate(self) -> float:
@@ -110,9 +95,11 @@ def source_flow(src: SourceSpec, site: str) -> Flow:
             "groups": [(c, s) for _, c, s in groups], "decimals": src.decimals,
         }),
     }
+    rate = src.count * src.rate_hz
     return Flow(
-        rate=src.count * src.rate_hz, keys=src.count, fields=fields, tick_hz=src.rate_hz,
+        rate=rate, keys=src.count, fields=fields, tick_hz=src.rate_hz,
         key_prefixes=tuple((p, c) for p, c, _ in groups),
+        calls=rate / batch_records(rate, src.count, src.protocol),
     )
 
 
@@ -176,7 +163,7 @@ def merge(flows: list[Flow]) -> Flow:
     return replace(
         first, rate=sum(f.rate for f in flows), keys=sum(f.keys for f in flows),
         key_prefixes=tuple(p for f in flows for p in f.key_prefixes),
-        assumed=tuple(a for f in flows for a in f.assumed),
+        assumed=tuple(a for f in flows for a in f.assumed), calls=sum(f.calls for f in flows),
     )
 
 
@@ -197,7 +184,7 @@ def stage_flow(stage: StageSpec, inputs: list[Flow]) -> Flow:
         return replace(
             fin, rate=fin.rate * red, windowed=None,
             bytes_per_record=stage.output_bytes_per_record or 32.0,
-            assumed=fin.assumed + notes,
+            assumed=fin.assumed + notes, calls=_calls_with_output(fin, red),
         )
     cls = registry.resolve("operator", stage.operator or "")
     cfg = cls.Config.model_validate(stage.params)
@@ -206,6 +193,13 @@ def stage_flow(stage: StageSpec, inputs: list[Flow]) -> Flow:
     if stage.reduction is not None:
         out = replace(out, rate=fin.rate * stage.reduction)
     return out
+
+
+def _calls_with_output(fin: Flow, fraction: float) -> float:
+    """Input batches per second that yield at least one record when each record passes with
+    probability ``fraction``."""
+    batch = max(1.0, fin.batch)
+    return fin.calls * (1.0 - (1.0 - min(1.0, max(0.0, fraction))) ** batch)
 
 
 def _key_count(key_by: list[str], fin: Flow) -> tuple[int, bool]:
@@ -245,8 +239,10 @@ def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
                 fields[name] = FieldModel("level", {"of": fsrc, "half": True})
             else:
                 fields[name] = FieldModel("float")
+        # every window closes when the first batch past its end arrives: one call per slide
         return Flow(keys / slide, keys, fields, tuple(cfg.key_by), slide, fin.tick_hz,
-                    fin.key_prefixes if scales else (("all", 1),), None, scales, fin.assumed)
+                    fin.key_prefixes if scales else (("all", 1),), None, scales, fin.assumed,
+                    calls=min(fin.calls, 1.0 / slide))
     if op in ("threshold", "anomaly", "rate_of_change", "deadband", "filter", "downsample"):
         frac, note = _selectivity(op, cfg, fin, stage)
         fields = dict(fin.fields)
@@ -270,9 +266,11 @@ def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
             fields["ts"] = FieldModel("time_random", {"hz": fin.tick_hz})
         windowed = None
         rate = fin.rate * frac
+        calls = _calls_with_output(fin, frac)
         if op == "downsample" and cfg.interval is not None:
             windowed = float(cfg.interval)
             rate = fin.keys / windowed
+            calls = min(fin.calls, 1.0 / windowed)
             if cfg.how == "mean":
                 fields = {**keys_fields, "ts": FieldModel("time_window", {"decimals": 3}),
                           "value": FieldModel("mean", {"of": fin.fields.get(cfg.field),
@@ -280,21 +278,30 @@ def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
                           "count": FieldModel("count", {"value": 10})}
         assumed = fin.assumed + ((note,) if note else ())
         return Flow(rate, fin.keys, fields, fin.key_fields, windowed, fin.tick_hz,
-                    fin.key_prefixes, None, True, assumed)
+                    fin.key_prefixes, None, True, assumed, calls=calls)
     if op == "fft":
         keys = fin.keys
         rate = fin.rate / cfg.samples
         from edgewise.pipeline.operators.fft import band_name
 
         freqs = np.fft.rfftfreq(cfg.samples, d=1.0 / cfg.sample_rate)[1:]
+        # keys arrive in step (a batch holds the same ticks of every sensor it carries), so
+        # their blocks complete in the same call: once per block time per group of keys; when
+        # a batch holds all keys, every key's block starts at the same time, like a window's
+        per_call_keys = max(1.0, min(float(keys), fin.batch))
+        block_s = cfg.samples / max(fin.per_key_rate, 1e-9)
+        calls = min(fin.calls, math.ceil(keys / per_call_keys) / block_s)
+        windowed = block_s if per_call_keys >= keys else None
         fields = dict(keys_fields)
-        fields["ts"] = FieldModel("time_random", {"hz": fin.tick_hz})
+        fields["ts"] = FieldModel("time_window", {"decimals": _decimals_of(block_s)}) \
+            if windowed else FieldModel("time_random", {"hz": fin.tick_hz})
         fields["rms"] = FieldModel("float")
-        fields["peak_hz"] = FieldModel("grid", {"values": freqs})
+        peaks = _spectral_peaks(fin.fields.get(cfg.field), cfg.samples, cfg.sample_rate)
+        fields["peak_hz"] = FieldModel("grid", {"values": freqs if peaks is None else peaks})
         for lo, hi in cfg.bands:
             fields[band_name(lo, hi)] = FieldModel("float")
-        return Flow(rate, keys, fields, tuple(cfg.key_by), None, fin.tick_hz, fin.key_prefixes,
-                    None, True, fin.assumed)
+        return Flow(rate, keys, fields, tuple(cfg.key_by), windowed, fin.tick_hz,
+                    fin.key_prefixes, None, True, fin.assumed, calls=calls)
     if op == "map":
         fields = dict(fin.fields)
         for name in cfg.set:
@@ -308,6 +315,26 @@ def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
     # an operator from a plugin: pass-through unless a reduction is declared
     note = f"{stage.id}: operator {op!r} has no model; output = input assumed"
     return replace(fin, assumed=(*fin.assumed, note))
+
+
+def _spectral_peaks(fm: FieldModel | None, samples: int,
+                    sample_rate: float) -> np.ndarray | None:
+    """The frequencies an FFT block's largest bin takes, from the declared signal: a drift of
+    amplitude A puts about A^2/3 (Hann) into its bin, noise of deviation s about 2 s^2/samples
+    into each; the drift's bin is the peak when it stands ten times above the noise. None when
+    that cannot be told (no reading, no drift, or drift drowned in noise)."""
+    if fm is None or fm.kind != "reading":
+        return None
+    freqs = np.fft.rfftfreq(samples, d=1.0 / sample_rate)
+    peaks = set()
+    for _count, sig in fm.params["groups"]:
+        k = round(samples / (float(sig.period) * sample_rate))
+        if sig.drift <= 0 or not 1 <= k < len(freqs):
+            return None
+        if sig.drift**2 / 3 < 10 * 2 * sig.noise**2 / samples:
+            return None
+        peaks.add(float(freqs[k]))
+    return np.array(sorted(peaks))
 
 
 def _selectivity(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> tuple[float, str | None]:
@@ -345,34 +372,6 @@ def _selectivity(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> tuple[float,
         p = 2 * _tail_normal(cfg.limit / step) if step > 0 else 0.0
         return min(1.0, p + 2 * spikes), None
     return 1.0, None
-
-
-# -- CPU -----------------------------------------------------------------------------------------
-
-def stage_cpu_us(stage: StageSpec, fin: Flow, fout: Flow, batch: float) -> float:
-    """Estimated thread-CPU microseconds per second of input, at one site."""
-    if stage.cpu_us_per_record is not None:
-        return stage.cpu_us_per_record * fin.rate
-    if stage.function is not None:
-        return DEFAULT_FUNCTION_US * fin.rate
-    op = stage.operator or ""
-    batches = fin.rate / max(batch, 1.0)
-    us = batches * STAGE_BATCH_US.get(op, 20.0) + fin.rate * STAGE_RECORD_US.get(op, 0.2)
-    if op == "window":
-        cls = registry.resolve("operator", op)
-        cfg = cls.Config.model_validate(stage.params)
-        slide = float(cfg.slide or cfg.size)
-        per_batch_span = batch / max(fin.rate, 1e-9)  # seconds of data in one batch
-        keys = fout.keys
-        groups = min(batch, keys * (1 + math.floor(per_batch_span / slide))) if keys else batch
-        windows_per_s = keys * round(float(cfg.size) / slide) / slide
-        us += batches * groups * WINDOW_GROUP_US
-        us += windows_per_s * (WINDOW_NEW_GROUP_US + WINDOW_EMIT_US)
-        nfields = max(1, len({a for a in cfg.aggregates if not a.startswith("count")}) // 3)
-        us += fin.rate * STAGE_RECORD_US["window"] * (nfields - 1)
-    elif op == "fft":
-        us += fin.rate * FFT_BLOCK_US + batches * min(batch, fin.keys) * FFT_KEY_US
-    return us
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from edgewise.edge.outbox import PRIORITIES
 from edgewise.edge.outbox_policy import StoredChunk, choose_evictions
 
-MAX_STEPS = 20_000
+MAX_STEPS = 10_000
 DAY = 86400.0
 
 

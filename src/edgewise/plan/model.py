@@ -1,9 +1,11 @@
 """The plan: flows, placement and every estimate, per site type and for the fleet.
 
-`build_plan(workload)` is pure (no engine, no files): it builds the flow model, decides
-placement, works out the edge-to-cloud streams, and computes the figures from a `Calibration`
-(the model's own numbers). `apply_measurement` recomputes the figures from a `Calibration`
-that the simulation measured, keeping the model's figures beside them for the document.
+`build_plan(workload, costs)` builds the flow model, decides placement, works out the
+edge-to-cloud streams, and computes the figures from a `Calibration` (the model's own numbers).
+CPU comes from `costs`: the static table by default (then `build_plan` is pure), or a
+`costs.Calibrator` that benchmarks each operator on this machine. `apply_measurement`
+recomputes the figures from a `Calibration` that the simulation measured, keeping the model's
+figures beside them for the document.
 
 Units: bytes, seconds, records per second, cores; money in the workload's currency ($).
 """
@@ -17,6 +19,15 @@ from typing import Any
 import numpy as np
 
 from edgewise.plan import flows as F
+from edgewise.plan.costs import (
+    COMMIT_INTERVAL_S,
+    INGEST_US,
+    TICK_S,
+    Costs,
+    EngineCost,
+    StageCost,
+    stage_cpu_us,
+)
 from edgewise.plan.placement import Decision, StageFacts, decide
 from edgewise.plan.workload import HardwareOption, SiteSpec, StageSpec, Workload
 
@@ -84,6 +95,7 @@ class Calibration:
     engine_latency_s: np.ndarray  # samples of accept -> local action at the edge
     cores_total: float | None = None  # measured at the real rate (realtime run)
     notes: list[str] = field(default_factory=list)
+    method: str = ""  # how the CPU figures were obtained (stated in the document)
 
 
 @dataclass
@@ -144,6 +156,9 @@ class SitePlan:
     estimate: Figures
     measured: Figures | None = None
     linksim: Any = None  # edgewise.plan.linksim.LinkResult when simulated
+    stage_costs: dict[str, StageCost] = field(default_factory=dict)
+    engine_cost: EngineCost | None = None
+    node_cpu: dict[str, float] = field(default_factory=dict)  # modelled cores, by part
 
     @property
     def final(self) -> Figures:
@@ -155,6 +170,10 @@ class SitePlan:
 
     def where(self, stage_id: str) -> str:
         return self.decisions[stage_id].where
+
+    def flows_in(self, stage_id: str) -> F.Flow:
+        st = next(s for s in self.stages if s.id == stage_id)
+        return F.merge([self.flows[r] for r in st.inputs])
 
 
 @dataclass
@@ -230,65 +249,74 @@ def lognormal(p50: float, p99: float, n: int, rng: np.random.Generator) -> np.nd
     return rng.lognormal(math.log(p50), sigma, n)
 
 
-def build_plan(workload: Workload) -> Plan:
-    sites = [_plan_site(workload, site) for site in workload.sites]
+def build_plan(workload: Workload, costs: Costs | None = None) -> Plan:
+    costs = costs or Costs()
+    sites = [_plan_site(workload, site, costs) for site in workload.sites]
+    costs.save()
     return _finish(workload, sites, simulated=False)
 
 
-def _plan_site(workload: Workload, site: SiteSpec) -> SitePlan:
+def _plan_site(workload: Workload, site: SiteSpec, costs: Costs) -> SitePlan:
     stages = site_stages(workload, site)
     flows: dict[str, F.Flow] = {s.id: F.source_flow(s, site.name) for s in site.sources}
     for st in stages:
         flows[st.id] = F.stage_flow(st, [flows[r] for r in st.inputs])
-    cal = model_calibration(workload, site, stages, flows)
+    stage_costs = costs.site(site, stages, flows)
+    engine = costs.engine()
+    cal = model_calibration(workload, site, stages, flows, stage_costs, engine)
+    cal.method = costs.describe()
     facts, decisions = _place(workload, site, stages, flows, cal)
     streams = make_streams(site, stages, decisions)
     cal = _with_streams(site, flows, streams, cal)
-    est = compute_figures(workload, site, stages, decisions, streams, cal)
-    return SitePlan(site, stages, flows, facts, decisions, streams, est)
+    sp = SitePlan(site, stages, flows, facts, decisions, streams, None,  # type: ignore[arg-type]
+                  stage_costs=stage_costs, engine_cost=engine)
+    sp.node_cpu = node_cpu_model(sp, cal, costs)
+    sp.estimate = compute_figures(workload, site, stages, decisions, streams, cal,
+                                  sp.node_cpu)
+    return sp
 
 
-def _batch_of(site: SiteSpec, st: StageSpec, stages: list[StageSpec],
-              flows: dict[str, F.Flow]) -> float:
-    """Records per batch reaching a stage: the batches of the sources that feed it, thinned
-    by the stages in between."""
-    up = set(_all_upstream(st, stages))
-    srcs = [s for s in site.sources if s.id in up]
-    if not srcs:
-        return 1.0
-    rate = sum(s.count * s.rate_hz for s in srcs)
-    batch = sum(F.batch_records(s.count * s.rate_hz, s.count, s.protocol) for s in srcs) / len(srcs)
-    fin = F.merge([flows[r] for r in st.inputs])
-    return max(1.0, batch * fin.rate / max(rate, 1e-9))
+def reestimate(workload: Workload, sp: SitePlan, stage_costs: dict[str, StageCost],
+               costs: Costs) -> SitePlan:
+    """The site's estimate from new stage costs (a fresh calibration), placement kept."""
+    engine = sp.engine_cost or costs.engine()
+    cal = model_calibration(workload, sp.site, sp.stages, sp.flows, stage_costs, engine)
+    cal.method = costs.describe()
+    cal = _with_streams(sp.site, sp.flows, sp.streams, cal)
+    new = replace(sp, stage_costs=stage_costs, engine_cost=engine)
+    new.node_cpu = node_cpu_model(new, cal, costs)
+    new.estimate = compute_figures(workload, sp.site, sp.stages, sp.decisions, sp.streams, cal,
+                                   new.node_cpu)
+    return new
 
 
 def model_calibration(workload: Workload, site: SiteSpec, stages: list[StageSpec],
-                      flows: dict[str, F.Flow]) -> Calibration:
+                      flows: dict[str, F.Flow], stage_costs: dict[str, StageCost],
+                      engine: EngineCost) -> Calibration:
     cpu: dict[str, float] = {}
     out: dict[str, float] = {}
     for st in stages:
         fin = F.merge([flows[r] for r in st.inputs])
-        cpu[st.id] = F.stage_cpu_us(st, fin, flows[st.id], _batch_of(site, st, stages, flows))
+        cpu[st.id] = stage_cpu_us(st, stage_costs[st.id], fin, flows[st.id])
         out[st.id] = flows[st.id].rate
     raw = sum(F.encoded_bytes(flows[s.id], site.link.batch_interval).wire_per_s
               for s in site.sources)
     rng = np.random.default_rng(11)
-    p50, p99 = _engine_latency_model(site, stages, flows, cpu)
+    p50, p99 = _engine_latency_model(site, stages, cpu, engine)
     lat = lognormal(p50, p99, LATENCY_SAMPLES, rng)
     notes = sorted({a for f in flows.values() for a in f.assumed})
     return Calibration("model", cpu, out, {}, {}, {}, raw, 0.0, lat, None, notes)
 
 
-def _engine_latency_model(site: SiteSpec, stages: list[StageSpec], flows: dict[str, F.Flow],
-                          cpu: dict[str, float]) -> tuple[float, float]:
-    batches = sum(s.count * s.rate_hz / F.batch_records(s.count * s.rate_hz, s.count, s.protocol)
-                  for s in site.sources)
+def _engine_latency_model(site: SiteSpec, stages: list[StageSpec], cpu: dict[str, float],
+                          engine: EngineCost) -> tuple[float, float]:
+    batches = source_batches(site)
     per_batch = {st.id: cpu[st.id] / max(batches, 1e-9) * 1e-6 for st in stages}
     alarm_path = sum(v for sid, v in per_batch.items()
                      if is_alarm(next(s for s in stages if s.id == sid)))
     everything = sum(per_batch.values())
-    p50 = ENGINE_LATENCY_BASE_S + F.ENGINE_BATCH_US * 1e-6 + alarm_path
-    p99 = p50 + everything + F.COMMIT_US * 1e-6
+    p50 = ENGINE_LATENCY_BASE_S + engine.batch_us * 1e-6 + alarm_path
+    p99 = p50 + everything + (engine.commit_loop_us + engine.commit_us) * 1e-6
     return p50, p99
 
 
@@ -392,7 +420,7 @@ def make_streams(site: SiteSpec, stages: list[StageSpec],
 
 def compute_figures(workload: Workload, site: SiteSpec, stages: list[StageSpec],
                     decisions: dict[str, Decision], streams: list[Stream],
-                    cal: Calibration) -> Figures:
+                    cal: Calibration, node_cpu: dict[str, float]) -> Figures:
     link = site.link
     req = workload.requirements
     readings = sum(s.count * s.rate_hz for s in site.sources)
@@ -411,7 +439,7 @@ def compute_figures(workload: Workload, site: SiteSpec, stages: list[StageSpec],
     capacity = link.uplink / 8 * DATA_SHARE
     spare = capacity - edge_wire
     drain = backlog / spare if spare > 0 else math.inf
-    sizing = _size_node(workload, site, stages, decisions, cal, outbox)
+    sizing = _size_node(workload, site, stages, decisions, cal, outbox, node_cpu)
     return Figures(cal, readings, naive, cal.raw_wire, edge_wire, latency, outage, outbox,
                    backlog, lost_default, lost_default_s, drain, sizing)
 
@@ -447,29 +475,67 @@ def _state_bytes(st: StageSpec, fin: F.Flow, fout: F.Flow) -> float:
     return fin.keys * 64.0
 
 
+def source_batches(site: SiteSpec) -> float:
+    """Batches per second the site's sources hand to the engine."""
+    return sum(F.source_flow(s, site.name).calls for s in site.sources)
+
+
+def commits_per_s(batches: float, interval: float = COMMIT_INTERVAL_S) -> float:
+    """Group commits per second: one per batch, at most one per ``interval`` (a commit starts
+    with the first batch after the interval, half a batch gap late on average)."""
+    if batches <= 0:
+        return 0.0
+    if batches * interval <= 1.0:
+        return batches
+    return 1.0 / (interval + 0.5 / batches)
+
+
+def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, float]:
+    """Cores the edge node needs at the real rate, by part (see plan/costs.py): protocol
+    decoding, the edge stages, the engine per batch and record, the group commits (hand-over,
+    every operator's snapshot, the writer's transaction with the checkpoint and one chunk per
+    stream) and the engine ticks; each at the real pace, i.e. woken up for every batch."""
+    site = sp.site
+    eng = sp.engine_cost or costs.engine()
+    edge = [st.id for st in sp.stages if sp.where(st.id) in ("edge", "split")]
+    readings = sum(s.count * s.rate_hz for s in site.sources)
+    batches = source_batches(site)
+    commits = commits_per_s(batches)
+    sc = sp.stage_costs
+    # the snapshots of one commit run one after the other: the first pays for the wake-up
+    snapshots = sum(sc[i].snapshot_us for i in edge) + max(
+        (sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
+    per_commit = eng.commit_loop_rt_us + snapshots + eng.commit_rt_us + \
+        eng.checkpoint_byte_us * sum(sc[i].snapshot_bytes for i in edge)
+    chunks_us = 0.0
+    for s in sp.streams:
+        flow = sp.flows[s.origin]
+        chunks = min(commits, flow.calls)
+        if chunks <= 0 or flow.rate <= 0:
+            continue
+        enc = costs.stream(flow, flow.rate / chunks)
+        chunks_us += chunks * (enc.encode_us + eng.chunk_rt_us + eng.chunk_byte_us * enc.payload)
+    return {
+        "ingest": sum(s.count * s.rate_hz * INGEST_US[s.protocol] for s in site.sources) / 1e6,
+        "stages": sum(cal.stage_cpu_us[i] + sp.flows_in(i).calls * sc[i].wake_us
+                      for i in edge) / 1e6,
+        "engine": (batches * eng.batch_rt_us + readings * eng.record_us) / 1e6,
+        "commits": (commits * per_commit + chunks_us) / 1e6,
+        "ticks": (eng.tick_rt_us + sum(sc[i].timer_us for i in edge)) / TICK_S / 1e6,
+    }
+
+
 def _size_node(workload: Workload, site: SiteSpec, stages: list[StageSpec],
-               decisions: dict[str, Decision], cal: Calibration, outbox: int) -> Sizing:
+               decisions: dict[str, Decision], cal: Calibration, outbox: int,
+               node_cpu: dict[str, float]) -> Sizing:
     req = workload.requirements
-    batches = sum(s.count * s.rate_hz / F.batch_records(s.count * s.rate_hz, s.count, s.protocol)
-                  for s in site.sources)
-    ingest = sum(s.count * s.rate_hz * F.INGEST_US[s.protocol] for s in site.sources) / 1e6
     edge_ids = [st.id for st in stages if decisions[st.id].where in ("edge", "split")]
     by_id = {st.id: st for st in stages}
-    stage_cores = sum(cal.stage_cpu_us[i] for i in edge_ids) / 1e6
-    engine = batches * F.ENGINE_BATCH_US / 1e6
-    entries = 0.0
-    for sid in edge_ids:
-        st = by_id[sid]
-        if st.operator in ("window", "fft", "anomaly", "deadband", "rate_of_change",
-                           "downsample"):
-            entries += _flows_of(site, stages)[sid].keys
-    commits = min(batches, 500.0) * (F.COMMIT_US + F.SNAPSHOT_US_PER_ENTRY * entries) / 1e6
-    parts = {"ingest": ingest, "stages": stage_cores, "engine": engine, "commits": commits}
+    parts = dict(node_cpu)
     if cal.cores_total is not None:
-        # measured at the real rate with the simulator standing in for the protocol
-        sim_ingest = sum(s.count * s.rate_hz * F.INGEST_US["simulator"]
-                         for s in site.sources) / 1e6
-        parts = {"ingest": ingest, "measured engine": max(0.0, cal.cores_total - sim_ingest)}
+        # measured at the real rate; the simulator's own work is not counted, protocol
+        # decoding (which the simulator does not do) is the model's
+        parts = {"ingest": node_cpu["ingest"], "engine (measured)": cal.cores_total}
     needed = sum(parts.values())
     required = needed / req.utilisation
     state = 0.0
@@ -577,7 +643,8 @@ def apply_measurement(plan: Plan, measured: dict[str, Calibration],
         if cal is None:
             sites.append(sp)
             continue
-        fig = compute_figures(plan.workload, sp.site, sp.stages, sp.decisions, sp.streams, cal)
+        fig = compute_figures(plan.workload, sp.site, sp.stages, sp.decisions, sp.streams, cal,
+                              sp.node_cpu)
         sites.append(replace(sp, measured=fig, linksim=linksims.get(sp.name)))
     return _finish(plan.workload, sites, simulated=True)
 

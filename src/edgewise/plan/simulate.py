@@ -1,17 +1,25 @@
 """`--simulate`: run the real engine on synthetic data and measure what the model estimated.
 
 For each site type the edge part of the placed pipeline is generated with one `simulator`
-source per workload source (same sensors, rates, resolution and signal statistics) and run
-twice with `Engine(...).run()`:
+source per workload source (same sensors, rates, resolution and signal statistics; the planner's
+`PlanSimulator` hands over the batches production would) and run three times with
+`Engine(...).run()`:
 
-1. a *throughput* run (``realtime: false``, finite): long enough for every window to close a
-   few times; gives the records each stage emits and, read back from the outbox and encoded
-   with the wire codec one chunk per stream per uplink interval, the bytes the uplink carries;
-2. a *realtime* run at the workload's real rate for a few seconds: gives the CPU each stage
-   takes (thread CPU around the operator calls), the total CPU of the process
-   (``time.process_time``, minus the cost of generating the synthetic data), the accept-to-
-   local-action latency of alarms (and of a cheap probe stage beside them, so that rare alarms
-   still give a distribution), and the outbox fill rate.
+1. a *throughput* run (``realtime: false``, big batches, finite): long enough for every window
+   to close a few times; gives the records each stage emits and, read back from the outbox and
+   encoded with the wire codec one chunk per stream per uplink interval, the bytes the uplink
+   carries;
+2. a *processing-cost* run (``realtime: false``, the batches of production): thread CPU
+   (``time.thread_time``) around every operator call, each call filed under the event time of
+   the source batch it serves. The run is thirteen equal segments of event time (whole windows
+   when they fit); the first is warm-up and dropped. The calibration of the CPU model runs in
+   turns with the segments (`edgewise.plan.costs.Turns`): the speed of a shared machine
+   changes from one second to the next, and this way the estimate and the measurement see
+   the same machine;
+3. a *realtime* run at the workload's real rate: the process CPU (``time.process_time``) over
+   its steady part, minus the simulator's own work and the latency probe's, for node sizing;
+   the accept-to-local-action latency of alarms (and of a cheap probe stage beside them, so
+   that rare alarms still give a distribution), and the outbox fill rate.
 
 Large workloads are sampled: fewer sensors per group (the same fraction everywhere) and the
 results scaled back; the fraction is reported. Then the link model runs against the outbox
@@ -21,12 +29,14 @@ results scaled back; the fraction is reported. Then the link model runs against 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,7 @@ from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.spec import parse_pipeline
 from edgewise.plan import flows as F
+from edgewise.plan.costs import Costs, StageCost
 from edgewise.plan.linksim import LinkResult, StreamLoad, simulate_link
 from edgewise.plan.model import (
     DATA_SHARE,
@@ -48,7 +59,10 @@ from edgewise.plan.model import (
     Plan,
     SitePlan,
     apply_measurement,
+    reestimate,
 )
+from edgewise.plan.model import source_batches as _source_batches
+from edgewise.plan.source import install
 from edgewise.plan.workload import SourceSpec
 from edgewise.sim.signals import SignalGroup, SignalSet
 
@@ -56,15 +70,26 @@ log = logging.getLogger(__name__)
 
 START_TS = 1_764_547_200.0  # 2025-12-01T00:00:00Z, a multiple of every common window size
 SEED = 42
-THROUGHPUT_BUDGET = 2_500_000  # readings in the throughput run
-REALTIME_S = 2.5
+THROUGHPUT_BUDGET = 4_000_000  # readings in the throughput run
+REALTIME_S = 2.0  # measured span of the realtime run
+REALTIME_WARM_S = 0.5  # not measured: start-up, first commits
 REALTIME_MAX_RATE = 250_000.0  # readings/s in the realtime run
+MAX_BACKLOG_S = 600.0  # seconds of readings the realtime run may start with
 MIN_DURATION_S = 10.0
-CPU_BATCHES = 6_000  # batches in the processing-cost run
-CPU_BUDGET = 1_500_000  # readings in the processing-cost run
-MIN_CPU_S = 2.0
+CPU_RUN_S = 1.5  # thread CPU the processing-cost run may take (by the estimate)
+CPU_SEGMENTS = 13  # the first is warm-up
+CPU_TURNS = 48  # the calibration's turns during the processing-cost run
+CPU_MIN_EVENT_S = 3.0  # event seconds at least, else the workload is sampled
+CPU_MAX_EVENT_S = 6 * 3600.0
 PROBE_PER_S = 2_000.0  # latency probe samples per second
 PROBE = "latency-probe"
+
+
+MEASURED_METHOD = (
+    "thread CPU of every operator call in the engine on synthetic data, in the batches of "
+    "production, back to back over {segments} segments after a warm-up, the calibration taking "
+    "turns with them on the same CPU; node cores from the process CPU of {seconds:.1f} s at "
+    "the real rate, the simulator's own work left out")
 
 
 @dataclass
@@ -74,7 +99,7 @@ class SiteMeasurement:
     throughput_s: float  # event-time seconds in the throughput run
     throughput_readings: int
     realtime_readings: int
-    realtime_wall_s: float
+    realtime_wall_s: float  # the measured span of the realtime run
     realtime_fraction: float
     stage_out: dict[str, float]
     stage_cpu_us: dict[str, float]
@@ -88,6 +113,11 @@ class SiteMeasurement:
     cores_total: float
     generation_cpu_s: float
     late: int
+    cpu_event_s: float = 0.0  # event seconds of the processing-cost run
+    cpu_segment_s: float = 0.0
+    cpu_fraction: float = 1.0
+    stage_cpu_spread: dict[str, float] | None = None  # (max-min)/median over the segments
+    stage_costs: dict[str, StageCost] | None = None  # calibrated beside the measurement
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
@@ -160,8 +190,8 @@ def edge_pipeline(sp: SitePlan, fraction: float, *, realtime: bool, limit_s: flo
     }
 
 
-def _timed(op: Any, acc: dict[str, float], sid: str) -> None:
-    for name in ("process", "on_timer", "flush"):
+def _timed(op: Any, acc: dict[str, float], sid: str, names: tuple[str, ...]) -> None:
+    for name in names:
         fn = getattr(op, name)
 
         def wrapper(*args: Any, _fn: Callable[..., Any] = fn, **kw: Any) -> Any:
@@ -174,16 +204,152 @@ def _timed(op: Any, acc: dict[str, float], sid: str) -> None:
         setattr(op, name, wrapper)
 
 
-def _run_engine(doc: dict[str, Any], data: Path, duration: float | None) -> tuple[
-        Engine, dict[str, Any], dict[str, float], float, float]:
+def _engine(doc: dict[str, Any], data: Path, duration: float | None = None) -> tuple[
+        Engine, dict[str, Any]]:
     spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False), f"<{doc['metadata']['name']}>")
     engine = Engine(spec, data, duration=duration)
-    cpu = {sid: 0.0 for sid in engine.stages}
-    for sid, op in engine.stages.items():
-        _timed(op, cpu, sid)
-    c0, w0 = time.process_time(), time.perf_counter()
-    summary = asyncio.run(engine.run())
-    return engine, summary, cpu, time.process_time() - c0, time.perf_counter() - w0
+    return engine, install(engine)
+
+
+def _run_engine(doc: dict[str, Any], data: Path) -> tuple[Engine, dict[str, Any]]:
+    engine, _srcs = _engine(doc, data)
+    return engine, asyncio.run(engine.run())
+
+
+class CpuRun:
+    """The processing-cost run: back to back, the batches of production; per stage, (event time
+    of the source batch, thread CPU) of every call. ``at_turn(k)`` is called at ``turns``
+    evenly spaced points of event time (in the engine's thread, which it may block: the
+    planner's calibration takes its turns there)."""
+
+    def __init__(self, doc: dict[str, Any], work: Path, segment: float,
+                 at_turn: Callable[[int], None] | None = None, turns: int = 1) -> None:
+        self.doc = doc
+        self.work = work
+        self.segment = segment
+        self.turns = turns
+        self.at_turn = at_turn or (lambda _k: None)
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+
+    def run(self) -> None:
+        engine, _srcs = _engine(self.doc, self.work)
+        self.samples = {sid: [] for sid in engine.stages}
+        clock = [START_TS]
+        seen = [0]
+        step = self.segment * CPU_SEGMENTS / self.turns
+        route = engine._route
+
+        def routed(node: str, port: str, batch: Batch) -> None:
+            if node in engine.sources and batch.n and "ts" in batch.columns:
+                clock[0] = float(batch.columns["ts"][-1])
+                k = min(self.turns - 1, int((clock[0] - START_TS) // step))
+                while seen[0] < k:
+                    seen[0] += 1
+                    self.at_turn(seen[0])
+            route(node, port, batch)
+
+        engine._route = routed  # type: ignore[method-assign]
+        for sid, op in engine.stages.items():
+            fn = op.process
+
+            def process(batch: Batch, _fn: Callable[..., Any] = fn,
+                        _out: list[tuple[float, float]] = self.samples[sid]) -> Any:
+                t0 = time.thread_time()
+                try:
+                    return _fn(batch)
+                finally:
+                    _out.append((clock[0], time.thread_time() - t0))
+
+            op.process = process  # type: ignore[method-assign]
+        self.at_turn(0)
+        asyncio.run(engine.run())
+        while seen[0] < self.turns - 1:
+            seen[0] += 1
+            self.at_turn(seen[0])
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[None]:
+    """Pin this thread (and the threads it starts) to the CPU it runs on, then unpin it. Where
+    that is not possible (not Linux), do nothing."""
+    get = getattr(os, "sched_getaffinity", None)
+    put = getattr(os, "sched_setaffinity", None)
+    if get is None or put is None:
+        yield
+        return
+    before = get(0)
+    cpu = min(before)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        cpu = int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
+    try:
+        put(0, {cpu} if cpu in before else {min(before)})
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        put(0, before)
+
+
+def segment_costs(samples: list[tuple[float, float]], start: float, segment: float,
+                  segments: int) -> list[float]:
+    """Thread CPU per segment of event time (``segments`` of ``segment`` seconds from
+    ``start``; a call belongs to the segment of the source batch it serves)."""
+    out = [0.0] * segments
+    for t, c in samples:
+        k = int((t - start) // segment)
+        if 0 <= k < segments:
+            out[k] += c
+    return out
+
+
+def segment_rate(costs: list[float], segment: float) -> tuple[float, float]:
+    """Microseconds per event second from per-segment costs: the first segment is warm-up, the
+    rest are repetitions. Their mean counts (the calibration took turns with them, so the two
+    see the same mixture of fast and slow moments of a shared machine); their spread,
+    (max - min) / mean, says how steady the machine was."""
+    rest = np.array(costs[1:]) * 1e6 / segment
+    mean = float(np.mean(rest)) if len(rest) else 0.0
+    return mean, float((rest.max() - rest.min()) / mean) if mean > 0 else 0.0
+
+
+def _realtime(doc: dict[str, Any], data: Path, warm: float, span: float,
+              backlog: float = 0.0) -> tuple[Engine, dict[str, Any], float, float, float, float]:
+    """Run at the real pace; the process CPU of the steady part (after ``warm`` seconds, for
+    ``span`` seconds) without the simulator's own work and the latency probe's, its wall time,
+    the simulator's CPU in it, and the wall time of the whole run. With a ``backlog``, the
+    sources start that many seconds in the past and the warm-up begins once it is handed over
+    (operator state then has its steady size)."""
+    engine, srcs = _engine(doc, data)
+    for src in srcs.values():
+        src.backlog_s = backlog
+    probe = {PROBE: 0.0}
+    if PROBE in engine.stages:
+        _timed(engine.stages[PROBE], probe, PROBE, ("process", "on_timer"))
+    marks: list[tuple[float, float, float, float]] = []
+
+    def mark() -> None:
+        marks.append((time.process_time(), time.perf_counter(),
+                      sum(s.generation_s for s in srcs.values()), probe[PROBE]))
+
+    async def main() -> dict[str, Any]:
+        task = asyncio.create_task(engine.run())
+        while backlog and not all(s.caught_up for s in srcs.values()) and not task.done():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(warm)
+        mark()
+        await asyncio.sleep(span)
+        mark()
+        engine.stop()
+        return await task
+
+    t0 = time.perf_counter()
+    summary = asyncio.run(main())
+    total = time.perf_counter() - t0
+    (c0, w0, g0, p0), (c1, w1, g1, p1) = marks
+    cpu = (c1 - c0) - (g1 - g0) - (p1 - p0)
+    return engine, summary, cpu, w1 - w0, g1 - g0, total
 
 
 # -- durations and sampling ----------------------------------------------------------------------
@@ -274,38 +440,70 @@ def _raw_wire(sp: SitePlan, seconds: float) -> float:
     return total
 
 
-def _generation_cpu(sp: SitePlan, fraction: float, readings: int) -> float:
-    """CPU seconds the simulator spends making ``readings`` readings (subtracted)."""
-    c0 = time.process_time()
-    done = 0
-    for src in sp.site.sources:
-        groups = _groups(src, sp.name, fraction)
-        sig = SignalSet(tuple(SignalGroup(**g) for g in groups), SEED, src.rate_hz)
-        share = sig.n_sensors * src.rate_hz / max(1.0, sum(
-            sum(g["count"] for g in _groups(s, sp.name, fraction)) * s.rate_hz
-            for s in sp.site.sources))
-        want = int(readings * share)
-        batch = F.batch_records(src.count * src.rate_hz, src.count, src.protocol)
-        pos = 0
-        while pos < want:
-            s, ticks, values = sig.readings(pos, batch)
-            Batch({"sensor": sig.names[s], "ts": np.round(START_TS + ticks / src.rate_hz, 6),
-                   "value": values}, len(s))
-            pos += batch
-        done += want
-    return time.process_time() - c0
+def cpu_run_shape(sp: SitePlan, full_rate: float) -> tuple[float, float, float]:
+    """(sample fraction, event seconds, segment seconds) of the processing-cost run: about
+    CPU_RUN_S of thread CPU by the estimate, segments of whole windows when they fit."""
+    est = sp.estimate.calibration
+    per_s = sum(est.stage_cpu_us[st.id] for st in sp.stages if sp.where(st.id) != "cloud")
+    eng = sp.engine_cost
+    per_s += _source_batches(sp.site) * (eng.batch_us if eng else 20.0) + full_rate * 0.5
+    per_s = max(per_s, 1.0) * 1e-6  # CPU seconds per event second
+    fraction = min(1.0, CPU_RUN_S / (per_s * CPU_MIN_EVENT_S))
+    event_s = min(CPU_MAX_EVENT_S, max(CPU_MIN_EVENT_S, CPU_RUN_S / (per_s * fraction)))
+    segment = event_s / CPU_SEGMENTS
+    period = longest_period(sp)
+    if period and segment >= period:
+        segment = math.floor(segment / period) * period
+    return fraction, segment * CPU_SEGMENTS, segment
 
 
-def measure_site(sp: SitePlan, work: Path) -> SiteMeasurement:
+def state_backlog(sp: SitePlan) -> float:
+    """Seconds of readings the realtime run starts with, so that window state that grows with
+    the window (values kept for percentiles) has its steady size: a window's length, at most
+    MAX_BACKLOG_S; 0 if no edge stage keeps such state."""
+    from edgewise.pipeline.units import parse_duration
+
+    need = 0.0
+    for st in sp.stages:
+        if sp.where(st.id) in ("edge", "split") and st.operator == "window" and any(
+                str(a).strip().startswith("p") for a in st.params.get("aggregates", [])):
+            need = max(need, parse_duration(st.params["size"]))
+    return min(need, MAX_BACKLOG_S)
+
+
+def longest_period(sp: SitePlan) -> float:
+    """The longest emission period of the edge stages (window slide, downsample interval, FFT
+    block), seconds; 0 if none."""
+    from edgewise.pipeline.units import parse_duration
+
+    period = 0.0
+    for st in sp.stages:
+        if sp.where(st.id) not in ("edge", "split"):
+            continue
+        p = st.params
+        if st.operator == "window":
+            period = max(period, parse_duration(p.get("slide") or p["size"]))
+        elif st.operator == "downsample" and p.get("interval") is not None:
+            period = max(period, parse_duration(p["interval"]))
+        elif st.operator == "fft":
+            period = max(period, int(p["samples"]) / max(sp.flows[st.inputs[0]].per_key_rate,
+                                                          1e-9))
+    return period
+
+
+def measure_site(sp: SitePlan, work: Path, costs: Costs,
+                 say: Callable[[str], None] | None = None) -> SiteMeasurement:
+    say = say or (lambda _m: None)
     full_rate = sum(s.count * s.rate_hz for s in sp.site.sources)
     interval = sp.site.link.batch_interval
     # 1. throughput: big batches, every window closes a few times -> records and bytes
+    say(f"simulating site {sp.name}: throughput run")
     seconds = needed_duration(sp)
     frac = _fraction(full_rate, seconds, THROUGHPUT_BUDGET)
     f_act = _actual_fraction(sp, frac)
     doc = edge_pipeline(sp, frac, realtime=False, limit_s=seconds, probe=False, sync="normal",
                         big_batches=True)
-    engine, summary, _cpu, _c, _w = _run_engine(doc, work / "throughput", None)
+    engine, summary = _run_engine(doc, work / "throughput")
     tp_readings = int(summary["readings_in"])
     stage_out: dict[str, float] = {}
     for st in sp.stages:
@@ -325,27 +523,39 @@ def measure_site(sp: SitePlan, work: Path) -> SiteMeasurement:
             recs[s.name] = n / seconds / scale
             wire[s.name] = nbytes / seconds / scale
             payload[s.name] = body / seconds / scale
-    # 2. processing cost: the batches of production, as fast as the engine goes
-    batches = sum(s.count * s.rate_hz / F.batch_records(s.count * s.rate_hz, s.count, s.protocol)
-                  for s in sp.site.sources)
-    cpu_s = max(MIN_CPU_S, min(CPU_BATCHES / max(batches, 1e-9), CPU_BUDGET / full_rate))
-    cpu_frac = _fraction(full_rate, cpu_s, CPU_BUDGET)
+    # 2. processing cost: the batches of production, back to back, in six segments, each
+    # after a repetition of the calibration (so the two see the machine in the same state)
+    say(f"simulating site {sp.name}: processing cost, in turns with the calibration")
+    cpu_frac, cpu_s, segment = cpu_run_shape(sp, full_rate)
     cpu_act = _actual_fraction(sp, cpu_frac)
     doc = edge_pipeline(sp, cpu_frac, realtime=False, limit_s=cpu_s, probe=False,
                         sync="normal")
-    _e, _s, cpu_run, _c, _w = _run_engine(doc, work / "cpu", None)
-    stage_cpu = {sid: cpu_run[sid] * 1e6 / cpu_s / cpu_act for sid in cpu_run}
+    paired = costs.paired(sp.site, sp.stages, sp.flows)
+    run = CpuRun(doc, work / "cpu", segment, lambda _k: paired.turn(), CPU_TURNS)
+    with one_cpu():  # both on the same CPU: they see the same neighbours
+        paired.start(CPU_TURNS)
+        try:
+            run.run()
+        finally:
+            stage_costs = paired.finish()
+    stage_cpu: dict[str, float] = {}
+    spread: dict[str, float] = {}
+    for sid, calls in run.samples.items():
+        rate_us, spread[sid] = segment_rate(segment_costs(calls, START_TS, segment,
+                                                         CPU_SEGMENTS), segment)
+        stage_cpu[sid] = rate_us / cpu_act
     raw = _raw_wire(sp, seconds)
-    # 2. realtime
+    # 3. realtime
+    say(f"simulating site {sp.name}: real time")
     rt_frac = min(1.0, REALTIME_MAX_RATE / full_rate)
     doc = edge_pipeline(sp, rt_frac, realtime=True, limit_s=None, probe=True, sync="full")
-    engine, summary, cpu, cpu_total, wall = _run_engine(doc, work / "realtime", REALTIME_S)
+    backlog = state_backlog(sp)
+    engine, summary, cpu_total, wall, gen, elapsed = _realtime(
+        doc, work / "realtime", REALTIME_WARM_S, REALTIME_S, backlog)
+    elapsed += backlog  # seconds of data the outbox holds
     rt_act = _actual_fraction(sp, rt_frac)
     readings = int(summary["readings_in"])
-    elapsed = max(wall, 1e-3)
-    probe_cpu = cpu.get(PROBE, 0.0)
-    gen = _generation_cpu(sp, rt_frac, readings)
-    cores = max(0.0, cpu_total - gen - probe_cpu) / elapsed / rt_act
+    cores = max(0.0, cpu_total) / max(wall, 1e-3) / rt_act
     lat_alarm: list[np.ndarray] = []
     lat_probe = np.zeros(0)
     for sid, sink in engine.sinks.items():
@@ -375,8 +585,9 @@ def measure_site(sp: SitePlan, work: Path) -> SiteMeasurement:
         else:
             stored += payload.get(s.name, 0.0) * STORE_OVERHEAD
     return SiteMeasurement(
-        sp.name, f_act, seconds, tp_readings, readings, elapsed, rt_act, stage_out, stage_cpu,
+        sp.name, f_act, seconds, tp_readings, readings, wall, rt_act, stage_out, stage_cpu,
         recs, wire, payload, raw, stored, latency, lsrc, cores, gen, int(summary["late"]),
+        cpu_s, segment, cpu_act, spread, stage_costs,
     )
 
 
@@ -390,24 +601,29 @@ def link_result(sp: SitePlan, stored: dict[str, float], outbox: int) -> LinkResu
                          compare={"default": DEFAULT_OUTBOX, "none": 0})
 
 
-def simulate(plan: Plan, progress: Callable[[str], None] | None = None) -> tuple[
-        Plan, dict[str, SiteMeasurement]]:
-    """Measure every site type and return the plan with measured figures."""
+def simulate(plan: Plan, progress: Callable[[str], None] | None = None,
+             costs: Costs | None = None) -> tuple[Plan, dict[str, SiteMeasurement]]:
+    """Measure every site type and return the plan with measured figures; with a
+    `Calibrator`, the estimate is recalibrated beside the measurement."""
     say = progress or (lambda _m: None)
+    costs = costs or Costs()
+    sites: list[SitePlan] = []
     calibrations: dict[str, Calibration] = {}
     links: dict[str, LinkResult] = {}
     found: dict[str, SiteMeasurement] = {}
     sink_log = logging.getLogger("edgewise.sink")
     for sp in plan.sites:
-        say(f"simulating site {sp.name}: engine runs")
         level = sink_log.level
         sink_log.setLevel(logging.WARNING)  # the stand-in local actions log every alarm
         try:
             with tempfile.TemporaryDirectory(prefix="edgewise-plan-") as tmp:
-                m = measure_site(sp, Path(tmp))
+                m = measure_site(sp, Path(tmp), costs, say)
         finally:
             sink_log.setLevel(level)
         found[sp.name] = m
+        if m.stage_costs is not None and costs.calibrated:
+            sp = reestimate(plan.workload, sp, m.stage_costs, costs)
+        sites.append(sp)
         est = sp.estimate.calibration
         lat = m.latency_s if len(m.latency_s) >= 20 else est.engine_latency_s
         notes = list(est.notes)
@@ -418,7 +634,8 @@ def simulate(plan: Plan, progress: Callable[[str], None] | None = None) -> tuple
         out = {sid: m.stage_out.get(sid, est.stage_out[sid]) for sid in est.stage_out}
         cal = Calibration("simulation", cpu, out, m.stream_wire, m.stream_records,
                           m.stream_payload, m.raw_wire, m.stored_per_s, lat, m.cores_total,
-                          notes)
+                          notes, MEASURED_METHOD.format(
+                              segments=CPU_SEGMENTS - 1, seconds=m.realtime_wall_s))
         calibrations[sp.name] = cal
         say(f"simulating site {sp.name}: link model")
         total = sum(m.stream_payload.values()) or 1.0
@@ -426,7 +643,8 @@ def simulate(plan: Plan, progress: Callable[[str], None] | None = None) -> tuple
                   for s in sp.streams}
         outbox = _outbox_for(sp, m.stored_per_s, plan)
         links[sp.name] = link_result(sp, stored, outbox)
-    return apply_measurement(plan, calibrations, links), found
+    costs.save()
+    return apply_measurement(replace(plan, sites=sites), calibrations, links), found
 
 
 def _outbox_for(sp: SitePlan, stored: float, plan: Plan) -> int:

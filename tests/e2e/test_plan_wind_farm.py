@@ -1,0 +1,15 @@
+"""`edgewise plan examples/workloads/wind-farm.yaml --simulate`: the document, the artefacts, and
+estimate against measurement within 15% (uplink bytes, records, stage CPU)."""
+
+from __future__ import annotations
+
+import pytest
+from test_plan_examples import check_example
+
+
+@pytest.mark.slow
+def test_wind_farm_with_simulation_agrees_with_its_estimate(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    summary = check_example("wind-farm", tmp_path_factory.mktemp("wind_farm"),
+                            tmp_path_factory.mktemp("cache"))
+    assert list(summary["sites"]) == ["farm"]
