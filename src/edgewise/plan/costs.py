@@ -454,13 +454,11 @@ class Paired:
         self.last_turn: float | None = None
         self.failed: list[BaseException] = []
         self.worker: threading.Thread | None = None
-        self.t0 = 0.0
 
     def start(self, turns: int) -> None:
         """Start the calibration thread; it will get ``turns`` turns of equal CPU."""
         if self.cal is None:
             return
-        self.t0 = time.perf_counter()
         self.turns = Turns(PAIRED_CPU_S / max(1, turns))
         cal, tr = self.cal, self.turns
 
@@ -484,19 +482,22 @@ class Paired:
         now = time.thread_time()
         if self.last_turn is not None:
             self.turns.slice_s = min(MAX_SLICE_S, max(MIN_SLICE_S, now - self.last_turn))
+        w0 = time.perf_counter()
         self.turns.give()
+        self.owner.seconds += time.perf_counter() - w0  # the calibration's share of the time
         self.last_turn = time.thread_time()
 
     def finish(self) -> dict[str, StageCost]:
         base = Costs.site(self.owner, self.site, self.stages, self.flows)
         if self.cal is None or self.turns is None or self.worker is None:
             return self.owner.site(self.site, self.stages, self.flows)
+        w0 = time.perf_counter()
         self.turns.stop()
         self.worker.join()
         if self.failed:
             raise self.failed[0]
         entry = self.cal.result()
-        self.owner.seconds += time.perf_counter() - self.t0
+        self.owner.seconds += time.perf_counter() - w0
         entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         entry["paired"] = True
         if isinstance(self.owner, Calibrator):
