@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,10 +356,60 @@ def main() -> None:
     ap.add_argument("--readings", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=float, default=10.0, help="latency runs, each")
     ap.add_argument("--skip-mqtt", action="store_true")
-    ap.add_argument("--mqtt", default="127.0.0.1:1883")
+    ap.add_argument(
+        "--mqtt", default="own",
+        help="broker for the latency runs: HOST:PORT, or 'own' (default when the mosquitto "
+        "binary is installed): a private Mosquitto on a free port with set_tcp_nodelay true, "
+        "the setting docs/operations.md recommends for local alarms")
     ap.add_argument("--role", choices=["publisher", "subscriber"], help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.role is None and args.mqtt == "own" and not args.skip_mqtt:
+        with own_broker() as address:
+            args.mqtt = address
+            return _measure(args)
+    if args.mqtt == "own":
+        args.mqtt = "127.0.0.1:1883"
+    return _measure(args)
+
+
+@contextlib.contextmanager
+def own_broker() -> Iterator[str]:
+    """A private Mosquitto with Nagle's algorithm off (``set_tcp_nodelay true``).
+
+    Mosquitto's default leaves Nagle on for what it sends: a small alarm written while an
+    earlier segment is unacknowledged then waits for the subscriber's delayed ACK (up to
+    ~40 ms), which is what the end-to-end p99 showed against a default broker.
+    """
+    exe = shutil.which("mosquitto")
+    if exe is None:
+        print("mosquitto is not installed: using 127.0.0.1:1883", flush=True)
+        yield "127.0.0.1:1883"
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="edgewise-broker-") as d:
+        conf = Path(d) / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                        "set_tcp_nodelay true\npersistence false\n", encoding="utf-8")
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            print(f"private Mosquitto on 127.0.0.1:{port} (set_tcp_nodelay true)", flush=True)
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _measure(args: argparse.Namespace) -> None:
     host, port = args.mqtt.rsplit(":", 1)
     if args.role == "publisher":
         return _publisher(host, int(port), args.prefix, args.seconds, seed=11)
@@ -400,6 +453,7 @@ def main() -> None:
                      f"{figures['mqtt_alarms_expected']} received, lost {figures['alarms_lost']})"))
     print_table("Edge pipeline, factory line", rows)
     figures.pop("stderr_tail", None)
+    figures["broker"] = args.mqtt
     emit_json(figures)
 
 
