@@ -119,9 +119,9 @@ def build(plan: Any) -> list[Block]:
     sim = "measured by running the Edgewise engine on synthetic data (`--simulate`)" \
         if plan.simulated else "estimated by the planner's model (run with `--simulate` to " \
         "measure them on the real engine)"
-    b.append(P(f"Use case: {w.body.use_case}. The fleet has {w.total_nodes:,} edge nodes at "
-               f"{sum(s.count for s in w.sites):,} sites of {len(w.sites)} type(s); figures are "
-               f"{sim}."))
+    n_sites = sum(s.count for s in w.sites)
+    b.append(P(f"Use case: {w.body.use_case}. The fleet has {_n(w.total_nodes, 'edge node')} "
+               f"at {_n(n_sites, 'site')} of {_n(len(w.sites), 'type')}; figures are {sim}."))
     unmet = plan.unmet
     if unmet:
         b.append(H(2, "Unmet constraints"))
@@ -166,9 +166,13 @@ def _topology(b: list[Block], plan: Any) -> None:
         "their site's node and never to the cloud.",
         f"Edge tier: {nodes:,} node(s) run the agent, the pipeline engine, the local broker "
         "and the outbox; each keeps working with the link down and acts on alarms locally.",
-        f"Cloud tier: {cp.replicas} stateless control-plane replicas on {cp.store} take "
-        f"{rate(cp.ingest_bytes_per_s)} of edge output, run the stages that need fleet-wide "
-        "context, and hold identity, configuration and releases.",
+        (f"Cloud tier: one control-plane process on {cp.store} takes "
+         f"{rate(cp.ingest_bytes_per_s)} of edge output, runs the stages that need fleet-wide "
+         "context, and holds identity, configuration and releases."
+         if cp.replicas == 1 else
+         f"Cloud tier: {cp.replicas} stateless control-plane replicas on {cp.store} take "
+         f"{rate(cp.ingest_bytes_per_s)} of edge output, run the stages that need fleet-wide "
+         "context, and hold identity, configuration and releases."),
     ]))
     rows = []
     for sp in plan.sites:
@@ -524,6 +528,11 @@ def to_html(blocks: list[Block], title: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{style}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 site``, ``3 sites``."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def word_count(markdown: str) -> int:

@@ -614,8 +614,10 @@ def control_plane(workload: Workload, sites: list[SitePlan]) -> ControlPlane:
         note = (f"at {design:,} nodes: {rows_scale:,.0f} rows/s exceed {PG_ROWS_PER_S:,}; "
                 f"send chunks {factor}x less often or partition the store by node")
     storage = payload * nodes / sites_total * workload.requirements.retention * 1.2
+    # an embedded SQLite store is one process; replicas share PostgreSQL (DESIGN principle 9)
+    replicas = 1 if store.startswith("SQLite") else replicas_for(nodes, chunk_rate, byte_rate)
     return ControlPlane(
-        nodes, design, hb, chunk_rate, byte_rate, replicas_for(nodes, chunk_rate, byte_rate),
+        nodes, design, hb, chunk_rate, byte_rate, replicas,
         store, rows, storage, ok, note, rows_scale,
         replicas_for(design, chunk_rate * scale, byte_rate * scale),
     )
