@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline import registry
 from edgewise.pipeline.units import ByteSize, Duration
 from edgewise.pipeline.yamlmarks import Path as KeyPath
-from edgewise.pipeline.yamlmarks import line_of, load_with_lines
+from edgewise.pipeline.yamlmarks import line_of
+from edgewise.specfile import find_cycle, load_document, problems_from, read_text
 
 API_VERSION = "edgewise.io/v1"
 ID_PATTERN = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
@@ -118,62 +118,21 @@ class PipelineSpec:
         return self.document.spec
 
 
-_FIXES = {
-    "missing": "add it",
-    "extra_forbidden": "remove it or check its spelling",
-    "literal_error": "use one of the allowed values",
-}
-
-
-def _problems_from(
-    exc: ValidationError, prefix: KeyPath, lines: dict[KeyPath, int]
-) -> list[tuple[int | None, str, str]]:
-    out = []
-    for err in exc.errors():
-        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        path = (*prefix, *loc)
-        field = ".".join(str(p) for p in path)
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        fix = _FIXES.get(err["type"])
-        if fix:
-            msg = f"{msg} ({fix})"
-        out.append((line_of(lines, path), field, msg))
-    return out
-
-
 def load_pipeline(path: str | Path) -> PipelineSpec:
     """Read and validate a pipeline file. Raises `SpecError` (or `ConfigError` if unreadable)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse_pipeline(text, str(path), base_dir=path.parent)
+    return parse_pipeline(read_text(path), str(path), base_dir=path.parent)
 
 
 def parse_pipeline(
     text: str, source: str = "<pipeline>", base_dir: Path | None = None
 ) -> PipelineSpec:
     """Validate pipeline YAML; relative paths in it (file sources) are taken from ``base_dir``."""
-    try:
-        data, lines = load_with_lines(text, source)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(source, [(line, "", f"not valid YAML: {problem}")]) from None
-    if not isinstance(data, dict):
-        raise SpecError(
-            source, [(1, "", "expected a mapping with apiVersion, kind, metadata and spec")]
-        )
+    data, lines = load_document(text, source)
     try:
         doc = Document.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(source, _problems_from(exc, (), lines)) from None
+        raise SpecError(source, problems_from(exc, (), lines)) from None
 
     problems: list[tuple[int | None, str, str]] = []
     built: dict[str, list[Component]] = {"sources": [], "stages": [], "sinks": []}
@@ -214,7 +173,7 @@ def parse_pipeline(
             try:
                 config = cls.Config.model_validate(params)
             except ValidationError as exc:
-                problems.extend(_problems_from(exc, where, lines))
+                problems.extend(problems_from(exc, where, lines))
                 continue
             if kind == "source" and entry.inputs:
                 problems.append((line_of(lines, (*where, "inputs")), f"spec.{group}.{i}.inputs",
@@ -246,7 +205,9 @@ def parse_pipeline(
                                      f"{node!r} has no output {port!r}; it has: "
                                      f"{', '.join(ports[node])}"))
     if not problems:
-        cycle = _find_cycle(doc.spec.stages)
+        cycle = find_cycle(
+            {s.id: [r.partition('.')[0] for r in s.inputs] for s in doc.spec.stages}
+        )
         if cycle:
             problems.append((line_of(lines, ("spec", "stages")), "spec.stages",
                              f"stages form a cycle: {' -> '.join(cycle)}; break it"))
@@ -258,35 +219,6 @@ def parse_pipeline(
     return PipelineSpec(
         spec_path, doc, built["sources"], built["stages"], built["sinks"], digest
     )
-
-
-def _find_cycle(stages: list[ComponentEntry]) -> list[str] | None:
-    graph = {s.id: [r.partition(".")[0] for r in s.inputs] for s in stages}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in graph.get(n, []):
-            if m not in graph:
-                continue
-            if state.get(m) == 1:
-                return [*stack[stack.index(m):], m]
-            if m not in state:
-                found = visit(m)
-                if found:
-                    return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in graph:
-        if n not in state:
-            found = visit(n)
-            if found:
-                return found
-    return None
 
 
 def topological_stages(spec: PipelineSpec) -> list[Component]:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -45,7 +44,8 @@ from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline import registry
 from edgewise.pipeline.units import ByteSize, Duration
 from edgewise.pipeline.yamlmarks import Path as KeyPath
-from edgewise.pipeline.yamlmarks import line_of, load_with_lines
+from edgewise.pipeline.yamlmarks import line_of
+from edgewise.specfile import Problem, find_cycle, load_document, problems_from, read_text
 
 ID_PATTERN = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
 NEEDS = ("global_context", "gpu", "large_model", "privacy")
@@ -327,60 +327,19 @@ class Workload:
 
 # -- loading -----------------------------------------------------------------------------------
 
-_FIXES = {
-    "missing": "add it",
-    "extra_forbidden": "remove it or check its spelling",
-    "literal_error": "use one of the allowed values",
-}
-
-Problem = tuple[int | None, str, str]
-
-
-def _problems(exc: ValidationError, prefix: KeyPath, lines: dict[KeyPath, int]) -> list[Problem]:
-    out = []
-    for err in exc.errors():
-        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        # tagged unions and wrappers add type names to the location; keep real keys only
-        loc = tuple(x for x in loc if not (isinstance(x, str) and x[:1].isupper()))
-        path = (*prefix, *loc)
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        fix = _FIXES.get(err["type"])
-        if fix:
-            msg = f"{msg} ({fix})"
-        out.append((line_of(lines, path), ".".join(str(p) for p in path), msg))
-    return out
 
 
 def load_workload(path: str | Path) -> Workload:
     """Read and validate a workload file. Raises `SpecError` (or `ConfigError` if unreadable)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse_workload(text, str(path))
+    return parse_workload(read_text(path), str(path))
 
 
 def parse_workload(text: str, source: str = "<workload>") -> Workload:
-    try:
-        data, lines = load_with_lines(text, source)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(source, [(line, "", f"not valid YAML: {problem}")]) from None
-    if not isinstance(data, dict):
-        raise SpecError(
-            source, [(1, "", "expected a mapping with apiVersion, kind, metadata and spec")]
-        )
+    data, lines = load_document(text, source)
     try:
         doc = Document.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(source, _problems(exc, (), lines)) from None
+        raise SpecError(source, problems_from(exc, (), lines)) from None
 
     problems: list[Problem] = []
     body = doc.spec
@@ -425,7 +384,7 @@ def parse_workload(text: str, source: str = "<workload>") -> Workload:
             try:
                 cls.Config.model_validate(st.params)
             except ValidationError as exc:
-                problems.extend(_problems(exc, (*where, "params"), lines))
+                problems.extend(problems_from(exc, (*where, "params"), lines))
     for i, st in enumerate(body.stages):
         for j, ref in enumerate(st.inputs):
             if ref not in source_ids and ref not in stage_ids:
@@ -438,42 +397,13 @@ def parse_workload(text: str, source: str = "<workload>") -> Workload:
                                  f"spec.stages.{i}.inputs.{j}",
                                  "a stage cannot read its own output"))
     if not problems:
-        cycle = _find_cycle(body.stages)
+        cycle = find_cycle({s.id: list(s.inputs) for s in body.stages})
         if cycle:
             problems.append((line_of(lines, ("spec", "stages")), "spec.stages",
                              f"stages form a cycle: {' -> '.join(cycle)}; break it"))
     if problems:
         raise SpecError(source, problems)
     return _complete(doc, Path(source))
-
-
-def _find_cycle(stages: list[StageSpec]) -> list[str] | None:
-    graph = {s.id: [r for r in s.inputs] for s in stages}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in graph.get(n, []):
-            if m not in graph:
-                continue
-            if state.get(m) == 1:
-                return [*stack[stack.index(m):], m]
-            if m not in state:
-                found = visit(m)
-                if found:
-                    return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in graph:
-        if n not in state:
-            found = visit(n)
-            if found:
-                return found
-    return None
 
 
 def _fmt_s(seconds: float) -> str:
