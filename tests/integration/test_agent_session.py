@@ -15,9 +15,10 @@ from pydantic import SecretStr
 from test_agent_fakecloud import FakeCloud, wait_for
 
 from edgewise.edge.agent import Agent, AgentConfig
+from edgewise.edge.backoff import Backoff
 from edgewise.edge.outbox import Outbox, PendingChunk
 from edgewise.edge.status import OutboxView, outbox_path, read_status
-from edgewise.edge.uplink import Backoff, UplinkConfig
+from edgewise.edge.uplink import UplinkConfig
 
 pytestmark = pytest.mark.timeout(60)
 

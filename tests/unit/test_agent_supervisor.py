@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgewise.edge.agent import EngineSupervisor
-from edgewise.edge.uplink import Backoff, OutboxAccess
+from edgewise.edge.backoff import Backoff
+from edgewise.edge.outbox_access import OutboxAccess
 from edgewise.pipeline.spec import PipelineSpec, parse_pipeline
 
 PIPE = """\

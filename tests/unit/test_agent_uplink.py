@@ -13,23 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgewise.edge.backoff import Backoff
+from edgewise.edge.flow import Lanes, Sent, Window
+from edgewise.edge.ledger import IntervalSet, Ledger, find_gaps, uncovered
 from edgewise.edge.outbox import Outbox, PendingChunk
+from edgewise.edge.outbox_access import OutboxAccess
 from edgewise.edge.status import OutboxSnapshot, StreamRow
 from edgewise.edge.status import PendingChunk as Pending
-from edgewise.edge.uplink import (
-    MAX_PAYLOAD,
-    Backoff,
-    IntervalSet,
-    Lanes,
-    Ledger,
-    OutboxAccess,
-    Sent,
-    Window,
-    _take,
-    find_gaps,
-    tcp_bytes,
-    uncovered,
-)
+from edgewise.edge.uplink import MAX_PAYLOAD, _take
+from edgewise.edge.wire import tcp_bytes
 from edgewise.errors import ConfigError, StorageError
 from edgewise.sync import protocol as P
 

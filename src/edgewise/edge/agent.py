@@ -44,11 +44,13 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from edgewise.edge.backoff import Backoff
 from edgewise.edge.identity import NodeIdentity
 from edgewise.edge.outbox import Outbox
+from edgewise.edge.outbox_access import OutboxAccess
 from edgewise.edge.status import ENGINE_DIR, OutboxView, outbox_path, write_status
 from edgewise.edge.twin import Twin
-from edgewise.edge.uplink import Backoff, OutboxAccess, Uplink, UplinkConfig, first_error
+from edgewise.edge.uplink import Uplink, UplinkConfig, first_error
 from edgewise.errors import EdgewiseError, StorageError
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.spec import PipelineSpec

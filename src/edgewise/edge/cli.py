@@ -62,7 +62,8 @@ def run_cmd(cloud: str | None, ca: Path | None, data_dir: Path, token: str | Non
     Ctrl-C or SIGTERM; the pipeline keeps running while the cloud is unreachable.
     """
     from edgewise.edge.agent import Agent, AgentConfig
-    from edgewise.edge.uplink import Backoff, UplinkConfig
+    from edgewise.edge.backoff import Backoff
+    from edgewise.edge.uplink import UplinkConfig
 
     try:
         if pipeline is not None and not pipeline.is_file():

@@ -39,32 +39,31 @@ sent again (the cloud dedupes by (node, stream, seq)).
 (``tcpi_bytes_acked`` / ``tcpi_bytes_received``, Linux), sampled every 0.25 s and at the end of
 a session; ``ws_sent`` / ``ws_received`` are the WebSocket message payload bytes (our msgpack
 frames), counted everywhere. HTTPS requests (enrolment, renewal, desired state) are not counted.
+
+This module keeps the session itself; its parts live beside it: `edgewise.edge.backoff`
+(`Backoff`), `edgewise.edge.ledger` (`Ledger`, `IntervalSet`, `find_gaps`),
+`edgewise.edge.flow` (`Lanes`, `Window`, `Sent`), `edgewise.edge.wire` (`WireMeter`,
+`tcp_bytes`) and `edgewise.edge.outbox_access` (`OutboxAccess`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import functools
 import json
 import logging
 import os
-import random
-import socket
-import struct
-import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aiohttp
-import msgpack
 
 from edgewise import __version__
+from edgewise.edge.backoff import Backoff
+from edgewise.edge.flow import Lanes, Sent, Window
 from edgewise.edge.identity import (
     ConfigError,
     EnrolmentRefused,
@@ -73,15 +72,16 @@ from edgewise.edge.identity import (
     Revoked,
     describe_network_error,
 )
+from edgewise.edge.ledger import Ledger, find_gaps
 from edgewise.edge.outbox import Chunk, Outbox
+from edgewise.edge.outbox_access import OutboxAccess
 from edgewise.edge.status import OutboxSnapshot, OutboxView
+from edgewise.edge.wire import WireMeter
 from edgewise.errors import PeerError, StorageError, TransportError
 from edgewise.sync import protocol as P
 from edgewise.sync.twin_state import save_atomic
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 FRAME_OVERHEAD = 512  # bytes of msgpack around a batch payload, generously
 MAX_PAYLOAD = P.MAX_FRAME_BYTES - FRAME_OVERHEAD
@@ -89,388 +89,6 @@ MAX_PAYLOAD = P.MAX_FRAME_BYTES - FRAME_OVERHEAD
 
 class LinkDown(TransportError):
     """The session ended: closed by the control plane, reset, or timed out."""
-
-
-# -- pure parts ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog, 2015).
-
-    The delay before attempt ``n`` (1, 2, ...) is uniform in ``[0, min(cap, base * 2**(n-1))]``:
-    a fleet that lost its link at the same moment does not come back in lockstep.
-    """
-
-    base: float = 0.5  # seconds
-    cap: float = 30.0  # seconds
-
-    def __post_init__(self) -> None:
-        if not (self.base > 0 and self.cap >= self.base):
-            raise ConfigError(
-                f"backoff needs 0 < base <= cap, got base={self.base} cap={self.cap}"
-            )
-
-    def ceiling(self, attempt: int) -> float:
-        return min(self.cap, self.base * 2.0 ** min(max(attempt, 1) - 1, 62))
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        return rng() * self.ceiling(attempt)
-
-
-class IntervalSet:
-    """Disjoint half-open integer intervals ``[start, end)``, merged on insert."""
-
-    def __init__(self, intervals: Iterable[tuple[int, int]] = ()) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        for s, e in intervals:
-            self.add(s, e)
-
-    def add(self, start: int, end: int) -> None:
-        if end <= start:
-            return
-        i = bisect.bisect_left(self._ends, start)  # first interval that ends at/after start
-        j = bisect.bisect_right(self._starts, end)  # intervals starting after end stay
-        if i < j:
-            start = min(start, self._starts[i])
-            end = max(end, self._ends[j - 1])
-        self._starts[i:j] = [start]
-        self._ends[i:j] = [end]
-
-    def covers(self, start: int, end: int) -> bool:
-        """True if ``[start, end)`` lies inside one interval."""
-        i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and self._ends[i] >= end
-
-    def trim_below(self, mark: int) -> None:
-        """Drop everything below ``mark``."""
-        i = bisect.bisect_right(self._ends, mark)
-        del self._starts[:i], self._ends[:i]
-        if self._starts and self._starts[0] < mark:
-            self._starts[0] = mark
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(zip(self._starts, self._ends, strict=True))
-
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    def __repr__(self) -> str:
-        return f"IntervalSet({list(self)})"
-
-
-def uncovered(lo: int, hi: int, covered: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of ``[lo, hi)`` that no interval of ``covered`` contains, in order."""
-    out: list[tuple[int, int]] = []
-    pos = lo
-    for s, e in sorted(covered):
-        if e <= pos:
-            continue
-        if s >= hi:
-            break
-        if s > pos:
-            out.append((pos, min(s, hi)))
-        pos = max(pos, e)
-        if pos >= hi:
-            break
-    if pos < hi:
-        out.append((pos, hi))
-    return out
-
-
-def find_gaps(
-    snap: OutboxSnapshot,
-    marks: dict[str, int],
-    covered: dict[str, list[tuple[int, int]]],
-) -> list[tuple[str, int, int]]:
-    """``(stream, first_seq, count)`` of every sequence range the node dropped and the cloud has
-    not heard of: from the cloud's mark to ``next_seq``, minus what is pending in the outbox
-    and ``covered`` (sent or reported). Pure."""
-    pending: dict[str, list[tuple[int, int]]] = {}
-    for c in snap.chunks:
-        pending.setdefault(c.stream, []).append((c.seq_first, c.seq_first + c.seq_count))
-    gaps = []
-    for stream, row in sorted(snap.streams.items()):
-        spans = pending.get(stream, []) + covered.get(stream, [])
-        for s, e in uncovered(marks.get(stream, 0), row.next_seq, spans):
-            gaps.append((stream, s, e - s))
-    return gaps
-
-
-class Ledger:
-    """Per stream: sequence ranges ever sent, and the exact ranges reported as gaps.
-
-    Everything the cloud can hold above its contiguous mark is in here, so gaps computed
-    against it never overlap stored data. Persisted with `save_atomic`; `trim` forgets what
-    lies below the cloud's marks.
-    """
-
-    FORMAT = 1
-
-    def __init__(self) -> None:
-        self.sent: dict[str, IntervalSet] = {}
-        self.gaps: dict[str, list[tuple[int, int]]] = {}  # stream -> [(first, count)]
-
-    def record_sent(self, stream: str, first: int, count: int) -> bool:
-        """Add a sent range; True if it was not covered yet (the ledger must be saved)."""
-        spans = self.sent.setdefault(stream, IntervalSet())
-        if spans.covers(first, first + count):
-            return False
-        spans.add(first, first + count)
-        return True
-
-    def record_gap(self, stream: str, first: int, count: int) -> None:
-        self.gaps.setdefault(stream, []).append((first, count))
-
-    def covered(self) -> dict[str, list[tuple[int, int]]]:
-        out: dict[str, list[tuple[int, int]]] = {k: list(v) for k, v in self.sent.items()}
-        for stream, gaps in self.gaps.items():
-            out.setdefault(stream, []).extend((s, s + c) for s, c in gaps)
-        return out
-
-    def gaps_above(self, marks: dict[str, int]) -> list[tuple[str, int, int]]:
-        return [(stream, s, c) for stream, gaps in sorted(self.gaps.items())
-                for s, c in gaps if s + c > marks.get(stream, 0)]
-
-    def trim(self, marks: dict[str, int]) -> None:
-        """Forget what lies wholly below the cloud's marks: it is stored there."""
-        for stream, mark in marks.items():
-            if stream in self.sent:
-                self.sent[stream].trim_below(mark)
-            if stream in self.gaps:
-                self.gaps[stream] = [(s, c) for s, c in self.gaps[stream] if s + c > mark]
-
-    def to_bytes(self) -> bytes:
-        return msgpack.packb({
-            "format": self.FORMAT,
-            "sent": {k: [list(r) for r in v] for k, v in self.sent.items()},
-            "gaps": {k: [list(r) for r in v] for k, v in self.gaps.items()},
-        }, use_bin_type=True)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Ledger:
-        """Raises `StorageError` if ``data`` is not a ledger."""
-        try:
-            raw = msgpack.unpackb(data, raw=False)
-            if raw.get("format") != cls.FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}")
-            ledger = cls()
-            for k, spans in raw["sent"].items():
-                ledger.sent[k] = IntervalSet((int(s), int(e)) for s, e in spans)
-            for k, gaps in raw["gaps"].items():
-                ledger.gaps[k] = [(int(s), int(c)) for s, c in gaps]
-        except (ValueError, TypeError, KeyError, AttributeError,
-                msgpack.UnpackException) as exc:
-            raise StorageError(f"the uplink ledger is unreadable: {exc}") from None
-        return ledger
-
-
-class Lanes:
-    """Two send queues with strict priority: every control frame before any data frame."""
-
-    def __init__(self) -> None:
-        self._control: deque[bytes] = deque()
-        self._data: deque[bytes] = deque()
-        self._ready = asyncio.Event()
-
-    def put_control(self, frame: bytes) -> None:
-        self._control.append(frame)
-        self._ready.set()
-
-    def put_data(self, frame: bytes) -> None:
-        self._data.append(frame)
-        self._ready.set()
-
-    def get_nowait(self) -> tuple[bytes, bool] | None:
-        if self._control:
-            return self._control.popleft(), True
-        if self._data:
-            return self._data.popleft(), False
-        return None
-
-    async def get(self) -> tuple[bytes, bool]:
-        """The next frame and whether it is control."""
-        while True:
-            item = self.get_nowait()
-            if item is not None:
-                return item
-            self._ready.clear()
-            await self._ready.wait()
-
-    def __len__(self) -> int:
-        return len(self._control) + len(self._data)
-
-
-@dataclass
-class Sent:
-    """What the node remembers of a chunk it sent."""
-
-    stream: str
-    seq_first: int
-    seq_count: int
-    records: int
-    nbytes: int
-
-
-class Window:
-    """Unacknowledged chunks of the current session, bounded by bytes and by count.
-
-    Refilled in bulk: once full, the feeder waits until a quarter of the byte budget is free
-    (or nothing is in flight), so it reads the outbox in few, large steps.
-    """
-
-    def __init__(self, max_bytes: int, max_chunks: int) -> None:
-        if max_bytes <= 0 or max_chunks <= 0:
-            raise ConfigError("the uplink window must allow at least one byte and one chunk")
-        self.max_bytes = max_bytes
-        self.max_chunks = max_chunks
-        self.refill = max(max_bytes // 4, 1)
-        self.chunks: dict[int, Sent] = {}
-        self.bytes = 0
-        self._ready = asyncio.Event()
-        self._ready.set()
-
-    def room(self) -> int:
-        return self.max_bytes - self.bytes
-
-    @property
-    def full(self) -> bool:
-        return self.bytes >= self.max_bytes or len(self.chunks) >= self.max_chunks
-
-    def _refillable(self) -> bool:
-        return len(self.chunks) < self.max_chunks and (
-            not self.chunks or self.room() >= self.refill)
-
-    def add(self, chunk_id: int, sent: Sent) -> None:
-        self.chunks[chunk_id] = sent
-        self.bytes += sent.nbytes
-        if not self._refillable():
-            self._ready.clear()
-
-    def release(self, chunk_id: int) -> Sent | None:
-        sent = self.chunks.pop(chunk_id, None)
-        if sent is not None:
-            self.bytes -= sent.nbytes
-            if self._refillable():
-                self._ready.set()
-        return sent
-
-    async def wait_room(self) -> None:
-        """Until the window can take a refill."""
-        while not self._refillable():
-            self._ready.clear()
-            await self._ready.wait()
-
-
-# -- byte counting ------------------------------------------------------------------------------
-
-_TCPI_BYTES_ACKED = 120  # offsets in struct tcp_info (Linux >= 4.1)
-_TCPI_BYTES_RECEIVED = 128
-_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-
-
-def tcp_bytes(sock: Any) -> tuple[int, int] | None:
-    """(payload bytes sent and acknowledged, payload bytes received) of a TCP socket."""
-    if _TCP_INFO is None or sock is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
-    except (OSError, ValueError):
-        return None
-    if len(info) < _TCPI_BYTES_RECEIVED + 8:
-        return None
-    acked, received = struct.unpack_from("=QQ", info, _TCPI_BYTES_ACKED)
-    return max(acked - 1, 0), received  # bytes_acked counts the SYN
-
-
-class WireMeter:
-    """Bytes on the wire over every session of this process (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.available = _TCP_INFO is not None
-        self._closed = (0, 0)
-        self._current = (0, 0)
-        self._sock: Any = None
-
-    def attach(self, sock: Any) -> None:
-        self._sock = sock
-        self._current = (0, 0)
-        self.sample()
-
-    def sample(self) -> None:
-        got = tcp_bytes(self._sock)
-        if got is not None:
-            self._current = got
-
-    def detach(self) -> None:
-        self.sample()
-        self._closed = (self._closed[0] + self._current[0], self._closed[1] + self._current[1])
-        self._current = (0, 0)
-        self._sock = None
-
-    @property
-    def sent(self) -> int:
-        return self._closed[0] + self._current[0]
-
-    @property
-    def received(self) -> int:
-        return self._closed[1] + self._current[1]
-
-
-# -- collaborators ------------------------------------------------------------------------------
-
-
-class OutboxAccess:
-    """Which `Outbox` object the uplink may use now: the running engine's, or the agent's own
-    when no engine runs. Calls run in a worker thread, one at a time; withdrawing waits for
-    the call in progress, so the engine never closes its outbox under the uplink's feet."""
-
-    def __init__(self) -> None:
-        self._outbox: Outbox | None = None
-        self._lock: asyncio.Lock | None = None
-        self._ready: asyncio.Event | None = None
-
-    def _sync(self) -> tuple[asyncio.Lock, asyncio.Event]:
-        if self._lock is None or self._ready is None:
-            self._lock, self._ready = asyncio.Lock(), asyncio.Event()
-        return self._lock, self._ready
-
-    def current(self) -> Outbox | None:
-        return self._outbox
-
-    async def publish(self, outbox: Outbox) -> None:
-        lock, ready = self._sync()
-        async with lock:
-            self._outbox = outbox
-            ready.set()
-
-    async def withdraw(self) -> None:
-        lock, ready = self._sync()
-        async with lock:
-            self._outbox = None
-            ready.clear()
-
-    async def call(self, fn: Callable[[Outbox], T]) -> T:
-        """Run ``fn(outbox)`` in a thread as soon as an outbox is available."""
-        lock, ready = self._sync()
-        while True:
-            await ready.wait()
-            async with lock:
-                ob = self._outbox
-                if ob is None:
-                    continue
-                try:
-                    return await asyncio.to_thread(fn, ob)
-                except StorageError:
-                    try:
-                        ob.db  # noqa: B018 - raises when the engine closed it by itself
-                    except StorageError:
-                        if self._outbox is ob:
-                            self._outbox = None
-                            ready.clear()
-                        continue
-                    raise
 
 
 class TwinHooks(Protocol):
