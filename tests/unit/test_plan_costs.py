@@ -17,17 +17,11 @@ import yaml
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.spec import parse_pipeline
 from edgewise.plan import flows as F
-from edgewise.plan.costs import (
-    CACHE_FILE,
-    Calibrator,
-    Costs,
-    Turns,
-    config_of,
-    feature_rates,
-    nnls,
-)
+from edgewise.plan.cost_model import config_of, feature_rates
+from edgewise.plan.costs import CACHE_FILE, Calibrator, Costs
 from edgewise.plan.model import build_plan, commits_per_s, source_batches
 from edgewise.plan.simulate import segment_costs, segment_rate, state_backlog
+from edgewise.plan.site_calibration import Turns, nnls
 from edgewise.plan.source import PlanSimulator, install
 from edgewise.plan.workload import load_workload, parse_workload
 

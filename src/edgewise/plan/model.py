@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from edgewise.plan import flows as F
-from edgewise.plan.costs import (
+from edgewise.plan.cost_model import (
     COMMIT_INTERVAL_S,
     INGEST_US,
     TICK_S,
-    Costs,
     EngineCost,
     StageCost,
     stage_cpu_us,
 )
+from edgewise.plan.costs import Costs
 from edgewise.plan.placement import Decision, StageFacts, decide
 from edgewise.plan.workload import HardwareOption, SiteSpec, StageSpec, Workload
 

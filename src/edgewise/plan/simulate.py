@@ -49,7 +49,8 @@ from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.spec import parse_pipeline
 from edgewise.plan import flows as F
-from edgewise.plan.costs import Costs, StageCost
+from edgewise.plan.cost_model import StageCost
+from edgewise.plan.costs import Costs
 from edgewise.plan.linksim import LinkResult, StreamLoad, simulate_link
 from edgewise.plan.model import (
     DATA_SHARE,

@@ -1,0 +1,184 @@
+"""Engine calibration: what the engine itself, its committer and the outbox writer cost.
+
+`_calibrate_engine` times the engine with no stages (back to back, idle and paced), one group
+commit on the event loop (`_committer_costs`) and the writer thread's commits with fsync
+(`_writer_costs`), in a temporary directory. See `edgewise.plan.costs` for the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from edgewise.pipeline.batch import Batch
+from edgewise.plan.cost_model import START_TS, TICK_S
+
+PACE_S = 0.01  # a pause, for the engine's own parts measured after one
+
+
+def _engine_doc(batch: int, batches: int, interval: float, realtime: bool,
+                rate: float) -> dict[str, Any]:
+    source: dict[str, Any] = {
+        "id": "s", "type": "simulator", "profile": "custom", "realtime": realtime,
+        "start": START_TS if not realtime else "now", "rate_hz": rate, "batch": batch,
+        "groups": [{"prefix": "c", "count": batch, "spike_prob": 0.0}]}
+    if not realtime:
+        source["limit"] = batch * batches
+    return {
+        "apiVersion": "edgewise.io/v1", "kind": "Pipeline", "metadata": {"name": "calibration"},
+        "spec": {"sources": [source],  # no sinks: what a batch costs the engine itself
+                 "outbox": {"sync": "full", "commit_interval": interval}},
+    }
+
+
+def _engine_run(work: Path, batch: int, batches: int, interval: float,
+                rate: float | None = None, span: float | None = None) -> tuple[
+                    float, int, int, float]:
+    """Event-loop thread CPU (the synthetic readings excluded) over the middle of a run: the
+    CPU, batches, commits and wall seconds in that span. ``rate``: batches per second, paced
+    (one tick of ``batch`` sensors per batch); None: back-to-back, ``batches`` batches."""
+    from edgewise.pipeline.engine import Engine
+    from edgewise.pipeline.spec import parse_pipeline
+    from edgewise.plan.source import install
+
+    doc = _engine_doc(batch, batches, interval, rate is not None, rate or 10.0)
+    spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False), "<calibration>")
+    engine = Engine(spec, work)
+    srcs = install(engine)
+    marks: list[tuple[float, float, int, int, float]] = []
+
+    def mark() -> None:
+        committer = engine._committer
+        marks.append((time.thread_time(), sum(s.generation_s for s in srcs.values()),
+                      engine.counters.batches_in, committer.commits if committer else 0,
+                      time.perf_counter()))
+
+    async def main() -> None:
+        task = asyncio.create_task(engine.run())
+        if rate is None:
+            for frac in (0.1, 0.9):
+                while engine.counters.batches_in < frac * batches and not task.done():
+                    await asyncio.sleep(0)
+                mark()
+        else:
+            await asyncio.sleep(0.1)
+            mark()
+            await asyncio.sleep(span if span is not None else batches / rate)
+            mark()
+            engine.stop()
+        await task
+
+    asyncio.run(main())
+    (c0, g0, b0, k0, w0), (c1, g1, b1, k1, w1) = marks
+    return (c1 - c0) - (g1 - g0), b1 - b0, k1 - k0, w1 - w0
+
+
+def _writer_costs(work: Path, pause: float) -> dict[str, float]:
+    """The writer thread's CPU per commit (fsync on every commit, as on a node): fixed, per
+    checkpoint byte, per chunk. Back to back (best of twelve), and after a pause as in real
+    time, where the mean counts (SQLite folds its write-ahead log into the database every so
+    many pages: big checkpoints make that a real cost)."""
+    from edgewise.edge.outbox import Outbox, PendingChunk
+    from edgewise.sync import codec
+
+    small, big = 1024, 256 * 1024
+    chunk = {"sensor": np.array([f"c/{i:03d}" for i in range(200)], dtype=object),
+             "ts": START_TS + np.arange(200) * 0.02,
+             "value": np.round(np.random.default_rng(1).normal(50, 5, 200), 2)}
+    enc = len(codec.encode(chunk))
+    c0 = time.thread_time()
+    for _ in range(12):
+        codec.encode(chunk)
+    t_encode = (time.thread_time() - c0) / 12 * 1e6
+    with Outbox(work / "writer.db", 1 << 30, "full") as ob:
+        ob.register_stream("s", 5)
+
+        def timed(chunks: list[Any], size: int, sleep: float, n: int) -> float:
+            out = []
+            for _ in range(n):
+                blob = os.urandom(size)
+                if sleep:
+                    time.sleep(sleep)
+                c0 = time.thread_time()
+                ob.commit(chunks, None, {"engine": blob})
+                out.append(time.thread_time() - c0)
+            return (min(out) if not sleep else float(np.mean(out))) * 1e6
+
+        hot_small = timed([], small, 0.0, 12)
+        hot_chunk = timed([PendingChunk("s", chunk, 200)], small, 0.0, 12)
+        rt_small = timed([], small, pause, 16)
+        rt_big = timed([], big, pause, 16)
+        rt_chunk = timed([PendingChunk("s", chunk, 200)], small, pause, 16)
+    per_byte = max(0.0, (rt_big - rt_small) / (big - small))
+    return {"commit_us": hot_small, "checkpoint_byte_us": per_byte,
+            "chunk_us": max(0.0, hot_chunk - hot_small - t_encode),
+            "chunk_byte_us": per_byte, "commit_rt_us": max(0.0, rt_small - per_byte * small),
+            "chunk_rt_us": max(0.0, rt_chunk - rt_small - t_encode - per_byte * enc)}
+
+
+def _committer_costs(work: Path, pause: float) -> tuple[float, float]:
+    """Event-loop CPU of one group commit (cut, hand-over to the writer thread, completion and
+    acknowledgements), back-to-back and after a pause."""
+    from edgewise.edge.outbox import Outbox
+    from edgewise.pipeline.commit import Committer
+
+    batch = Batch({"sensor": np.array([f"c/{i:03d}" for i in range(16)], dtype=object),
+                   "ts": START_TS + np.arange(16.0), "value": np.arange(16.0)}, 16)
+
+    async def main(ob: Outbox) -> tuple[float, float]:
+        committer = Committer(ob, lambda _p: {"engine": b"x" * 64}, lambda _p, _r: None)
+        try:
+            hot: list[float] = []
+            paced: list[float] = []
+            for i in range(60):
+                if i >= 40:
+                    await asyncio.sleep(pause)
+                committer.add("s", batch)
+                committer.position("s", i)
+                c0 = time.thread_time()
+                committer.kick()
+                await committer.wait()
+                (hot if i < 40 else paced).append(time.thread_time() - c0)
+            return float(np.min(hot[5:])) * 1e6, float(np.median(paced)) * 1e6
+        finally:
+            committer.close()
+
+    with Outbox(work / "committer.db", 1 << 30, "normal") as ob:
+        ob.register_stream("s", 5)
+        return asyncio.run(main(ob))
+
+
+def _calibrate_engine() -> dict[str, Any]:
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp:
+        work = Path(tmp)
+        # back-to-back, per batch and per record (each run's best of two)
+        per_batch = []
+        for i, (batch, batches) in enumerate([(16, 1500), (1024, 300)]):
+            best = math.inf
+            for rep in range(2):
+                cpu, b, _k, _w = _engine_run(work / f"hot{i}-{rep}", batch, batches, 30.0)
+                best = min(best, cpu / max(b, 1) * 1e6)
+            per_batch.append((batch, best))
+        (n1, y1), (n2, y2) = per_batch
+        record_us = max(0.0, (y2 - y1) / (n2 - n1))
+        batch_us = max(0.0, y1 - record_us * n1)
+        commit_loop_us, commit_loop_rt = _committer_costs(work, PACE_S)
+        # at the real pace: an idle engine (ticks only), then 100 batches a second
+        cpu, _b, _k, wall = _engine_run(work / "idle", 16, 1, 30.0, 1e-3, 0.3)
+        tick_rt = cpu * 1e6 / (wall / TICK_S)
+        cpu, b, _k, wall = _engine_run(work / "paced", 16, 30, 30.0, 100.0)
+        batch_rt = max(batch_us, (cpu * 1e6 - tick_rt * wall / TICK_S) / max(b, 1))
+        writer = _writer_costs(work, PACE_S)
+    return {"batch_us": batch_us, "record_us": record_us, "commit_loop_us": commit_loop_us,
+            "batch_rt_us": batch_rt, "commit_loop_rt_us": max(commit_loop_us, commit_loop_rt),
+            "tick_rt_us": tick_rt, **writer, "source": "calibrated",
+            "seconds": time.perf_counter() - t_start}

@@ -1,0 +1,402 @@
+"""Site calibration: a site's own operators run in the engine on synthetic data, instrumented.
+
+`SiteCalibration` builds the calibration pipeline (`_site_doc`, shaped by `_run_shape`), wraps
+every stage's ``process`` and ``snapshot`` (`_instrument`: thread CPU and features per call),
+runs it, and fits the coefficients with `nnls`. `Turns` lets a calibration thread take turns
+with a measurement on one CPU. See `edgewise.plan.costs` for the model and the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from edgewise.pipeline import checkpoint as ckpt
+from edgewise.pipeline.batch import Batch
+from edgewise.plan import flows as F
+from edgewise.plan.cost_model import (
+    SEED,
+    START_TS,
+    _has_percentiles,
+    _window_shape,
+    config_of,
+    features_of,
+    stage_cpu_us,
+    static_stage,
+)
+from edgewise.plan.workload import SiteSpec, StageSpec
+
+
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients (drop the most negative, refit)."""
+    active = [j for j in range(x.shape[1]) if np.any(x[:, j])]
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if np.all(sol >= 0):
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
+WARM_CALLS = 2
+BUDGET_S = 0.4  # thread CPU of a site's calibration run (by the static table)
+MAX_PACE_S = 0.02  # the longest pause before a batch (wake-up costs level off by then)
+PACED_CALLS = 12  # batches per source in a calibration that come after a pause
+MIN_PERIOD_CALLS = 30  # batches per window at least, however fast event time runs
+
+
+class _WindowTracker:
+    """Per-call window features (groups touched, firing, values held), from the batches."""
+
+    def __init__(self, cfg: Any) -> None:
+        size, slide, self.m = _window_shape(cfg)
+        self.slide_us = max(1, round(slide * 1e6))
+        self.size_us = max(1, round(size * 1e6))
+        self.key_by = list(cfg.key_by)
+        self.time_field = cfg.time_field
+        self.percentiles = _has_percentiles(cfg)
+        self.held: dict[int, int] = {}
+        self.watermark = -math.inf
+
+    def features(self, batch: Batch) -> dict[str, float]:
+        t = batch.columns[self.time_field].astype(np.float64)
+        base = np.round(t * 1e6).astype(np.int64) // self.slide_us
+        widx = (base[:, None] - np.arange(self.m)[None, :]).reshape(-1)
+        windows, counts = np.unique(widx, return_counts=True)
+        groups = 0
+        for w, c in zip(windows.tolist(), counts.tolist(), strict=True):
+            self.held[w] = self.held.get(w, 0) + c
+            if not self.key_by:
+                groups += 1
+                continue
+            rows = np.flatnonzero((base[:, None] - np.arange(self.m)[None, :] == w).any(axis=1))
+            groups += int(_key_count(batch.take(rows), self.key_by)) if len(rows) < batch.n \
+                else int(_key_count(batch, self.key_by))
+        self.watermark = max(self.watermark, float(t.max()))
+        due = [w for w in self.held if (w * self.slide_us + self.size_us) / 1e6 <= self.watermark]
+        held = sum(self.held.pop(w) for w in due)
+        return {"group": float(groups), "fire": float(bool(due)),
+                "held": float(held) if self.percentiles else 0.0}
+
+    def values_open(self) -> int:
+        return sum(self.held.values())
+
+
+def _key_count(batch: Batch, key_by: list[str]) -> float:
+    if not key_by:
+        return 1.0
+    if len(key_by) == 1:
+        return float(len(set(batch.columns[key_by[0]].tolist())))
+    return float(len(set(zip(*(batch.columns[k].tolist() for k in key_by), strict=True))))
+
+
+def _out_records(result: Any) -> int:
+    if result is None:
+        return 0
+    if isinstance(result, Batch):
+        return result.n
+    return sum(b.n for b in result.values() if b is not None)
+
+
+def _site_doc(site: SiteSpec, stages: list[StageSpec], seconds: float,
+              compression: float) -> dict[str, Any]:
+    """The site's stages fed by simulator sources, back to back, event time ``compression``
+    times faster, ``seconds`` of data (at the sensors' real rate)."""
+    used = {r for st in stages for r in st.inputs}
+    sources = []
+    for src in site.sources:
+        if src.id not in used:
+            continue
+        groups = [{"prefix": prefix, "count": count, "base_low": sig.low,
+                   "base_high": sig.high, "drift": sig.drift, "period_s": sig.period,
+                   "noise": sig.noise, "spike_prob": sig.spike_prob,
+                   "spike_value": sig.spike_value, "decimals": src.decimals}
+                  for prefix, count, sig in F.source_groups(src, site.name)]
+        rate = src.count * src.rate_hz
+        sources.append({
+            "id": src.id, "type": "simulator", "profile": "custom", "seed": SEED,
+            # fewer ticks per event second: the same batches cover more event time
+            "rate_hz": src.rate_hz / compression, "groups": groups, "realtime": False,
+            "start": START_TS, "batch": F.batch_records(rate, src.count, src.protocol),
+            "limit": max(1, round(seconds * src.rate_hz)) * src.count})
+    # the sinks production has (they run between the operators' calls, so they count): local
+    # actions, and an outbox stream for every output meant for the cloud
+    sinks: list[dict[str, Any]] = []
+    for st in stages:
+        if st.local is not None or st.operator in ("threshold", "anomaly"):
+            sinks.append({"id": f"{st.id}-local", "type": "log", "inputs": [st.id],
+                          "level": "DEBUG", "max_per_batch": 1})
+        if st.to_cloud:
+            sinks.append({"id": f"{st.id}-out", "type": "outbox", "inputs": [st.id],
+                          "stream": st.id})
+    return {"apiVersion": "edgewise.io/v1", "kind": "Pipeline",
+            "metadata": {"name": f"{site.name}-calibration"},
+            "spec": {"sources": sources,
+                     "stages": [{"id": st.id, "type": st.operator, "inputs": list(st.inputs),
+                                 **st.params} for st in stages],
+                     "sinks": sinks, "outbox": {"sync": "normal", "max_bytes": "1GiB"}}}
+
+
+def _run_shape(site: SiteSpec, stages: list[StageSpec], flows: dict[str, F.Flow],
+               budget: float = 0.0) -> tuple[float, float]:
+    """(seconds of data, compression) of a calibration run: about ``budget`` of CPU by the
+    static table, and event time fast enough for the longest window fed by sensors to close
+    3.5 times, but never so fast that one closes in fewer than MIN_PERIOD_CALLS batches; at
+    least two FFT blocks."""
+    per_s = 0.0
+    longest = 0.0
+    limit = math.inf
+    fft_s = 0.0
+    sources = {s.id for s in site.sources}
+    for st in stages:
+        fin = F.merge([flows[r] for r in st.inputs])
+        per_s += stage_cpu_us(st, static_stage(st, fin, flows[st.id]), fin, flows[st.id])
+        cfg = config_of(st)
+        period = 0.0
+        if st.operator == "window":
+            period = _window_shape(cfg)[1]
+        elif st.operator == "downsample" and cfg.interval is not None:
+            period = float(cfg.interval)
+        elif st.operator == "fft":
+            fft_s = max(fft_s, 2.2 * cfg.samples / max(fin.per_key_rate, 1e-9))
+        if period and all(r in sources for r in st.inputs):
+            # a stage fed by another windowed stage keeps its calls per window at any speed
+            longest = max(longest, period)
+            limit = min(limit, period * fin.calls / MIN_PERIOD_CALLS)
+    per_s += sum(F.source_flow(s, site.name).calls for s in site.sources) * 30.0
+    per_s = max(per_s, 1.0) * 1e-6
+    budget = budget or BUDGET_S
+    seconds = budget / per_s
+    if fft_s > seconds:
+        seconds = min(fft_s, 4 * budget / per_s)
+    max_c = limit
+    compression = max(1.0, min(max_c, 3.5 * longest / seconds)) if longest else 1.0
+    return seconds, compression
+
+
+class Turns:
+    """Two threads taking turns, never running together: the caller's measurement and a
+    calibration in a thread of its own. The calibration yields after ``slice_s`` of its thread
+    CPU; the caller hands over at points of its choosing (`give`). Paired this finely, both see
+    the machine in the same states, however its speed changes while they run."""
+
+    def __init__(self, slice_s: float) -> None:
+        self.slice_s = slice_s
+        self._cal = threading.Event()
+        self._main = threading.Event()
+        self.stopping = False
+        self.finished = False
+        self.started = 0.0
+
+    # the caller's side
+    def give(self) -> None:
+        if self.finished:
+            return
+        self._main.clear()
+        self._cal.set()
+        self._main.wait()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.give()
+
+    # the calibration's side
+    def wait_turn(self) -> None:
+        self._cal.wait()
+        self.started = time.thread_time()
+
+    def maybe_yield(self) -> None:
+        if not self.stopping and time.thread_time() - self.started >= self.slice_s:
+            self._cal.clear()
+            self._main.set()
+            self._cal.wait()
+            self.started = time.thread_time()
+
+    def done(self) -> None:
+        self.finished = True
+        self._main.set()
+
+
+class SiteCalibration:
+    """One calibration run of a site's stages in the engine, instrumented, then the fit."""
+
+    def __init__(self, site: SiteSpec, stages: list[StageSpec], flows: dict[str, F.Flow],
+                 budget: float = BUDGET_S, extra: float = 1.0) -> None:
+        from edgewise.pipeline.spec import parse_pipeline
+
+        self.t_start = time.perf_counter()
+        self.site = site
+        self.stages = stages
+        self.seconds, self.compression = _run_shape(site, stages, flows, budget)
+        doc = _site_doc(site, stages, self.seconds * extra, self.compression)
+        self.spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False),
+                                   f"<{site.name} calibration>")
+        self.cfgs = {st.id: config_of(st) for st in stages}
+        self.feats = {st.id: features_of(st.operator or "") for st in stages}
+        self.rows: dict[str, list[list[float]]] = {st.id: [] for st in stages}
+        self.costs: dict[str, list[float]] = {st.id: [] for st in stages}
+        self.paced: dict[str, list[bool]] = {st.id: [] for st in stages}
+        self.snaps: dict[str, list[tuple[float, int, int]]] = {st.id: [] for st in stages}
+        self.last: dict[str, Any] = {}
+        # pause before about PACED_CALLS batches of every source, as long as the engine idles
+        # between two batches in real time (most of the gap; at most MAX_PACE_S)
+        batches = sum(F.source_flow(s, site.name).calls for s in site.sources)
+        self.pace = min(MAX_PACE_S, 0.8 / max(batches, 1e-9))
+        self.pause_every = {s.id: max(8, round(F.source_flow(s, site.name).calls * self.seconds
+                                               / PACED_CALLS))
+                            for s in site.sources}
+
+    def run(self, turns: Turns | None = None) -> None:
+        """The site's stages in the engine on the synthetic data; with ``turns``, taking turns
+        with the caller (and stopping when it says so)."""
+        from edgewise.pipeline.engine import Engine
+        from edgewise.plan.source import install
+
+        with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp:
+            engine = Engine(self.spec, Path(tmp))
+            paused: set[int] = set()
+            for sid, src in install(engine).items():
+                src.pause_every, src.pause_s, src.paused = self.pause_every[sid], self.pace, \
+                    paused
+            now = [False]  # routing a batch that came after a pause
+            for st in self.stages:
+                _instrument(engine.stages[st.id], st, self.cfgs[st.id], self.feats[st.id],
+                            self.rows[st.id], self.costs[st.id], self.snaps[st.id],
+                            self.paced[st.id], now)
+            route = engine._route
+
+            def routed(node: str, port: str, batch: Batch) -> None:
+                if node not in engine.sources:
+                    route(node, port, batch)
+                    return
+                now[0] = id(batch) in paused
+                paused.discard(id(batch))
+                route(node, port, batch)
+                now[0] = False
+                if turns is not None:
+                    turns.maybe_yield()
+                    if turns.stopping:
+                        engine.stop()
+
+            engine._route = routed  # type: ignore[method-assign]
+            asyncio.run(engine.run())
+        self.last = engine.stages
+
+    def result(self) -> dict[str, Any]:
+        """The fitted coefficients and state costs (a cache entry)."""
+        out: dict[str, Any] = {"compression": self.compression,
+                               "seconds_of_data": self.seconds, "stages": {}}
+        for st in self.stages:
+            sid = st.id
+            feats = self.feats[sid]
+            n = min(len(self.costs[sid]), len(self.rows[sid]), len(self.paced[sid]))
+            coef = np.zeros(len(feats))
+            wake = 0.0
+            if n > WARM_CALLS + 1:
+                x = np.array(self.rows[sid][WARM_CALLS:n])
+                y = np.array(self.costs[sid][WARM_CALLS:n]) * 1e6
+                paced = np.array(self.paced[sid][WARM_CALLS:n], dtype=bool)
+                coef = nnls(x[~paced], y[~paced])
+                if paced.any():  # what a call after a pause costs beyond the model
+                    wake = max(0.0, float(np.median(y[paced] - x[paced] @ coef)))
+            snap_us, snap_bytes = _snapshot_cost(self.snaps[sid], self.cfgs[sid], st,
+                                                 self.compression)
+            op = self.last.get(sid)
+            out["stages"][sid] = {
+                "operator": st.operator, "coef": dict(zip(feats, coef.tolist(), strict=True)),
+                "snapshot_us": snap_us, "snapshot_bytes": snap_bytes,
+                "snapshot_rt_us": snap_us + (_paced_extra(op.snapshot, self.pace)
+                                             if op else 0.0),
+                "timer_us": _timer_us(op) if op is not None else 0.0,
+                "wake_us": wake, "calls": n, "paced_calls": int(np.sum(self.paced[sid]))}
+        out["seconds"] = time.perf_counter() - self.t_start
+        return out
+
+
+def _calibrate_site(site: SiteSpec, stages: list[StageSpec],
+                    flows: dict[str, F.Flow]) -> dict[str, Any]:
+    cal = SiteCalibration(site, stages, flows)
+    cal.run()
+    return cal.result()
+
+
+def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],
+                rows: list[list[float]], costs: list[float],
+                snaps: list[tuple[float, int, int]], paced: list[bool],
+                now: list[bool]) -> None:
+    """Wrap a stage's process (features, thread CPU per call) and snapshot (CPU, bytes)."""
+    tracker = _WindowTracker(cfg) if st.operator == "window" else None
+    key_by = list(getattr(cfg, "key_by", []) or [])
+    process, snapshot = op.process, op.snapshot
+
+    def timed_process(batch: Batch) -> Any:
+        c0 = time.thread_time()
+        result = process(batch)
+        costs.append(time.thread_time() - c0)
+        # features after the call: reading the batch first would warm the operator's caches
+        f = {"call": 1.0, "record": float(batch.n), "out": float(_out_records(result))}
+        if "key" in feats:
+            f["key"] = _key_count(batch, key_by)
+        if tracker is not None:
+            f.update(tracker.features(batch))
+        paced.append(now[0])
+        rows.append([f.get(k, 0.0) for k in feats])
+        return result
+
+    def timed_snapshot() -> Any:
+        c0 = time.thread_time()
+        state = snapshot()
+        size = len(ckpt.pack(state))
+        spent = time.thread_time() - c0
+        snaps.append((spent, size, tracker.values_open() if tracker is not None else 0))
+        return state
+
+    op.process = timed_process
+    op.snapshot = timed_snapshot
+
+
+def _snapshot_cost(snaps: list[tuple[float, int, int]], cfg: Any, st: StageSpec,
+                   compression: float) -> tuple[float, float]:
+    """Median CPU and mean size of the stage's snapshots; for percentile windows run faster,
+    scaled to the values a window of real length holds (9 bytes each, packed)."""
+    if not snaps:
+        return 0.0, 0.0
+    cost = float(np.median([s[0] for s in snaps])) * 1e6
+    size = float(np.mean([s[1] for s in snaps]))
+    if st.operator == "window" and _has_percentiles(cfg) and compression > 1:
+        extra = 9.0 * float(np.mean([s[2] for s in snaps])) * (compression - 1)
+        cost *= (size + extra) / max(size, 1.0)
+        size += extra
+    return cost, size
+
+
+def _timer_us(op: Any) -> float:
+    c0 = time.thread_time()
+    for _ in range(5):
+        op.on_timer(0.0)
+    return (time.thread_time() - c0) / 5 * 1e6
+
+
+def _paced_extra(snapshot: Callable[[], Any], pace: float) -> float:
+    """What a snapshot costs more after a pause (at a commit in real time, caches have cooled)
+    than back to back, microseconds: the median of five against the best of five."""
+    spent: dict[float, list[float]] = {0.0: [], pace: []}
+    for pause in (0.0, pace):
+        for _ in range(5):
+            if pause:
+                time.sleep(pause)
+            c0 = time.thread_time()
+            ckpt.pack(snapshot())
+            spent[pause].append(time.thread_time() - c0)
+    return max(0.0, float(np.median(spent[pace])) - min(spent[0.0])) * 1e6
