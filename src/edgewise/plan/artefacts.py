@@ -26,7 +26,8 @@ from edgewise.pipeline.spec import load_pipeline
 from edgewise.pipeline.units import ByteSize, Duration
 from edgewise.pipeline.yamlmarks import line_of, load_with_lines
 from edgewise.plan import flows as F
-from edgewise.plan.workload import ID_PATTERN, SourceSpec, StageSpec, _problems
+from edgewise.plan.workload import ID_PATTERN, SourceSpec, StageSpec
+from edgewise.specfile import problems_from
 
 API_VERSION = "edgewise.io/v1"
 CLOUD_ENDPOINT = "https://edgewise-cloud.example.net:8443"
@@ -188,7 +189,7 @@ def parse_artefact(text: str, source: str = "<artefact>") -> AgentConfig | Rollo
     try:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as exc:
-        raise SpecError(source, _problems(exc, (), lines)) from None
+        raise SpecError(source, problems_from(exc, (), lines)) from None
 
 
 def load_artefact(path: str | Path) -> AgentConfig | RolloutPlan:

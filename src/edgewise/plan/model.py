@@ -491,7 +491,7 @@ def commits_per_s(batches: float, interval: float = COMMIT_INTERVAL_S) -> float:
 
 
 def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, float]:
-    """Cores the edge node needs at the real rate, by part (see plan/costs.py): protocol
+    """Cores the edge node needs at the real rate, by part (see plan/cost_model.py): protocol
     decoding, the edge stages, the engine per batch and record, the group commits (hand-over,
     every operator's snapshot, the writer's transaction with the checkpoint and one chunk per
     stream) and the engine ticks; each at the real pace, i.e. woken up for every batch."""

@@ -13,7 +13,7 @@ source per workload source (same sensors, rates, resolution and signal statistic
    (``time.thread_time``) around every operator call, each call filed under the event time of
    the source batch it serves. The run is thirteen equal segments of event time (whole windows
    when they fit); the first is warm-up and dropped. The calibration of the CPU model runs in
-   turns with the segments (`edgewise.plan.costs.Turns`): the speed of a shared machine
+   turns with the segments (`edgewise.plan.site_calibration.Turns`): the speed of a shared machine
    changes from one second to the next, and this way the estimate and the measurement see
    the same machine;
 3. a *realtime* run at the workload's real rate: the process CPU (``time.process_time``) over

@@ -8,7 +8,7 @@ two differences the planner needs to measure CPU honestly:
   that many), where the plain simulator releases whatever is due, often one tick at a time;
 * it counts the CPU it spends making the synthetic readings (``generation_s``, thread CPU), so
   the planner can subtract it: on a node, the protocol source does that work, and the planner
-  models it separately (`edgewise.plan.costs.INGEST_US`);
+  models it separately (`edgewise.plan.cost_model.INGEST_US`);
 * in real time it can start with a backlog (``backlog_s`` of readings handed over at once), so
   that operators whose state grows over a window (percentiles) are measured at the size their
   state has in steady operation, not after two seconds;
