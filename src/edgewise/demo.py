@@ -332,12 +332,6 @@ class System:
         if self.cloud is not None:
             self.cloud.child.kill()
 
-    def children(self) -> list[ChildProcess]:
-        out = [a.child for a in self.agents if a.child is not None]
-        if self.cloud is not None:
-            out.append(self.cloud.child)
-        return out
-
     async def start_cloud(self, port: int | None = None,
                           extra_args: Sequence[str] = ()) -> ControlPlane:
         self.cloud = ControlPlane(self.workdir / "cloud", port or free_port(), self.logs,
@@ -366,16 +360,6 @@ class System:
         self.agents.append(agent)
         agent.start(token)
         return agent
-
-
-async def wait_for(check: Callable[[], bool], timeout: float, what: str,
-                   interval: float = 0.2) -> None:
-    """Poll ``check`` until it is true; `DemoError` naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def link_state(status: dict[str, Any]) -> str:
@@ -442,20 +426,6 @@ def json_mqtt_baseline(readings: int, seed: int = 42, chunk: int = 100_000) -> i
             payload = f'{{"sensor":"{n}","ts":{a:.2f},"value":{b:.2f}}}'.encode()
             total += mqtt_packet_bytes(f"factory/{n}", payload)
     return total
-
-
-def expected_alarms(readings: int, seed: int = 42, threshold: float = 100.0) -> int:
-    """Readings above ``threshold`` among the first ``readings`` of the factory line."""
-    import numpy as np
-
-    from edgewise.sim.signals import factory_line
-
-    sig = factory_line(seed)
-    count = 0
-    for first in range(0, readings, 500_000):
-        _, _, v = sig.readings(first, min(500_000, readings - first))
-        count += int(np.count_nonzero(v > threshold))
-    return count
 
 
 def durable_readings(data_dir: Path) -> int | None:
@@ -566,22 +536,24 @@ class Demo:
         self._last_phase_line = text
 
     def progress(self) -> Group:
-        t = Table(box=None, title=None)
-        for col in ("node", "link", "pipeline", "readings", "alarms", "outbox pending",
-                    "stored in cloud", "bytes up/down"):
-            t.add_column(col, justify="left" if col in ("node", "link", "pipeline") else "right")
+        """The live view: one row per node (fits 80 columns)."""
+        t = Table(box=None, title=None, padding=(0, 1))
+        for col in ("node", "link", "pipeline", "readings", "alarms", "outbox", "in cloud",
+                    "wire B"):
+            t.add_column(col, justify="left" if col in ("node", "link", "pipeline") else "right",
+                         no_wrap=True)
         for n in self.nodes:
             link = n.agent.link
-            proxy = link.state if link is not None else "direct"
             state = link_state(n.status)
-            link_text = f"{state}" if proxy == "up" else f"[bold red]CUT ({proxy})[/] {state}"
+            cut = link is not None and link.state != "up"
             stored = sum(s.records_stored for (node, _), s in self.cloud_stats.items()
                          if node == n.agent.node_id)
-            wire = (f"{link.stats.bytes_up:,}/{link.stats.bytes_down:,}"
-                    if link is not None else "-")
-            t.add_row(n.agent.name, link_text, n.engine_state, f"{n.readings:,}",
-                      f"{n.alarms:,}", f"{n.pending():,}", f"{stored:,}", wire)
-        head = Text.from_markup(f"[bold]edgewise demo[/] {time.monotonic() - self.t0:5.1f} s - "
+            wire = f"{link.stats.bytes_up + link.stats.bytes_down:,}" if link is not None \
+                else "-"
+            t.add_row(n.agent.name, ("[bold red]CUT[/] " if cut else "") + escape(state),
+                      n.engine_state, f"{n.readings:,}", f"{n.alarms:,}", f"{n.pending():,}",
+                      f"{stored:,}", wire)
+        head = Text.from_markup(f"[bold]edgewise demo[/] {time.monotonic() - self.t0:5.1f} s: "
                                 f"{escape(self.phase)}")
         return Group(head, t)
 
@@ -755,13 +727,13 @@ class Demo:
     def table(self) -> Table:
         """One column per node, one row per figure (fits a narrow terminal)."""
         t = Table(title="edgewise demo: per node", box=box.SIMPLE_HEAD)
-        t.add_column("")
+        t.add_column("", no_wrap=True)
         for n in self.nodes:
-            t.add_column(n.agent.name, justify="right")
+            t.add_column(n.agent.name, justify="right", no_wrap=True)
         rows: dict[str, list[str]] = {k: [] for k in (
             "node id", "readings", "alarms", "alarm p99, local", "link cut",
             "records produced", "stored in cloud", "exactly once", "wire bytes",
-            "wire B/reading", "JSON/MQTT B/reading", "wire vs JSON/MQTT")}
+            "B/reading, wire", "B/reading, JSON", "wire vs JSON")}
         for n in self.nodes:
             node = n.agent.node_id or "-"
             stored = sum(s.records_stored for (nd, _), s in self.cloud_stats.items()
@@ -797,9 +769,9 @@ class Demo:
             if n.drained_after_s is not None:
                 line += f"backlog drained {n.drained_after_s:.1f} s after it"
             out.append(line)
-        out.append("bytes on the wire: counted by each node's link proxy in both directions "
-                   "(TLS, WebSocket framing, heartbeats, enrolment included); JSON over MQTT: "
-                   "one message per reading (benchmarks/edge_pipeline.py's baseline)")
+        out.append("wire: bytes counted by each node's link proxy, both directions (TLS, "
+                   "WebSocket framing, heartbeats, enrolment included); JSON: one JSON message "
+                   "per reading over MQTT (the baseline of benchmarks/edge_pipeline.py)")
         return out
 
 

@@ -64,7 +64,7 @@ def test_demo_short_run_every_count_matches(tmp_path: Path) -> None:
     assert row["link cut"] == ["-", "4 s (blackhole)"]
     produced = int(row["records produced"][0].replace(",", ""))
     assert produced == 2_400 + int(row["alarms"][0].replace(",", ""))  # 12 s x 200 windows
-    for ratio in row["wire vs JSON/MQTT"]:
+    for ratio in row["wire vs JSON"]:
         assert 0 < float(ratio.rstrip("%")) < 5.0
     assert "edge-2: link cut (blackhole) for 4.0 s" in out
     assert "MISMATCH" not in out
