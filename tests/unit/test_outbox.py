@@ -304,3 +304,13 @@ def test_outbox_file_is_readable_by_plain_sqlite(ob: Outbox, tmp_path: Path) -> 
         assert rows.fetchall() == [("agg", 10, 10), ("alarms", 0, 0), ("bulk", 0, 0)]
     finally:
         con.close()
+
+
+def test_chunk_ids_are_never_reused_after_an_ack(ob: Outbox) -> None:
+    ob.commit([chunk("bulk", raw(4))])
+    [first] = ob.peek()
+    ob.ack([first.id])
+    assert ob.peek() == []
+    ob.commit([chunk("bulk", raw(4))])
+    [second] = ob.peek()
+    assert second.id > first.id  # the uplink keys its in-flight and refused state by id

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS streams (
     dropped_reported INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the uplink keys its state by id
     stream TEXT NOT NULL,
     priority INTEGER NOT NULL,
     seq_first INTEGER NOT NULL,
