@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit_json, print_table
 
-from edgewise.demo import System, factory_pipeline, json_mqtt_baseline, link_state
+from edgewise.sim.system import System, factory_pipeline, json_mqtt_baseline, link_state
 
 RATE = 10_000
 

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit_json, print_table
 
-from edgewise.demo import System, factory_pipeline, link_state
+from edgewise.sim.system import System, factory_pipeline, link_state
 
 RAW_SINK = {"id": "raw-out", "type": "outbox", "inputs": ["sensors"], "stream": "raw",
             "priority": "bulk"}

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgewise.demo import json_mqtt_baseline, mqtt_packet_bytes
 from edgewise.sim.signals import write_ndjson
+from edgewise.sim.system import json_mqtt_baseline, mqtt_packet_bytes
 
 CLI = [sys.executable, "-m", "edgewise.cli"]
 

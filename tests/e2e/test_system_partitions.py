@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgewise.demo import AgentProcess, System, durable_readings, factory_pipeline, link_state
 from edgewise.pipeline import checkpoint as ckpt
 from edgewise.sim.signals import factory_line
+from edgewise.sim.system import AgentProcess, System, durable_readings, factory_pipeline, link_state
 from edgewise.sync import codec
 
 CLI = [sys.executable, "-m", "edgewise.cli"]

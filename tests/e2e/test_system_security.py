@@ -30,8 +30,8 @@ import pytest
 import pytest_asyncio
 
 from edgewise.cloud import openapi as oa
-from edgewise.demo import AgentProcess, ControlPlane, System, factory_pipeline
 from edgewise.security.tls import client_context
+from edgewise.sim.system import AgentProcess, ControlPlane, System, factory_pipeline
 from edgewise.sync import protocol
 
 CLI = [sys.executable, "-m", "edgewise.cli"]
