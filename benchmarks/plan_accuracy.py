@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit_json
 
-from edgewise.plan.cli import run_plan
+from edgewise.plan.run import run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = (("uplink_bytes_per_s", "uplink B/s"), ("records_per_s", "records/s to cloud"),

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit_json, print_table
 
-from edgewise.sim.system import System, factory_pipeline, json_mqtt_baseline, link_state
+from edgewise.testbed.system import System, factory_pipeline, json_mqtt_baseline, link_state
 
 RATE = 10_000
 
@@ -51,8 +51,8 @@ async def measure(seconds: float, work: Path) -> dict:
         t0 = time.monotonic()
         while True:
             st = agent.status()
-            if (st.get("engine") or {}).get("state") == "finished" and all(
-                    s["pending"] == 0 for s in st["streams"].values()):
+            if st.engine is not None and st.engine.state == "finished" and all(
+                    s.pending == 0 for s in st.streams.values()):
                 break
             if time.monotonic() - t0 > seconds * 3 + 120:
                 raise SystemExit("the agent did not finish and drain in time")
@@ -62,12 +62,12 @@ async def measure(seconds: float, work: Path) -> dict:
             raise SystemExit(f"the agent did not stop cleanly:\n{agent.child.log_tail()}")
         final = agent.status()
         node = agent.node_id
-        produced = {k: v["produced"] for k, v in final["streams"].items()}
+        produced = {k: v.produced for k, v in final.streams.items()}
         stored = {k: stats[(node, k)].records_stored for k in produced}
         if produced != stored:
             raise SystemExit(f"records produced {produced} != stored {stored}")
         up, down = link.stats.bytes_up, link.stats.bytes_down
-        wire = final.get("bytes") or {}
+        wire = final.bytes
     base = json_mqtt_baseline(readings, seed)
     total = up + down
     return {
@@ -78,9 +78,9 @@ async def measure(seconds: float, work: Path) -> dict:
         "wire_bytes_down": down,
         "wire_bytes_total": total,
         "wire_bytes_before_session": connected[0] + connected[1],
-        "agent_tcp_info_sent": wire.get("wire_sent"),
-        "agent_tcp_info_received": wire.get("wire_received"),
-        "websocket_payload_sent": wire.get("ws_sent"),
+        "agent_tcp_info_sent": wire.wire_sent if wire else None,
+        "agent_tcp_info_received": wire.wire_received if wire else None,
+        "websocket_payload_sent": wire.ws_sent if wire else None,
         "bytes_per_reading": round(total / readings, 4),
         "bytes_up_per_reading": round(up / readings, 4),
         "baseline_bytes": base,

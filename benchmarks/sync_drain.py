@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit_json, print_table
 
-from edgewise.sim.system import System, factory_pipeline, link_state
+from edgewise.testbed.system import System, factory_pipeline, link_state
 
 RAW_SINK = {"id": "raw-out", "type": "outbox", "inputs": ["sensors"], "stream": "raw",
             "priority": "bulk"}
@@ -54,16 +54,16 @@ async def measure(outage: float, capacity: float, raw: bool, work: Path) -> dict
         print(f"link cut (blackhole) for {outage:.0f} s ...", flush=True)
         while (left := outage - (time.monotonic() - t_cut)) > 0:
             await asyncio.sleep(min(left, 30.0))
-            st = agent.status()["streams"]
+            st = agent.status().streams
             print(f"  {time.monotonic() - t_cut:5.0f} s: backlog "
-                  + ", ".join(f"{k} {v['pending']:,} records / {v['pending_bytes']:,} B"
+                  + ", ".join(f"{k} {v.pending:,} records / {v.pending_bytes:,} B"
                               for k, v in st.items()), flush=True)
         st = agent.status()
         if not agent.running:
             raise SystemExit(f"the agent stopped:\n{agent.child.log_tail()}")
-        target = {k: v["produced"] for k, v in st["streams"].items()}
-        backlog = {k: v["pending"] for k, v in st["streams"].items()}
-        backlog_bytes = sum(v["pending_bytes"] for v in st["streams"].values())
+        target = {k: v.produced for k, v in st.streams.items()}
+        backlog = {k: v.pending for k, v in st.streams.items()}
+        backlog_bytes = sum(v.pending_bytes for v in st.streams.values())
         up0 = link.stats.bytes_up
         link.rate = capacity
         link.restore()
@@ -75,17 +75,17 @@ async def measure(outage: float, capacity: float, raw: bool, work: Path) -> dict
         drained: dict[str, float] = {}
         first_ack: float | None = None
         up_first_ack = up0
-        acked0 = {k: v["acknowledged"] for k, v in st["streams"].items()}
+        acked0 = {k: v.acknowledged for k, v in st.streams.items()}
         while len(drained) < len(target):
             await asyncio.sleep(0.05)
             now = time.monotonic()
             if t_flow is None and link.stats.bytes_up > up0:
                 t_flow, up_flow = now, up0
-            streams = agent.status()["streams"]
+            streams = agent.status().streams
             for k, v in streams.items():
-                if first_ack is None and v["acknowledged"] > acked0.get(k, 0):
+                if first_ack is None and v.acknowledged > acked0.get(k, 0):
                     first_ack, up_first_ack = now - t_restore, link.stats.bytes_up
-                if k not in drained and v["acknowledged"] >= target.get(k, 0):
+                if k not in drained and v.acknowledged >= target.get(k, 0):
                     drained[k] = now - t_restore
             if now - t_restore > outage * 4 + 300:
                 raise SystemExit(f"the backlog did not drain: {streams}")
@@ -102,7 +102,7 @@ async def measure(outage: float, capacity: float, raw: bool, work: Path) -> dict
     session_s = t_end - (t_restore + first_ack)
     session_rate = (up_end - up_first_ack) / session_s if session_s > 0 else 0.0
     order = sorted(drained, key=lambda k: drained[k])
-    priorities = {k: v["priority"] for k, v in final["streams"].items()}
+    priorities = {k: v.priority for k, v in final.streams.items()}
     return {
         "outage_s": outage,
         "link_capacity_bytes_per_s": capacity,

@@ -50,6 +50,11 @@ def nats_server() -> tuple[str, int]:
     return need_service("nats")
 
 
+# the long suite: heavier variants of tests whose main case runs by default
+LONG_ONLY = pytest.mark.skipif(
+    os.environ.get("EDGEWISE_LONG_TESTS") != "1",
+    reason="runs with EDGEWISE_LONG_TESTS=1 (the long suite); the default suite stays short")
+
 def make_spec(body: str, tmp_path: Path | None = None, name: str = "test") -> PipelineSpec:
     """A pipeline from the YAML of its ``spec:`` section (indented or not)."""
     text = (

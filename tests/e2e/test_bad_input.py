@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from conftest import make_spec
-from edgewise.edge.outbox import Outbox
+from edgewise.outbox import Outbox
 from edgewise.pipeline.engine import Engine
 
 CLI = [sys.executable, "-m", "edgewise.cli"]
@@ -240,7 +240,8 @@ def test_dead_letters_of_a_directory_without_an_outbox(tmp_path: Path) -> None:
     res = edgewise("dead-letters", "--data", str(tmp_path), "--json")
     assert res.returncode == 2
     assert res.stderr.strip() == (
-        f"error: {tmp_path / 'outbox.db'}: no outbox here; pass the --data directory of a run"
+        f"error: {tmp_path / 'outbox.db'}: no outbox here; pass the --data directory of "
+        "`edgewise run` (or DATA/engine of an agent)"
     )
 
 
@@ -259,8 +260,9 @@ spec:
 SPEC_ERRORS = {
     "unknown operator": (
         "  stages:\n    - id: w\n      type: windoww\n      inputs: [src]\n",
-        "12: spec.stages.0.type: unknown operator type 'windoww'; known: anomaly, deadband, "
-        "downsample, fft, filter, map, python, rate_of_change, threshold, window",
+        "12: spec.stages.0.type: unknown operator type 'windoww'; known: anomaly, combine, "
+        "deadband, downsample, fft, filter, map, partial, python, rate_of_change, threshold, "
+        "window",
     ),
     "yaml syntax": (
         "  stages:\n    - id: w\n      type: window\n     size: 1s\n",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgewise.edge.outbox import Outbox
+from edgewise.outbox import Outbox
 from edgewise.sim.signals import factory_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +96,23 @@ def test_run_rejects_a_non_positive_duration(tmp_path: Path) -> None:
     res = edgewise("run", str(EXAMPLE), "--duration", "0", "--data", str(tmp_path))
     assert res.returncode == 2
     assert res.stderr.strip() == "error: --duration must be a positive number of seconds"
+
+
+def test_run_moves_a_damaged_outbox_aside_and_runs(tmp_path: Path) -> None:
+    """As the agent does: the damaged file is kept beside, one warning names it, the run
+    goes on in a new outbox (it used to stop with "file is not a database")."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "outbox.db").write_bytes(b"\xc1 not a database \x9c" * 300)
+    res = edgewise("run", str(EXAMPLE), "--duration", "1", "--data", str(data), "--json")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    moved = [p.name for p in data.glob("outbox.db.damaged-*")]
+    assert len(moved) == 1, moved
+    assert (data / moved[0]).read_bytes() == b"\xc1 not a database \x9c" * 300
+    assert "outbox was damaged" in " ".join(res.stderr.split())
+    assert moved[0] in "".join(res.stderr.split())  # however the console wrapped it
+    assert json.loads(res.stdout)["readings_in"] > 0
 
 
 def test_help_and_version() -> None:

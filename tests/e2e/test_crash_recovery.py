@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgewise.edge.outbox import Outbox
+from edgewise.outbox import Outbox
 from edgewise.pipeline import checkpoint as ckpt
 from edgewise.sim.signals import factory_line, write_ndjson
 

@@ -31,8 +31,8 @@ import pytest_asyncio
 
 from edgewise.cloud import openapi as oa
 from edgewise.security.tls import client_context
-from edgewise.sim.system import AgentProcess, ControlPlane, System, factory_pipeline
 from edgewise.sync import protocol
+from edgewise.testbed.system import AgentProcess, ControlPlane, System, factory_pipeline
 
 CLI = [sys.executable, "-m", "edgewise.cli"]
 TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -75,7 +75,10 @@ class Fleet:
 async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
     tmp = tmp_path_factory.mktemp("security")
     async with System(tmp) as system:
-        cloud = await system.start_cloud()
+        # the garbage test opens 200+ sessions with node A's certificate in a few seconds, far
+        # over the per-node request rate (tested in test_cloud_hardening.py): lift it here
+        cloud = await system.start_cloud(extra_args=["--limit", "device_rate=1000",
+                                                     "--limit", "device_burst=1000"])
         text, _ = factory_pipeline(20_000)  # 2 s of the factory line
         (tmp / "p.yaml").write_text(text)
         tokens = await asyncio.gather(cloud.token({"node": "a"}), cloud.token({"node": "b"}))
@@ -84,8 +87,8 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
 
         def drained(x: AgentProcess) -> bool:
             st = x.status()
-            return (st.get("engine") or {}).get("state") == "finished" and bool(
-                st["streams"]) and all(s["pending"] == 0 for s in st["streams"].values())
+            return st.engine is not None and st.engine.state == "finished" and bool(
+                st.streams) and all(s.pending == 0 for s in st.streams.values())
 
         deadline = time.monotonic() + 60
         while not (drained(a) and drained(b)):

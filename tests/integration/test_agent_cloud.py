@@ -21,8 +21,9 @@ from test_agent_session import _free_port, make_agent
 
 from edgewise.cloud.store import Store
 from edgewise.cloud.store.store import database_url
-from edgewise.edge.outbox import Outbox
-from edgewise.edge.status import OutboxView, outbox_path
+from edgewise.edge.status import outbox_path
+from edgewise.outbox import Outbox
+from edgewise.outbox.view import OutboxView
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,7 +86,7 @@ class CloudProcess:
             if not line:
                 raise AssertionError("cloud serve exited:\n" + "".join(lines))
             lines.append(line)
-            m = re.search(r"CA certificate for agents: (\S+)", line)
+            m = re.search(r"CA certificate for agents(?: \(--ca\))?: (\S+)", line)
             if m:
                 self.ca_path = Path(m.group(1))
             if "control plane listening on" in line:
@@ -164,7 +165,7 @@ async def test_agent_with_the_real_control_plane_restarted_mid_stream(tmp_path: 
         await wait_for(lambda: agent.twin is not None and agent.twin.applied_version() == 1, 10,
                        "desired v1 to be applied")
         await wait_for(lambda: agent.supervisor.state == "running", 10, "line2 to run")
-        assert agent.supervisor.status()["pipeline"] == "line2"
+        assert agent.supervisor.status().pipeline == "line2"
         await asyncio.sleep(1.0)  # reports go up
     finally:
         if agent is not None and task is not None:

@@ -51,11 +51,11 @@ async def test_desired_state_is_pulled_validated_persisted_applied_and_reported(
         task = asyncio.create_task(agent.run())
         try:
             await wait_for(lambda: "node-1" in cloud.sessions, 10, "a session")
-            assert agent.supervisor.status()["pipeline"] == "sim"
+            assert agent.supervisor.status().pipeline == "sim"
 
             # v1: a new pipeline; the engine is restarted with it
             cloud.set_desired("node-1", DesiredState(1, {"line2": LIVE.format(name="line2")}))
-            await wait_for(lambda: agent.supervisor.status()["pipeline"] == "line2"
+            await wait_for(lambda: agent.supervisor.status().pipeline == "line2"
                            and agent.supervisor.state == "running", 10, "v1 to run")
             await wait_for(lambda: _produced(agent, "line2-raw") > 0, 10, "v1 records")
             await wait_for(lambda: any(r["applied_version"] == 1 for _, r in cloud.reports), 5,
@@ -77,7 +77,7 @@ async def test_desired_state_is_pulled_validated_persisted_applied_and_reported(
             await wait_for(lambda: cloud.reports[-1][1]["status"].startswith(
                 "desired v2 refused"), 5, "a report of the refusal")
             assert cloud.reports[-1][1]["applied_version"] == 1
-            assert agent.supervisor.status()["pipeline"] == "line2"
+            assert agent.supervisor.status().pipeline == "line2"
             # poked again with the same version: not pulled again
             cloud.set_desired("node-1", DesiredState(2, {"line3": bad}))
             await asyncio.sleep(0.3)
@@ -94,7 +94,7 @@ async def test_desired_state_is_pulled_validated_persisted_applied_and_reported(
             await wait_for(lambda: 4 in agent.twin.refused, 5, "v4 refused")
             assert "runs one pipeline per node" in agent.twin.refused[4]
             assert load_desired(data / "twin" / "desired.msgpack").version == 1
-            assert agent.supervisor.status()["pipeline"] == "line2"
+            assert agent.supervisor.status().pipeline == "line2"
         finally:
             agent.stop()
             await asyncio.wait_for(task, 10)
@@ -107,7 +107,7 @@ async def test_desired_state_is_pulled_validated_persisted_applied_and_reported(
         await wait_for(lambda: agent.supervisor.state == "running", 10, "the engine")
         before = _produced(agent, "line2-raw")
         await wait_for(lambda: _produced(agent, "line2-raw") > before, 10, "new v1 records")
-        assert agent.supervisor.status()["pipeline"] == "line2"
+        assert agent.supervisor.status().pipeline == "line2"
         assert agent.twin is not None and agent.twin.applied_version() == 1
         await wait_for(lambda: agent.uplink is not None and agent.uplink.state == "offline", 5,
                        "the link to be offline")

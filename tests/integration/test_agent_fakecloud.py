@@ -82,6 +82,9 @@ class FakeCloud:
         self.abort_after_batches: int | None = None  # abort the TCP connection once, unacked
         self.ack_delay = 0.0
         self.refuse_ids: set[int] = set()
+        # the session upgrade: None answers it; "silent" never answers; "drip" sends an answer
+        # head a byte at a time (each read well within any read timeout)
+        self.upgrade_answer: str | None = None
         self.sessions: dict[str, web.WebSocketResponse] = {}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -260,6 +263,10 @@ class FakeCloud:
 
     async def session(self, request: web.Request) -> web.StreamResponse:
         node_id = self._peer(request)
+        if self.upgrade_answer is not None:
+            self.counts["sessions"] += 1
+            await self._stall_upgrade(request)
+            return web.Response(status=503)  # not sent: the client has gone
         ws = web.WebSocketResponse(max_msg_size=P.MAX_FRAME_BYTES)
         await ws.prepare(request)
         self.counts["sessions"] += 1
@@ -302,6 +309,17 @@ class FakeCloud:
             if self.sessions.get(node_id) is ws:
                 del self.sessions[node_id]
         return ws
+
+    async def _stall_upgrade(self, request: web.Request) -> None:
+        """Answer the upgrade as `upgrade_answer` says, until the client hangs up."""
+        transport = request.transport
+        assert transport is not None
+        if self.upgrade_answer == "drip":  # one header line, a byte every 50 ms: 8 KiB in 7 min
+            transport.write(b"HTTP/1.1 101 Switching Protocols\r\nX-Drip: ")
+        while not transport.is_closing():
+            if self.upgrade_answer == "drip":
+                transport.write(b".")
+            await asyncio.sleep(0.05)
 
     async def _batch(self, ws: web.WebSocketResponse, node: str, m: dict[str, Any]) -> None:
         self.batches.append((node, m["stream"], m["seq"], m["count"], m["id"]))

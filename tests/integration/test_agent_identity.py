@@ -18,6 +18,7 @@ from test_agent_fakecloud import FakeCloud, wait_for
 from test_agent_session import make_agent
 
 from edgewise.edge.identity import Revoked
+from edgewise.errors import ConfigError
 from edgewise.security import pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -223,3 +224,60 @@ async def test_a_refused_enrolment_token_stops_the_agent_without_showing_it(
         "or used up); ask an operator for a new one (`edgewise cloud token create`)")
     assert used not in str(err.value)
     assert not (tmp_path / "node" / "identity" / "node.pem").exists()
+
+
+# -- damaged identity files that the flags put right (the table: tests/e2e/test_damaged_files.py)
+
+
+async def test_damaged_cloud_json_and_ca_are_written_again_from_the_flags(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = tmp_path / "node"
+    ident = data / "identity"
+    async with FakeCloud(tmp_path) as cloud:
+        await enrolled(data, cloud)
+        (ident / "cloud.json").write_bytes(b"")
+        (ident / "ca.pem").write_bytes(b"\xc1 garbage")
+        (ident / "node_id").write_bytes(b"node-")  # cut short: node.pem names the node
+        agent = make_agent(data, cloud)  # --cloud and --ca given
+        task = asyncio.create_task(agent.run())
+        try:
+            await wait_for(lambda: cloud.counts["sessions"] == 2, 10, "a session")
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 10)
+    saved = json.loads((ident / "cloud.json").read_text())
+    assert saved == {"cloud": cloud.url, "trust_domain": "test.local"}  # named by node.pem
+    assert (ident / "ca.pem").read_bytes() == cloud.ca_path.read_bytes()
+    assert (ident / "node_id").read_text() == "node-1\n"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cloud.json is damaged (empty); writing it again from --cloud" in m
+               for m in warned), warned
+    assert any("node_id is damaged ('node-'); written again from node.pem" in m
+               for m in warned), warned
+
+
+@pytest.mark.parametrize(("name", "damage"), [("node.key", b""),
+                                           ("node.pem", b"-----BEGIN CERTIFICATE-----\n")])
+async def test_damaged_key_or_certificate_stops_or_with_a_token_enrols_a_new_node(
+    tmp_path: Path, name: str, damage: bytes,
+) -> None:
+    data = tmp_path / "node"
+    ident = data / "identity"
+    async with FakeCloud(tmp_path) as cloud:
+        await enrolled(data, cloud)
+        (ident / name).write_bytes(damage)
+        with pytest.raises(ConfigError, match=f"{name} is damaged .*--token NEW"):  # exit 2
+            await make_agent(data, cloud).run()
+        assert (ident / name).read_bytes() == damage  # the operator's to restore
+        agent = make_agent(data, cloud, token=cloud.token())
+        task = asyncio.create_task(agent.run())
+        try:
+            await wait_for(lambda: "node-2" in cloud.sessions, 10, "a session as a new node")
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 10)
+        assert (ident / (name + ".damaged")).read_bytes() == damage
+        assert (ident / "node_id").read_text().strip() == "node-2"
+        fp = pki.public_key_fingerprint(pki.load_key(ident / "node.key"))
+        assert fp == cloud.nodes["node-2"].fingerprint != cloud.nodes["node-1"].fingerprint

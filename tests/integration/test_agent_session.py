@@ -14,11 +14,13 @@ import pytest
 from pydantic import SecretStr
 from test_agent_fakecloud import FakeCloud, wait_for
 
+from edgewise.common.backoff import Backoff
 from edgewise.edge.agent import Agent, AgentConfig
-from edgewise.edge.backoff import Backoff
-from edgewise.edge.outbox import Outbox, PendingChunk
-from edgewise.edge.status import OutboxView, outbox_path, read_status
+from edgewise.edge.status import outbox_path, read_status
+from edgewise.edge.status_model import StreamStatus
 from edgewise.edge.uplink import UplinkConfig
+from edgewise.outbox import Outbox, PendingChunk
+from edgewise.outbox.view import OutboxView
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,13 +109,13 @@ async def test_enrol_then_session_acks_delete_chunks_alarms_first(tmp_path: Path
             assert st["bytes"]["wire_sent"] > st["bytes"]["ws_sent"]
         # status from the outbox itself, with the agent stopped
         after = read_status(data)
-        assert not after["running"] and after["state"] == "stopped"
-        assert after["streams"]["alarms"] == {
-            "priority": 9, "produced": 200, "acknowledged": 200, "pending": 0,
-            "pending_chunks": 0, "pending_bytes": 0, "dropped": 0, "compacted": 0, "refused": 0,
-        }
-        assert after["streams"]["aggregates"]["acknowledged"] == 1500
-        assert after["certificate"]["expires_at"]
+        assert not after.running and after.state == "stopped"
+        assert after.streams["alarms"] == StreamStatus(
+            priority=9, produced=200, acknowledged=200, pending=0,
+            pending_chunks=0, pending_bytes=0, dropped=0, compacted=0, refused=0,
+        )
+        assert after.streams["aggregates"].acknowledged == 1500
+        assert after.certificate is not None and after.certificate.expires_at
 
         # a second run needs no token, and sends nothing again
         again = make_agent(data, cloud)
@@ -156,10 +158,10 @@ async def test_link_cut_mid_stream_then_everything_stored_exactly_once(tmp_path:
 
 async def test_dropped_records_are_reported_as_gaps_once(tmp_path: Path) -> None:
     data = tmp_path / "node"
-    # a tiny outbox: the oldest chunks are dropped to make room for the newest
-    ob = prefill(data, {"raw": (1, 40, 200)}, max_bytes=2_000)
+    # a small outbox (bytes on disk): the oldest chunks are dropped to make room for the newest
+    ob = prefill(data, {"raw": (1, 40, 200)}, max_bytes=122_000)
     dropped = ob.stats()["raw"].dropped
-    assert dropped > 0
+    assert 0 < dropped < 8000
     async with FakeCloud(tmp_path) as cloud:
         agent = make_agent(data, cloud, token=cloud.token())
         task = asyncio.create_task(agent.run())
@@ -194,9 +196,10 @@ async def test_refused_chunk_is_not_sent_again_and_is_counted(tmp_path: Path) ->
             await asyncio.wait_for(task, 10)
         assert [b[4] for b in cloud.batches].count(3) == 1
         st = read_status(data)
-        assert st["streams"]["alarms"]["refused"] == 10
-        assert st["streams"]["alarms"]["pending"] == 10
-        assert st["uplink"]["refused"]["alarms"]["last_reason"] == "refused by the test"
+        assert st.streams["alarms"].refused == 10
+        assert st.streams["alarms"].pending == 10
+        assert st.uplink is not None
+        assert st.uplink.refused["alarms"].last_reason == "refused by the test"
         # a restart does not send it again either
         again = make_agent(data, cloud)
         task = asyncio.create_task(again.run())
@@ -226,17 +229,16 @@ async def test_unreachable_cloud_backs_off_and_pipeline_still_runs(tmp_path: Pat
     finally:
         agent.stop()
         await asyncio.wait_for(task, 10)
-    assert st["link"]["state"] == "offline"
-    assert st["link"]["last_error"] == (
+    assert st.link is not None and st.link.state == "offline"
+    assert st.link.last_error == (
         f"POST /v1/device/enrol: cannot connect to 127.0.0.1:{cloud.port}: Connect call failed "
         f"('127.0.0.1', {cloud.port})")
-    assert st["node_id"] is None  # never enrolled
-    assert st["engine"]["pipeline"] == "sim"
+    assert st.node_id is None  # never enrolled
+    assert st.engine is not None and st.engine.pipeline == "sim"
 
 
 def _produced(agent: Agent, stream: str) -> int:
-    ob = agent.access.current()
-    st = ob.stats().get(stream) if ob is not None else None
+    st = agent.outbox.stats().get(stream)
     return st.produced if st is not None else -1
 
 
@@ -283,3 +285,25 @@ spec:
   outbox:
     sync: normal
 """
+
+
+@pytest.mark.parametrize("answer", ["silent", "drip"])
+async def test_an_upgrade_answer_that_never_ends_is_given_up_and_retried(
+        tmp_path: Path, answer: str) -> None:
+    """A control plane (or a proxy before it) that takes the session upgrade and never finishes
+    its answer, silent or a header line every 50 ms, does not hold the uplink: it gives up
+    after ``upgrade_timeout_s`` and tries again (before, it waited for ever in one attempt)."""
+    data = tmp_path / "node"
+    async with FakeCloud(tmp_path) as cloud:
+        cloud.upgrade_answer = answer
+        agent = make_agent(data, cloud, token=cloud.token(), upgrade_timeout_s=0.5)
+        task = asyncio.create_task(agent.run())
+        try:
+            await wait_for(lambda: cloud.counts["sessions"] >= 3, 30, "three upgrade attempts")
+            st = agent.status()
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 10)
+    assert cloud.counts["enrol"] == 1
+    assert st.link is not None and st.link.state == "offline"
+    assert st.link.last_error == "no answer to the session upgrade within 0.5 s"

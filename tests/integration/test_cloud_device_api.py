@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from cryptography import x509
 
-from edgewise.cloud.app import SESSIONS, STORE, CloudConfig, Running, revoke_node, start
+from edgewise.cloud.app import Running, start
 from edgewise.cloud.bootstrap import bootstrap
+from edgewise.cloud.config import CloudConfig
 from edgewise.cloud.session import SessionLimits
+from edgewise.cloud.state import SESSIONS, STORE, revoke_node
 from edgewise.cloud.store import Store
-from edgewise.edge.outbox import Outbox, PendingChunk
+from edgewise.outbox import Outbox, PendingChunk
 from edgewise.security import pki
 from edgewise.security.pki import CertificateAuthority
 from edgewise.security.tls import client_context
@@ -97,6 +99,7 @@ def db(backend: str, request: pytest.FixtureRequest) -> str | None:
 @pytest.fixture
 async def cloud(tmp_path: Path, db: str | None) -> AsyncIterator[Cloud]:
     config = CloudConfig(data_dir=tmp_path / "cloud", port=0, db=db, maintenance_interval=0.2,
+                         node_write_interval=0.05,
                          limits=SessionLimits(hello_timeout=2.0))
     async with Store(config.db_url) as store:
         boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
@@ -178,8 +181,9 @@ async def test_enrol_single_use_token(cloud: Cloud) -> None:
     csr = pki.make_csr(key).decode()
     async with cloud.client() as http:
         r1 = await http.post(f"{cloud.url}/v1/device/enrol", json={"token": token, "csr": csr})
-        r2 = await http.post(f"{cloud.url}/v1/device/enrol", json={"token": token, "csr": csr})
-        assert (r1.status, r2.status) == (201, 401)
+        other = pki.make_csr(pki.generate_key(cloud.dir / "c.key")).decode()
+        r2 = await http.post(f"{cloud.url}/v1/device/enrol", json={"token": token, "csr": other})
+        assert (r1.status, r2.status) == (201, 401)  # another key: the token is used up
         assert "used up" in (await r2.json())["error"]
         expired = await cloud.token(ttl=timedelta(minutes=1),
                                     now=datetime.now(UTC) - timedelta(minutes=2))
@@ -195,6 +199,79 @@ async def test_enrol_single_use_token(cloud: Cloud) -> None:
         assert r5.status == 400
         r6 = await http.post(f"{cloud.url}/v1/device/enrol", data=b"{not json")
         assert (r6.status, (await r6.json())["error"]) == (400, "request body is not JSON")
+    assert await cloud.store.count_nodes() == 2
+
+
+async def _post_enrol(cloud: Cloud, token: str, csr: str) -> tuple[int, dict[str, Any]]:
+    async with cloud.client() as http:
+        r = await http.post(f"{cloud.url}/v1/device/enrol", json={"token": token, "csr": csr})
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_enrolment_retried_with_the_same_key_and_token_gets_the_same_node(
+    cloud: Cloud,
+) -> None:
+    """An enrolment whose answer was lost, sent again: the same node with a fresh certificate
+    (200), not a used-up token and an orphan node. Another key with that token is refused, and
+    the key with another token is still KeyInUse (test_cloud_hardening.py)."""
+    key = pki.generate_key(cloud.dir / "n.key")
+    csr = pki.make_csr(key).decode()
+    token = await cloud.token()
+    first = await _post_enrol(cloud, token, csr)
+    again = await _post_enrol(cloud, token, pki.make_csr(key).decode())  # a new CSR, same key
+    assert (first[0], again[0]) == (201, 200), (first, again)
+    node_id = first[1]["node_id"]
+    assert again[1]["node_id"] == node_id and again[1]["trust_domain"] == "edgewise.local"
+    cert = x509.load_pem_x509_certificate(again[1]["certificate"].encode())
+    assert pki.node_id_from_cert(cert, "edgewise.local") == node_id
+    assert pki.public_key_fingerprint(cert) == pki.public_key_fingerprint(key)
+    stored = await cloud.store.get_node(node_id)
+    assert stored is not None and stored.cert_serial == cert.serial_number  # the one it holds
+    assert stored.labels == {"site": "plant1"}
+    assert await cloud.store.count_nodes() == 1
+    # the certificate of the retry is the node's: it authenticates
+    (cloud.dir / "n.pem").write_text(again[1]["certificate"])
+    async with cloud.client(Node(node_id, cloud.dir / "n.key", cloud.dir / "n.pem")) as http:
+        assert (await http.get(f"{cloud.url}/v1/device/desired")).status == 200
+    # another key with the used token: refused; this key with another token: one key one node
+    stranger = pki.make_csr(pki.generate_key(cloud.dir / "s.key")).decode()
+    assert (await _post_enrol(cloud, token, stranger))[0] == 401
+    assert (await _post_enrol(cloud, await cloud.token(), csr))[0] == 409
+    # four retries at once: all the same node
+    answers = await asyncio.gather(*(_post_enrol(cloud, token, csr) for _ in range(4)))
+    assert [(a[0], a[1]["node_id"]) for a in answers] == [(200, node_id)] * 4
+    # a multi-use token: the same key again is the same node, and leaves the other uses
+    multi = await cloud.token(uses=3)
+    key2 = pki.make_csr(pki.generate_key(cloud.dir / "m.key")).decode()
+    m1, m2 = await _post_enrol(cloud, multi, key2), await _post_enrol(cloud, multi, key2)
+    assert (m1[0], m2[0], m2[1]["node_id"]) == (201, 200, m1[1]["node_id"])
+    assert (await _post_enrol(cloud, multi, stranger))[0] == 201
+    assert await cloud.store.count_nodes() == 3
+    audit = [e.action for e in await cloud.store.list_audit(target=f"node:{node_id}")]
+    assert audit.count("node.enrol") == 1 and audit.count("node.enrol.retry") == 5
+
+
+async def test_enrolment_retry_after_the_token_expired_or_the_node_was_revoked(
+    cloud: Cloud,
+) -> None:
+    key = pki.generate_key(cloud.dir / "n.key")
+    csr = pki.make_csr(key).decode()
+    token = await cloud.token(ttl=timedelta(seconds=2))
+    status, body = await _post_enrol(cloud, token, csr)
+    assert status == 201
+    await asyncio.sleep(2.2)  # the token's lifetime is the window for a retry
+    status, answer = await _post_enrol(cloud, token, csr)
+    assert (status, "expired" in answer["error"]) == (401, True)
+    # a revoked node cannot come back through a retry either
+    key2 = pki.generate_key(cloud.dir / "r.key")
+    csr2 = pki.make_csr(key2).decode()
+    token2 = await cloud.token()
+    status, body = await _post_enrol(cloud, token2, csr2)
+    assert status == 201
+    await revoke_node(cloud.running.app, body["node_id"], reason="stolen", actor="test")
+    status, answer = await _post_enrol(cloud, token2, csr2)
+    assert status == 403, answer
     assert await cloud.store.count_nodes() == 2
 
 
@@ -533,6 +610,10 @@ async def test_session_ends_when_its_certificate_expires(cloud: Cloud, tmp_path:
     async with cloud.client(brief) as http:
         link = await session(cloud, http)
         await link.hello()
+        for _ in range(50):  # the status goes with the next group write (every 0.05 s here)
+            if (await cloud.store.get_node(node.id)).status == "online":
+                break
+            await asyncio.sleep(0.02)
         assert (await cloud.store.get_node(node.id)).status == "online"
         msg = await link.recv()  # the maintenance task (every 0.2 s here) closes it
         assert msg == {"t": "error", "reason": "certificate expired: renew it and reconnect"}

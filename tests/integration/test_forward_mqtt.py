@@ -14,8 +14,8 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgewise.cloud.forward import forwarders_from_config
-from edgewise.cloud.forward_mqtt import MqttForwarder
+from edgewise.cloud.dataout.mqtt import MqttForwarder
+from edgewise.cloud.dataout.setup import forwarders_from_config
 from edgewise.errors import ConfigError
 
 pytestmark = pytest.mark.service
@@ -237,9 +237,12 @@ async def test_committed_chunks_are_forwarded_once_through_the_app(
 
     from aiohttp import web
 
-    from edgewise.cloud.app import STORE, CloudConfig, create_app
+    from edgewise.cloud.app import create_app
     from edgewise.cloud.bootstrap import bootstrap
-    from edgewise.cloud.forward import FORWARDERS, data_out_config, setup_data_out
+    from edgewise.cloud.config import CloudConfig
+    from edgewise.cloud.dataout.config import data_out_config
+    from edgewise.cloud.dataout.setup import FORWARDERS, setup_data_out
+    from edgewise.cloud.state import STORE
     from edgewise.cloud.store import ChunkWrite, Store
     from edgewise.sync import codec
 

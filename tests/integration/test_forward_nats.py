@@ -10,8 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from edgewise.cloud.forward import forwarders_from_config
-from edgewise.cloud.forward_nats import NatsForwarder, subject_filter, subject_token
+from edgewise.cloud.dataout.nats import NatsForwarder, subject_filter, subject_token
+from edgewise.cloud.dataout.setup import forwarders_from_config
 
 pytestmark = pytest.mark.service
 

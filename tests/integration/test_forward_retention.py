@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgewise.cloud.forward import data_out_config, parse_retention, prune, run_retention
+from edgewise.cloud.dataout.config import data_out_config
+from edgewise.cloud.retention import parse_retention, prune, run_retention
 from edgewise.cloud.store import ChunkWrite, MarkWrite, Store
 from edgewise.errors import ConfigError
 from edgewise.sync import codec

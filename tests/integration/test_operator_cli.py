@@ -19,8 +19,9 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgewise.cli import main
-from edgewise.cloud.app import CloudConfig, Running, start
+from edgewise.cloud.app import Running, start
 from edgewise.cloud.bootstrap import bootstrap, write_cli_config
+from edgewise.cloud.config import CloudConfig
 from edgewise.cloud.store import ChunkWrite, MarkWrite, Store
 from edgewise.security import pki
 from edgewise.security.pki import CertificateAuthority
@@ -215,7 +216,7 @@ def test_data_stats_and_query(server: Server, tmp_path: Path) -> None:
     out = ok(cli("data", "query", "--node", "n1", "--stream", "raw", "--limit", "3", *data,
                  home=tmp_path))
     assert "3 record(s); more from seq 3" in out
-    assert "1764547200.5" in out and "s1" in out
+    assert "2025-12-01T00:00:00.500" in out and "s1" in out  # ISO 8601 (cli/operator.py)
     r = cli("data", "query", "--node", "n1", "--stream", "raw", "--since", "yesterday", *data,
             home=tmp_path)
     assert r.exit_code == 2 and "--since 'yesterday'" in r.stderr

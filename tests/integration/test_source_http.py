@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from conftest import make_spec
-from edgewise.edge.outbox import Outbox
 from edgewise.errors import ConfigError, SpecError
+from edgewise.outbox import Outbox
 from edgewise.pipeline.engine import Engine
 
 pytestmark = pytest.mark.timeout(30)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import make_spec
-from edgewise.edge.outbox import Outbox
 from edgewise.errors import SpecError
+from edgewise.outbox import Outbox
 from edgewise.pipeline.engine import Engine
 
 pytest.importorskip("pymodbus")

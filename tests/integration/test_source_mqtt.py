@@ -30,10 +30,10 @@ from gmqtt.mqtt.handler import MqttPackageHandler
 from gmqtt.mqtt.package import Package
 
 from conftest import make_spec
-from edgewise.edge.outbox import Outbox
 from edgewise.errors import ConfigError, SpecError
+from edgewise.outbox import Outbox
 from edgewise.pipeline.engine import Engine
-from edgewise.pipeline.sources.mqtt import GmqttClient, gmqtt_handler
+from edgewise.pipeline.sources.mqtt_link import GmqttClient, gmqtt_handler
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(60)]
 
@@ -491,7 +491,7 @@ async def test_acknowledged_messages_are_not_delivered_again(
 CHILD = textwrap.dedent("""
     import asyncio, logging, os, sys, time
     from pathlib import Path
-    from edgewise.edge.outbox import Outbox
+    from edgewise.outbox import Outbox
     from edgewise.pipeline.engine import Engine
     from edgewise.pipeline.spec import parse_pipeline
 

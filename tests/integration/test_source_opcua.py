@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from conftest import make_spec
-from edgewise.edge.outbox import Outbox
 from edgewise.errors import SpecError
+from edgewise.outbox import Outbox
 from edgewise.pipeline.engine import Engine
 
 asyncua = pytest.importorskip("asyncua")

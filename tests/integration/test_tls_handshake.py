@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from edgewise.errors import ConfigError
 from edgewise.security import pki
@@ -294,8 +296,8 @@ def test_peer_identity_needs_a_verifying_context(env: Env) -> None:
 
 
 def test_revocation_list(env: Env) -> None:
-    valid = pki.x509.load_pem_x509_certificate((env.dir / "valid.pem").read_bytes())
-    revoked = pki.x509.load_pem_x509_certificate((env.dir / "revoked.pem").read_bytes())
+    valid = x509.load_pem_x509_certificate((env.dir / "valid.pem").read_bytes())
+    revoked = x509.load_pem_x509_certificate((env.dir / "revoked.pem").read_bytes())
     assert env.revocations.is_revoked(valid) is False
     assert env.revocations.is_revoked(revoked) is True
     assert len(env.revocations) == 2
@@ -359,14 +361,14 @@ async def test_no_session_resumption_past_certificate_expiry(env: Env) -> None:
 def test_authenticate_peer_checks_validity_again(env: Env) -> None:
     """Belt and braces for resumed sessions: the validity period is checked after the
     handshake too, against the certificate the TLS layer verified."""
-    der = pki.x509.load_pem_x509_certificate((env.dir / "expired.pem").read_bytes()).public_bytes(
-        pki.serialization.Encoding.DER
+    der = x509.load_pem_x509_certificate((env.dir / "expired.pem").read_bytes()).public_bytes(
+        serialization.Encoding.DER
     )
     verifying = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     verifying.verify_mode = ssl.CERT_REQUIRED
     session = types.SimpleNamespace(context=verifying, getpeercert=lambda binary_form=False: der)
     with pytest.raises(IdentityError, match="certificate of node pump-01 is not valid at"):
         authenticate_peer(session, TD)
-    expired_at = pki.x509.load_der_x509_certificate(der).not_valid_after_utc
+    expired_at = x509.load_der_x509_certificate(der).not_valid_after_utc
     assert authenticate_peer(session, TD, now=expired_at) == "pump-01"
     assert time.time() > expired_at.timestamp()

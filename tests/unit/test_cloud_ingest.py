@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sys
+import threading
+import time
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zstandard
 
+from edgewise.cloud import ingest
 from edgewise.cloud.ingest import (
     CONFLICT,
     DUPLICATE,
+    INLINE_DECODED_BYTES,
     MAX_ABOVE,
     MAX_DECODED_BYTES,
     NEW,
@@ -22,9 +30,19 @@ from edgewise.cloud.ingest import (
     check_stream_name,
 )
 from edgewise.cloud.metrics import Metrics
-from edgewise.cloud.store import ChunkWrite, MarkWrite, SeqRange, Store, database_url
+from edgewise.cloud.store import (
+    ChunkWrite,
+    GapWrite,
+    MarkWrite,
+    SeqRange,
+    Store,
+    database_url,
+)
 from edgewise.errors import PeerError, StorageError
 from edgewise.sync import codec
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import bombs  # tests/bombs.py
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -112,19 +130,24 @@ class CountingStore(Store):
         self.calls: list[int] = []
         self.gate: asyncio.Event | None = None
         self.fail_next = False
+        self.fail_always = False
+        self.refuse: set[str] = set()  # nodes whose chunks the store refuses
 
     async def commit_ingest(self, chunks, gaps=(), marks=()):  # type: ignore[no-untyped-def]
         self.calls.append(len(chunks))
         if self.gate is not None:
             await self.gate.wait()
-        if self.fail_next:
+        if self.fail_next or self.fail_always:
             self.fail_next = False
             raise StorageError("disk full")
+        bad = sorted({c.node_id for c in chunks} & self.refuse)
+        if bad:
+            raise StorageError(f"cannot store the chunks of {bad[0]}")
         return await super().commit_ingest(chunks, gaps, marks)
 
 
-def cw(seq: int, count: int = 1) -> ChunkWrite:
-    return ChunkWrite("n1", "raw", seq, count, count, False, b"p", NOW)
+def cw(seq: int, count: int = 1, node: str = "n1") -> ChunkWrite:
+    return ChunkWrite(node, "raw", seq, count, count, False, b"p", NOW)
 
 
 @pytest.fixture
@@ -215,8 +238,11 @@ async def test_after_commit_gets_the_chunks_and_what_was_inserted(store: Countin
 
 
 def test_cloud_config_with_data_out_wires_forwarders_to_the_committer(tmp_path: Path) -> None:
-    from edgewise.cloud.app import COMMITTER, CloudConfig, create_app
-    from edgewise.cloud.forward import FORWARDERS, data_out_config
+    from edgewise.cloud.app import create_app
+    from edgewise.cloud.config import CloudConfig
+    from edgewise.cloud.dataout.config import data_out_config
+    from edgewise.cloud.dataout.setup import FORWARDERS
+    from edgewise.cloud.state import COMMITTER
     from edgewise.security.pki import CertificateAuthority
 
     cfg = data_out_config({"forwarders": [
@@ -225,3 +251,163 @@ def test_cloud_config_with_data_out_wires_forwarders_to_the_committer(tmp_path: 
     app = create_app(CloudConfig(data_dir=tmp_path, data_out=cfg), ca)
     assert app[COMMITTER].after_commit == app[FORWARDERS].forward_committed
     assert create_app(CloudConfig(data_dir=tmp_path), ca)[COMMITTER].after_commit is None
+
+
+# -- one node's writes never fail another's ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [cw(2**63), cw(2**63 - 1, 2), cw(0, 0), cw(-1),
+     ChunkWrite("A", "raw", 0, 1, 2, True, b"p", NOW)],
+    ids=["seq 2**63", "seq + count over 2**63 - 1", "count 0", "seq -1", "records > count"],
+)
+async def test_a_write_that_does_not_fit_the_store_fails_alone(store: CountingStore,
+                                                              bad: ChunkWrite) -> None:
+    bad = dataclasses.replace(bad, node_id="A")
+    async with GroupCommitter(store, Metrics(), linger=0.05) as gc:
+        futures = [gc.submit([bad], marks=[MarkWrite("A", "raw", 0, NOW)]),
+                   gc.submit([cw(0, 5, "B")], marks=[MarkWrite("B", "raw", 5, NOW)])]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[0], PeerError), results[0]
+    assert not isinstance(results[1], BaseException), results[1]
+    assert results[1].chunks == {("B", "raw", 0)}
+    [s] = await store.stream_stats("B")
+    assert (s.contiguous, s.stored_records) == (5, 5)
+    assert await store.stream_stats("A") == []
+    assert store.calls == [1]  # B's commit only
+
+
+async def test_a_mark_that_does_not_fit_fails_alone(store: CountingStore) -> None:
+    async with GroupCommitter(store, Metrics(), linger=0.01) as gc:
+        bad = gc.submit(marks=[MarkWrite("A", "raw", 2**63, NOW)])
+        good = gc.submit([cw(0, 1, "B")], marks=[MarkWrite("B", "raw", 1, NOW)])
+        with pytest.raises(PeerError, match="mark 9223372036854775808 of A/raw"):
+            await bad
+        assert (await good).chunks == {("B", "raw", 0)}
+
+
+async def test_a_write_the_store_refuses_fails_only_its_node(store: CountingStore) -> None:
+    store.refuse = {"n5"}
+    nodes = [f"n{i}" for i in range(16)]
+    async with GroupCommitter(store, Metrics(), linger=0.05) as gc:
+        futures = [gc.submit([cw(0, 1, n), cw(1, 1, n)], marks=[MarkWrite(n, "raw", 2, NOW)])
+                   for n in nodes]
+        futures.append(gc.submit())  # a duplicate's ack, nothing to write
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    assert [str(r) for r in results[:16] if isinstance(r, BaseException)] == [
+        "cannot store the chunks of n5"]
+    assert not isinstance(results[16], BaseException)
+    stored = {s.node_id: s.contiguous for s in await store.stream_stats()}
+    assert stored == {n: 2 for n in nodes if n != "n5"}
+    # one group commit, then halves down to n5: at most 2 * log2(16) more
+    assert len(store.calls) <= 1 + 2 * 4, store.calls
+
+
+async def test_when_every_half_fails_everything_fails_without_more_attempts(
+        store: CountingStore) -> None:
+    store.fail_always = True
+    async with GroupCommitter(store, Metrics(), linger=0.05) as gc:
+        futures = [gc.submit([cw(0, 1, f"n{i}")]) for i in range(64)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    assert {str(r) for r in results} == {"disk full"}
+    assert len(store.calls) == 3  # the group, then its two halves: the database is down
+
+
+async def test_writes_after_a_failed_write_fail_too(store: CountingStore) -> None:
+    """A session submits each write after the one before: if a chunk is not stored, no later
+    write of the session may store its mark past it (the node would drop the chunk)."""
+    store.refuse = {"A"}
+    async with GroupCommitter(store, Metrics(), linger=0.001) as gc:
+        first = gc.submit([cw(0, 1, "A")], marks=[MarkWrite("A", "raw", 1, NOW)])
+        await asyncio.sleep(0.05)  # the first commit is over
+        store.refuse = set()
+        second = gc.submit(gaps=[GapWrite("A", "raw", 1, 1, "lost", NOW)],
+                           marks=[MarkWrite("A", "raw", 2, NOW)], after=first)
+        with pytest.raises(StorageError):
+            await first
+        with pytest.raises(PeerError, match="an earlier write of this session failed"):
+            await second
+        third = gc.submit([cw(0, 1, "A")], marks=[MarkWrite("A", "raw", 1, NOW)])
+        assert (await third).chunks == {("A", "raw", 0)}  # a new session starts afresh
+    [s] = await store.stream_stats("A")
+    assert s.contiguous == 1
+
+
+# -- payload checks: bounded memory, off the event loop ------------------------------------------
+
+MB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("make", "records", "ok"),
+    [(lambda: bombs.empty_arrays(8 * MB), 1, False),
+     (lambda: bombs.empty_arrays_in_a_column(1_000_000), 1_000_000, True),
+     (lambda: bombs.nones(1_000_000, 2), 1_000_000, True),
+     (lambda: bombs.text_table(1_000_000), 1_000_000, False)],
+    ids=["empty arrays", "empty arrays in an any column", "any columns of None",
+         "text table"],
+)
+def test_checking_a_payload_keeps_memory_small(make: Any, records: int, ok: bool) -> None:
+    payload = make()
+    tracemalloc.start()
+    try:
+        try:
+            check_payload(payload, records)
+            accepted = True
+        except PeerError:
+            accepted = False
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert accepted == ok
+    assert peak < 4 * MB, peak  # decoded whole, as before: 70-500 MB
+
+
+async def test_payloads_are_checked_off_the_event_loop_unless_small(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[bool] = []
+    running = [0, 0]  # now, most at once
+    real = ingest.check_payload
+
+    def spy(payload: bytes, records: int) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        running[0] += 1
+        running[1] = max(running)
+        try:
+            time.sleep(0.05)
+            real(payload, records)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(ingest, "check_payload", spy)
+    small = codec.encode({"v": np.arange(10, dtype=np.int64)})
+    await ingest.check_payload_async(small, 10)
+    assert threads == [True]  # declares a few bytes: cheap, checked inline
+    bomb = bombs.empty_arrays(64 * MB)  # 2 KB on the wire, declares 64 MiB
+    assert len(bomb) < INLINE_DECODED_BYTES
+    with pytest.raises(PeerError):
+        await ingest.check_payload_async(bomb, 1)
+    assert threads == [True, False]  # what it declares decides, not its size on the wire
+    slots = asyncio.Semaphore(2)
+    results = await asyncio.gather(
+        *(ingest.check_payload_async(bomb, 1, slots) for _ in range(6)),
+        return_exceptions=True)
+    assert all(isinstance(r, PeerError) for r in results)
+    assert threads[2:] == [False] * 6 and running[1] == 2  # worker threads, two at a time
+
+
+async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(ingest, "check_payload", lambda payload, records: release.wait(5))
+    slots = asyncio.Semaphore(1)
+    bomb = bombs.empty_arrays(64 * MB)
+    task = asyncio.create_task(ingest.check_payload_async(bomb, 1, slots))
+    await asyncio.sleep(0.05)
+    task.cancel()  # e.g. the session ends; the thread goes on
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert slots.locked()  # still taken: the thread is still checking
+    release.set()
+    await asyncio.wait_for(slots.acquire(), 5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgewise.cloud.health import head_revision
 from edgewise.cloud.store import (
     ChunkWrite,
     GapWrite,
@@ -17,6 +18,7 @@ from edgewise.cloud.store import (
     Store,
     database_url,
 )
+from edgewise.cloud.store.db import MIGRATIONS
 from edgewise.errors import ConfigError, StorageError
 from edgewise.security.pki import CertificateAuthority, IssuedCert, make_csr
 from edgewise.security.tokens import (
@@ -79,11 +81,14 @@ def test_database_url(tmp_path: Path) -> None:
 
 
 async def test_open_migrates_and_reopens(store_url: str) -> None:
+    # the newest migration: the highest-numbered file, which is Alembic's head
+    newest = max(p.name[:4] for p in MIGRATIONS.glob("versions/0*.py"))
+    assert head_revision() == newest
     async with Store(store_url) as s:
-        assert await s.schema_revision() == "0001"
+        assert await s.schema_revision() == newest
         assert await s.count_nodes() == 0
     async with Store(store_url) as s:  # the second open finds the schema current
-        assert await s.schema_revision() == "0001"
+        assert await s.schema_revision() == newest
 
 
 async def test_unreachable_database_is_a_storage_error() -> None:
@@ -265,6 +270,39 @@ async def test_desired_versions(store: Store, ca: CertificateAuthority) -> None:
         await store.put_desired_state("node-d", pipelines={"p": 1}, actor="op:a")  # type: ignore[dict-item]
 
 
+async def test_update_desired_state_reads_and_writes_in_one_transaction(
+        store: Store, ca: CertificateAuthority) -> None:
+    """Concurrent read-modify-writes of one node's desired state each see the one before: no
+    lost update; the setpoint writes reach the reported state, audited in the same order."""
+    await store.enrol_node(await token(store), "node-u", issue(ca, "node-u"), now=NOW)
+
+    def add(key: str, value: int):
+        def change(previous):
+            config = dict(previous.config) if previous is not None else {}
+            config[key] = value
+            return {}, config
+        return change
+
+    def write(key: str, value: int) -> LwwMap:
+        m = LwwMap()
+        m.set(key, value, HLC(1000 + value, 0, "cloud"))
+        return m
+
+    states = await asyncio.gather(*(
+        store.update_desired_state("node-u", add(f"k{i}", i), setpoints=write(f"s{i}", i),
+                                   actor="op:a", now=NOW) for i in range(6)))
+    assert sorted(s.version for s in states) == [1, 2, 3, 4, 5, 6]
+    newest = await store.get_desired_state("node-u")
+    assert newest is not None and newest.config == {f"k{i}": i for i in range(6)}
+    reported = await store.get_reported_state("node-u")
+    assert reported is not None
+    assert reported.state.setpoints.to_dict() == {f"s{i}": i for i in range(6)}
+    actions = [a.action for a in await store.list_audit(target="node:node-u", limit=2)]
+    assert actions == ["desired.set", "setpoint.set"]
+    with pytest.raises(KeyError):
+        await store.update_desired_state("nope", add("x", 1), actor="op:a")
+
+
 async def test_reported_state_merges_setpoints_and_audits(store: Store) -> None:
     edge = LwwMap()
     edge.set("limit", 90.0, HLC(1000, 0, "node-s"))
@@ -296,3 +334,28 @@ async def test_audit_paging(store: Store) -> None:
     older = await store.list_audit(limit=10, before_id=newest[-1].id)
     assert [a.detail["i"] for a in older] == [2, 1, 0]
     assert [a.detail["i"] for a in await store.list_audit(target="t1")] == [3, 1]
+
+
+async def test_pending_setpoints_are_cloud_writes_the_node_has_not_reported(store: Store) -> None:
+    """`node show` must not claim a setpoint the node does not have: the merged view keeps the
+    cloud's write, and ``pending`` names it until the node reports the same write."""
+    cloud = LwwMap()
+    cloud.set("mode", "auto", HLC(2000, 0, "cloud"))
+    await store.merge_setpoints("node-p", cloud, actor="op:alice", now=NOW)
+    info = await store.get_reported_state("node-p")
+    assert (info.state.setpoints.to_dict(), info.pending) == ({"mode": "auto"}, ("mode",))
+    # the node reports without it (it holds the version: its clock is behind)
+    edge = LwwMap()
+    edge.set("limit", 90.0, HLC(1000, 0, "node-p"))
+    await store.merge_reported_state("node-p", ReportedState(None, "held", {}, edge), now=NOW)
+    info = await store.get_reported_state("node-p")
+    assert info.state.setpoints.to_dict() == {"limit": 90.0, "mode": "auto"}
+    assert info.pending == ("mode",)
+    # it applied the write: nothing pending; a later cloud write keeps what the node reported
+    applied, _ = edge.merge(cloud)
+    await store.merge_reported_state("node-p", ReportedState(1, "running", {}, applied), now=NOW)
+    assert (await store.get_reported_state("node-p")).pending == ()
+    later = LwwMap()
+    later.set("limit", 80.0, HLC(3000, 0, "cloud"))
+    await store.merge_setpoints("node-p", later, actor="op:alice", now=NOW)
+    assert (await store.get_reported_state("node-p")).pending == ("limit",)

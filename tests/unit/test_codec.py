@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -13,6 +19,9 @@ from hypothesis import strategies as st
 
 from edgewise.errors import PeerError
 from edgewise.sync import codec
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import bombs  # tests/bombs.py
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 NAMES = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8).filter(
@@ -213,3 +222,146 @@ def test_a_chunk_claiming_too_many_records_is_refused_before_allocating() -> Non
     packed = msgpack.packb({"v": 1, "n": 10**9, "k": None, "c": []}, use_bin_type=True)
     with pytest.raises(PeerError, match="at most 10000000"):
         codec.decode(zstandard.ZstdCompressor().compress(packed))
+
+
+# -- bounded reading: bombs and the largest legitimate chunks -----------------------------------
+
+MB = 1024 * 1024
+
+
+def peak_traced(fn: Callable[[], object]) -> tuple[int, object]:
+    """Peak bytes Python allocated while ``fn`` ran, and what it returned or raised."""
+    tracemalloc.start()
+    try:
+        try:
+            out: object = fn()
+        except PeerError as exc:
+            out = exc
+        return tracemalloc.get_traced_memory()[1], out
+    finally:
+        tracemalloc.stop()
+
+
+BOMBS = {  # small on the wire; hundreds of MB to GB if unpacked whole
+    "64 MiB of empty arrays": lambda: bombs.empty_arrays(64 * MB),
+    "no declared size, 300 MiB": lambda: bombs.undeclared(300 * MB),
+    "10M empty arrays in an any column": lambda: bombs.empty_arrays_in_a_column(10_000_000),
+    "two any columns of 10M None": lambda: bombs.nones(10_000_000, 2),
+    "text table of 10M values": lambda: bombs.text_table(10_000_000),
+}
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_bombs_are_refused(name: str) -> None:
+    data = BOMBS[name]()
+    assert len(data) < 100_000
+    for read in (codec.check, codec.decode):
+        with pytest.raises(PeerError, match="not a valid Edgewise chunk"):
+            read(data)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: bombs.empty_arrays(8 * MB), lambda: bombs.empty_arrays_in_a_column(1_000_000),
+     lambda: bombs.nones(1_000_000, 2), lambda: bombs.text_table(1_000_000, valid=True),
+     lambda: bombs.padded(8 * MB)],
+    ids=["empty arrays", "empty arrays in an any column", "any columns of None", "text table",
+         "padding"],
+)
+def test_checking_a_chunk_keeps_memory_small_whatever_it_holds(make: Callable[[], bytes]) -> None:
+    data = make()
+    peak, _ = peak_traced(lambda: codec.check(data))
+    assert peak < 4 * MB, peak  # read buffers and one value; unpacked whole: 60-500 MB
+
+
+def test_the_costliest_single_value_is_bounded() -> None:
+    """One `any` value is built whole (and dropped) before the next: at most 1 MiB packed and
+    65,536 counted objects, plus what its unfinished lists hold, about 20 MB at worst."""
+    peak, out = peak_traced(lambda: codec.check(bombs.nested_value()))
+    assert isinstance(out, PeerError) and "more than 65536 objects in one value" in str(out)
+    assert peak < 32 * MB, peak
+
+
+def test_decode_caps_what_a_frame_without_declared_size_inflates() -> None:
+    assert codec.decode(bombs.padded(1000, declare=False)) == {}  # valid, just padded
+    data = bombs.padded(codec.MAX_DECODED_BYTES, declare=False)
+    with pytest.raises(PeerError, match=f"decompresses to more than {codec.MAX_DECODED_BYTES}"):
+        codec.decode(data)
+    with pytest.raises(PeerError, match="decompresses to more than 65536 bytes"):
+        codec.check(data, limit=65536)
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ([["v", "any", None, msgpack.packb([[[]] * 70_000]), ""]],
+         "70000 exceeds max_array_len"),  # one value: at most 65,536 items
+        ([["v", "any", None, msgpack.packb(["x" * (MB + 1)]), ""]],
+         "exceeds max_str_len"),  # one value: at most 1 MiB
+        ([["v", "any", None, msgpack.packb([[[0] * 60_000, [0] * 60_000]]), ""]],
+         "more than 65536 objects in one value"),
+        ([["v", "any", None, b"\x91" * 1100 + b"\xc0", ""]], "not a valid"),  # too deep
+        ([["v", "any", None, msgpack.packb([{1: 2}]), ""]], "int is not allowed for map key"),
+        ([["v", "any", None, msgpack.packb([1, 2]), ""]], "without exactly 1 values"),
+        ([["v", "any", None, msgpack.packb([1]) + b"\xc0", ""]], "data after the last value"),
+        ([["v", "dict", [1], b"\x00", "int8"]], "text values must be strings"),
+        ([["v", "dict", ["a", "b"], b"\x00", "int8"]], "2 distinct text values for 1 records"),
+        ([["v", "dict", ["a"], b"\xff", "int8"]], "text codes outside a table of 1 values"),
+        ([["v", "int", None, b"\x00\x00\x00", ""]], "3 bytes of data do not fit 1 integers"),
+        ([["v", "int", None, b"\x00\x00", "int8"]], "dtype 'int8' does not fit its data"),
+        ([["v", "dec", 9, b"\x00", "int8"]], "bad decimals 9"),
+        ([["v", "bool", None, b"\x00\x00", "u1"]], "has 2 bytes, expected 1"),
+        ([["v", "f8", None, "not bytes", "f8"]], "expected binary data"),
+        ([["v", "int", None, b"\x00", "int8"]] * (codec.MAX_COLUMNS + 1), "4097 columns"),
+    ],
+)
+def test_limits_of_one_chunk(doc: list, reason: str) -> None:
+    data = _pack({"v": 1, "n": 1, "k": None, "c": doc})
+    for read in (codec.check, codec.decode):
+        with pytest.raises(PeerError, match=re.escape(reason)):
+            read(data)
+
+
+def test_record_count_is_compared_before_the_columns_are_read() -> None:
+    data = bombs.nones(10_000_000, 1)
+    started = time.perf_counter()
+    with pytest.raises(codec.CountMismatch) as info:
+        codec.check(data, records=5)
+    assert (info.value.found, info.value.expected) == (10_000_000, 5)
+    assert time.perf_counter() - started < 1  # the header says it; nothing else is read
+
+
+def test_a_large_chunk_with_every_kind_of_column_decodes() -> None:
+    n = 1_000_000
+    rng = np.random.default_rng(7)
+    mixed = obj([None, 7, "x", {"a": [1, 2]}, [3, [4]], 2.5] * (n // 6) + [None] * (n % 6))
+    cols = {
+        "sensor": obj([f"dev/{i:07d}" for i in range(n)]),  # a million distinct texts
+        "ts": np.round(1_764_547_200.0 + np.arange(n) * 0.02, 2),
+        "value": rng.normal(size=n),
+        "count": rng.integers(-(2**62), 2**62, size=n),
+        "ok": rng.random(n) < 0.5,
+        "extra": mixed,
+    }
+    data = codec.encode(cols)
+    assert codec.check(data) == n
+    assert_same(codec.decode(data), cols)
+
+
+@pytest.mark.slow
+def test_the_largest_chunk_the_edge_makes_passes() -> None:
+    """8 x the largest batching.max_records: 8,000,000 records in one chunk that a frame can
+    carry, with two per-value columns (text and `any`) beside the numbers."""
+    n = 8 * 1_000_000
+    assert n <= codec.MAX_RECORDS and 2 * n <= codec.MAX_VALUES
+    anys = np.empty(n, dtype=object)  # mostly None, a few values that are not
+    anys[::1000] = 1.5
+    texts = np.array([f"line1/temp/{i:03d}" for i in range(200)], dtype=object)[
+        np.arange(n) % 200]
+    cols = {"t": texts, "a": anys, "v": np.arange(n, dtype=np.int64)}
+    data = codec.encode(cols)
+    assert len(data) < 4 * MB  # fits one frame
+    assert codec.check(data, records=n, limit=64 * MB) == n  # ingest's limit
+    got = codec.decode(data)
+    assert got["a"][1000] == 1.5 and got["a"][1] is None and got["t"][n - 1] == texts[-1]
+    assert got["v"][-1] == n - 1

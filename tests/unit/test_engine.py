@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,14 @@ import orjson
 import pytest
 
 from conftest import make_spec
-from edgewise.edge.outbox import Outbox
 from edgewise.errors import ConfigError, StorageError
+from edgewise.outbox import Outbox
+from edgewise.outbox.numbering import REWOUND
 from edgewise.pipeline import checkpoint as ckpt
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import Source, SourceOutput
-from edgewise.pipeline.engine import CHECKPOINT_KEY, Engine
+from edgewise.pipeline.engine import Engine
+from edgewise.pipeline.engine_state import CHECKPOINT_KEY
 
 WINDOW_PIPELINE = """
 sources:
@@ -336,6 +340,53 @@ async def test_failed_commit_stops_the_run_and_a_restart_loses_nothing(
     assert agg["count"] == [10] * 60
 
 
+async def test_an_error_after_a_batch_was_routed_commits_nothing_of_it(tmp_path: Path) -> None:
+    """The batch reached every stage and its outputs were queued when the error came: the run
+    ends without committing any of it (records, window state, position), as a crash would, and
+    a restart replays it; every window then counts its readings once."""
+    data = readings(50)
+    data = data.with_columns(value=data["value"] / 10)  # 0.0 to 14.9
+    data.columns["value"][[17, 80, 81]] = 150.0  # the alarms, in batches 2 and 9
+    parts = slices(data, 10)  # 15 batches
+    seen = 0
+
+    def observe(node: str, port: str, batch: Batch) -> Any:
+        nonlocal seen
+        if node != "src":
+            return None
+        seen += 1
+
+        def after() -> None:
+            if seen == 9:  # batch 9 went through every stage (alarm and window state)
+                raise RuntimeError("failed after routing batch 9")
+
+        return after
+
+    db = tmp_path / "data/outbox.db"
+    first = engine_for(tmp_path, ScriptedSource(parts), observer=observe)
+    with pytest.raises(RuntimeError, match="batch 9"):
+        await first.run()
+    assert first.counters.batches_in == 9 and first.counters.alarms == 3
+    done = durable(db)[1]["i"]
+    assert 1 <= done <= 8  # committed before batch 9, never with it
+    with Outbox(db) as ob:
+        held = ckpt.unpack(ob.load_checkpoint()[CHECKPOINT_KEY])["operators"]["windows"]
+        in_windows = sum(count for *_, count, _ in held["state"]["windows"])
+        closed = sum(ob.read_stream("aggregates").get("count", np.zeros(0)).tolist())
+        alarms = ob.read_stream("alarms").get("ts", np.zeros(0)).tolist()
+    assert in_windows + closed == 10 * done  # the window state is that of the position
+    assert alarms == [data["ts"][17]] * (done >= 2)
+
+    src = ScriptedSource(parts)
+    summary = await engine_for(tmp_path, src).run()
+    assert src.restored == {"i": done} and summary["readings_in"] == 150 - 10 * done
+    agg = stream(tmp_path / "data", "aggregates")
+    keys = list(zip(agg["sensor"], agg["window_start"], strict=True))
+    assert len(keys) == len(set(keys)) == 15
+    assert agg["count"] == [10] * 15
+    assert stream(tmp_path / "data", "alarms")["ts"] == [data["ts"][i] for i in (17, 80, 81)]
+
+
 async def test_a_changed_source_starts_afresh_instead_of_reusing_an_old_position(
     tmp_path: Path,
 ) -> None:
@@ -349,3 +400,38 @@ async def test_a_changed_source_starts_afresh_instead_of_reusing_an_old_position
     spec_text = WINDOW_PIPELINE.format(batch=8192, lateness="0s").replace("in.ndjson", str(other))
     changed = Engine(make_spec(spec_text, tmp_path), tmp_path / "data")
     assert (await changed.run())["readings_in"] == 15  # not resumed at the old file's offset
+
+
+async def test_a_file_that_lost_its_latest_commits_does_not_produce_them_again(
+        tmp_path: Path) -> None:
+    """The outbox file goes back to an earlier commit (its write-ahead log deleted, a power loss
+    with sync: normal) after the uplink sent (and the cloud stored) what came since. The run
+    continues its source from the positions of the last commit made, kept in the outbox's note,
+    not from the file's older checkpoint: replaying would store the same windows twice under
+    new sequence numbers, which the cloud cannot see as duplicates."""
+    parts = slices(readings(60), 30)  # 6 batches of one second each
+    db = tmp_path / "data/outbox.db"
+    await _run_until_held(engine_for(tmp_path, ScriptedSource(parts, hold_after=2)), 2)
+    shutil.copy(db, tmp_path / "earlier.db")  # closed: the log was copied into the file
+    await _run_until_held(engine_for(tmp_path, ScriptedSource(parts, hold_after=4)), 2)
+    agg = stream(tmp_path / "data", "aggregates")
+    before = set(zip(agg["sensor"], agg["window_start"], strict=True))  # all "in the cloud"
+    assert len(before) == 9  # seconds 0..2 closed (3 sensors)
+    with Outbox(tmp_path / "earlier.db") as ob:
+        kept = len(ob.read_stream("aggregates").get("sensor", []))
+    os.replace(tmp_path / "earlier.db", db)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+    src = ScriptedSource(parts)
+    await engine_for(tmp_path, src).run()
+    assert src.restored == {"i": 4}  # not {"i": 2}, the file's own checkpoint
+    with Outbox(db) as ob:
+        first = ob.lost_ranges()[0]
+        assert (first.stream, first.reason) == ("aggregates", REWOUND)
+        agg = {k: v.tolist() for k, v in ob.read_stream("aggregates").items()}
+    after = list(zip(agg["sensor"], agg["window_start"], strict=True))
+    # what the rewound file still held (the first run's windows), then the new ones
+    new = after[kept:]
+    assert sorted(new) == [(f"s{k}", float(t)) for k in range(3) for t in (1004, 1005)]
+    assert not set(new) & before

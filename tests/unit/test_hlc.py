@@ -191,6 +191,23 @@ def test_update_refuses_a_remote_clock_too_far_ahead_and_stays_unchanged() -> No
     assert c.now() == HLC(1_060_000, 2, "edge-1")
 
 
+def test_a_refused_timestamp_is_accepted_once_the_clock_is_right() -> None:
+    """What the twin's retry of a held desired state relies on: a refusal changes nothing, so
+    the same remote timestamp is taken as soon as the physical clock has caught up."""
+    real = 1_700_000_000_000
+    t = FakeTime(real - 3_600_000)  # this node's clock is 1 h behind
+    c = Clock("edge-1", t)
+    before = c.now()
+    remote = HLC(real, 0, "cloud")
+    for _ in range(3):
+        with pytest.raises(ClockDriftError) as info:
+            c.update(remote)
+        assert info.value.ahead_ms == 3_600_000 and c.last == before
+    t.ms = real - 60_000  # within the bound
+    assert c.update(remote) == HLC(real, 1, "edge-1")
+    assert c.now() > remote
+
+
 def test_drift_bound_is_configurable() -> None:
     c = Clock("a", FakeTime(0), max_drift_ms=5)
     assert c.update(HLC(5, 0, "b")) == HLC(5, 1, "a")

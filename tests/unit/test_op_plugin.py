@@ -257,6 +257,66 @@ def test_options_refused_by_the_class(write_module: WriteModule) -> None:
     )
 
 
+def test_a_stateless_class_has_its_bad_records_isolated_by_halving(
+    write_module: WriteModule,
+) -> None:
+    mod = write_module("""
+        class Halves:
+            stateless = True
+
+            def __init__(self, options):
+                self.sizes = []
+
+            def process(self, batch):
+                self.sizes.append(batch.n)
+                if (batch["value"] < 0).any():
+                    raise ValueError("negative")
+                return batch
+        """)
+    letters: list[Any] = []
+    cfg = PythonConfig.model_validate({"class": f"{mod}:Halves"})
+    op = PythonOperator("p", cfg, RunContext("t", Path("."), dead_letter=letters.append))
+    out = op.process(readings([1.0, 2.0, 3.0, -4.0, 5.0, 6.0, 7.0, 8.0]))
+    assert isinstance(out, dict)
+    assert out["out"]["value"].tolist() == [1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0]
+    assert out["out"][ACCEPTED].tolist() == [0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0]
+    assert op.inner.sizes == [8, 4, 2, 2, 1, 1, 4]  # the whole, then halves down to the record
+    (letter,) = letters
+    assert (letter.source, letter.reason) == ("p", f"stage 'p': {mod}:Halves.process() raised "
+                                                   "ValueError: negative")
+    assert orjson.loads(letter.payload) == {"sensor": "a", "ts": 3.0, "value": -4.0}
+    assert letter.size == len(letter.payload)
+    # a good batch is one call, its result handed on as it is
+    b = readings([1.0])
+    assert op.process(b) is b
+    # without the declaration the raise stops the run
+    plain = write_module("""
+        class Plain:
+            def __init__(self, options):
+                pass
+
+            def process(self, batch):
+                raise ValueError("negative")
+        """)
+    with pytest.raises(PluginError, match=r"Plain.process\(\) raised ValueError: negative"):
+        op_for(f"{plain}:Plain").process(readings([1.0]))
+
+
+def test_timeout_must_be_positive(write_module: WriteModule) -> None:
+    mod = write_module(PLAIN)
+    assert op_for(f"{mod}:Minimal").timeout == 1.0
+    cfg = PythonConfig.model_validate({"class": f"{mod}:Minimal", "timeout": "250ms"})
+    assert cfg.timeout == 0.25
+    body = f"""
+    sources:
+      - {{id: s, type: simulator, realtime: false, limit: 10}}
+    stages:
+      - {{id: p, type: python, inputs: [s], class: "{mod}:Minimal", timeout: 0}}
+    """
+    with pytest.raises(SpecError, match="timeout must be more than 0"):
+        make_spec(body)
+
+
 # -- load errors: spec errors with the line -------------------------------------------------
 def spec_error(cls_value: str, options: str = "{}") -> str:
     body = f"""
@@ -549,3 +609,80 @@ def test_broken_entry_point_is_a_spec_error(tmp_path: Path, monkeypatch: pytest.
         stages:
           - {{id: b, type: {name}, inputs: [s]}}
         """)
+
+
+# -- the control plane's check: no code loaded (load_code=False) -----------------------------
+PROBE = """
+from pathlib import Path
+Path({marker!r}).write_text("imported")
+
+
+class Probe:
+    def __init__(self, options):
+        pass
+
+    def process(self, batch):
+        return batch
+"""
+
+
+def no_code_problems(stage: str, port: str = "") -> list[str]:
+    """The problems `parse_pipeline(load_code=False)` finds in a pipeline with ``stage``
+    (read by a sink from its ``port``)."""
+    from edgewise.pipeline.spec import parse_pipeline
+
+    text = ("apiVersion: edgewise.io/v1\nkind: Pipeline\nmetadata: {name: t}\nspec:\n"
+            "  sources:\n    - {id: s, type: simulator, realtime: false, limit: 10}\n"
+            f"  stages:\n    - {stage}\n"
+            f"  sinks:\n    - {{id: out, type: log, inputs: [p{port}]}}\n")
+    try:
+        spec = parse_pipeline(text, "pushed.yaml", load_code=False)
+    except SpecError as exc:
+        return [message for _line, _field, message in exc.problems]
+    assert [c.id for c in spec.stages] == ["p"]
+    return []
+
+
+def test_the_control_planes_check_imports_no_plugin_and_answers_alike_whatever_is_installed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_module: WriteModule) -> None:
+    marker = tmp_path / "imported.txt"
+    mod = write_module(PROBE.format(marker=str(marker)))
+    ep_mod = write_module(PROBE.format(marker=str(marker)))
+    ep_name = f"probe_{uuid.uuid4().hex[:8]}"
+    make_dist(tmp_path / "site", ep_name, f"[edgewise.operators]\n{ep_name} = {ep_mod}:Probe\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    # class references: installed here, missing, broken, not a class, a built-in's module
+    for ref in (f"{mod}:Probe", "nowhere_pkg_x.mod:Thing", f"{mod}:Nope", "this:Zen",
+                "json:JSONDecoder", "edgewise.pipeline.operators.threshold:Threshold"):
+        stage = f'{{id: p, type: python, inputs: [s], class: "{ref}", options: {{high: x}}}}'
+        assert no_code_problems(stage) == [], ref
+    # entry-point names: registered here or not, parameters and ports are the node's to check
+    for name in (ep_name, "unit_convert", "vendor.unit-convert2"):
+        stage = f"{{id: p, type: {name}, inputs: [s], any: [1, 2]}}"
+        assert no_code_problems(stage, ".alarms") == [], name
+    assert not marker.exists()
+    assert mod not in sys.modules and ep_mod not in sys.modules and "this" not in sys.modules
+    # what is refused is refused by its form, with one message
+    assert no_code_problems('{id: p, type: python, inputs: [s], class: "a b:C"}') == [
+        "'a b:C' is not an import path; write it as 'package.module:ClassName'"]
+    assert no_code_problems('{id: p, type: python, inputs: [s], class: "os.path"}') == [
+        "'os.path' is not an import path; write it as 'package.module:ClassName'"]
+    assert no_code_problems('{id: p, type: "../evil", inputs: [s]}') == [
+        "unknown operator type '../evil': neither built in (anomaly, combine, deadband, "
+        "downsample, fft, filter, map, partial, python, rate_of_change, threshold, window) nor "
+        "the name of a plugin (an "
+        "entry point in 'edgewise.operators': a letter, then letters, digits, '_', '-' or '.', "
+        "at most 64 characters)"]
+    # built-ins are still checked in full
+    assert no_code_problems("{id: p, type: threshold, inputs: [s], high: lots}") == [
+        "Input should be a valid number, unable to parse string as a number"]
+    assert not marker.exists()
+    # the node loads and checks it all (and the import happens there)
+    with pytest.raises(SpecError, match=f"module '{mod}' has no 'Nope'"):
+        make_spec(f"""
+        sources:
+          - {{id: s, type: simulator, realtime: false, limit: 10}}
+        stages:
+          - {{id: p, type: python, inputs: [s], class: "{mod}:Nope"}}
+        """)
+    assert marker.exists()

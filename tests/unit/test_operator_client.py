@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from edgewise.cli.operator import parse_since
 from edgewise.cloud.client import find_config, load_config
-from edgewise.cloud.operator_cli import parse_since
 from edgewise.errors import ConfigError
 from edgewise.security.pki import CertificateAuthority
 

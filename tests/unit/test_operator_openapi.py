@@ -9,7 +9,7 @@ from openapi_spec_validator import validate
 
 from edgewise.cloud import openapi as oa
 from edgewise.cloud import operator_api
-from edgewise.cloud.operator_api import missing_ranges
+from edgewise.cloud.operator_data import missing_ranges
 from edgewise.errors import ConfigError
 
 
@@ -29,7 +29,7 @@ def test_mutating_routes_are_never_open_to_viewers() -> None:
             assert not r.mutating, r.name
     admin = {r.name for r in oa.OPERATOR_ROUTES if r.access == "admin"}
     assert admin == {"create_operator_token", "list_operator_tokens", "revoke_operator_token",
-                     "revoke_node"}
+                     "revoke_node", "decommission_node"}
 
 
 def test_document_is_valid_openapi_31_without_refs() -> None:
@@ -98,3 +98,21 @@ def test_config_request_rules() -> None:
         with pytest.raises(ValueError) as e:
             oa.ConfigSetRequest.model_validate(bad)
         assert words in str(e.value)
+
+
+def test_every_operation_names_its_security_scheme() -> None:
+    doc = oa.document(oa.path_items(oa.ALL_ROUTES), "0.0.0")
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["operatorToken"]["type"] == "http" and schemes["operatorToken"][
+        "scheme"] == "bearer"
+    assert schemes["deviceCertificate"]["type"] == "mutualTLS"
+    for r in oa.ALL_ROUTES:
+        security = doc["paths"][r.path][r.method.lower()]["security"]
+        if r.access in ("viewer", "operator", "admin"):
+            assert security == [{"operatorToken": []}], r.name
+        elif r.access == "device":
+            assert security == [{"deviceCertificate": []}], r.name
+        else:
+            assert security == [], r.name
+    assert "429" in doc["paths"]["/v1/device/desired"]["get"]["responses"]
+    assert "409" in doc["paths"]["/v1/device/enrol"]["post"]["responses"]

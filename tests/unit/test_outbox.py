@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgewise.edge import outbox as outbox_mod
-from edgewise.edge.outbox import Outbox, PendingChunk, compact_columns
-from edgewise.edge.outbox_policy import Eviction, StoredChunk, choose_evictions
 from edgewise.errors import StorageError
+from edgewise.outbox import Outbox, PendingChunk
+from edgewise.outbox import store as outbox_mod
+from edgewise.outbox.disk import row_cost
+from edgewise.outbox.policy import Eviction, StoredChunk, choose_evictions
+from edgewise.outbox.store import compact_columns
 from edgewise.pipeline.component import DeadLetter
 from edgewise.sync import codec
 
@@ -170,76 +172,101 @@ def test_reopen_restores_counters_and_sequence_numbers(tmp_path: Path) -> None:
             o.close()
 
 
+def bound(ob: Outbox, room: int) -> None:
+    """Configure the smallest bound (bytes on disk) that leaves the chunks ``room`` bytes."""
+    lo, hi = 0, 1 << 34
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ob.max_bytes = mid
+        if ob.capacity() >= room:
+            hi = mid
+        else:
+            lo = mid + 1
+    ob.configure(lo, ob.sync)
+
+
 def test_full_outbox_drops_lowest_priority_oldest_first(tmp_path: Path) -> None:
-    cols = raw(100)
-    size = len(codec.encode(cols))
-    with Outbox(tmp_path / "o.db", max_bytes=3 * size + size // 2) as ob:
+    cols = raw(3000)
+    cost = row_cost(len(codec.encode(cols)))
+    with Outbox(tmp_path / "o.db") as ob:
         for name, prio in (("alarms", 9), ("agg", 5), ("bulk", 1)):
             ob.register_stream(name, prio)
-        reports = [ob.commit([chunk(s, cols)]) for s in (
-            "bulk", "bulk", "bulk",  # full now
+        reports = [ob.commit([chunk(s, cols)]) for s in ("bulk", "bulk", "bulk")]
+        bound(ob, 3 * cost + cost // 2)  # measured with three chunks in: full now
+        reports += [ob.commit([chunk(s, cols)]) for s in (
             "agg",  # drops bulk 0
-            "alarms",  # drops bulk 100
-            "alarms",  # drops bulk 200
+            "alarms",  # drops bulk 3000
+            "alarms",  # drops bulk 6000
             "alarms",  # drops agg 0: the lowest priority left
             "agg",  # nothing of lower or equal priority to drop: the newcomer goes
             "alarms",  # alarms only give way to alarms: drops the oldest alarm
         )]
         assert [r.dropped for r in reports] == [
-            {}, {}, {}, {"bulk": 100}, {"bulk": 100}, {"bulk": 100}, {"agg": 100},
-            {"agg": 100}, {"alarms": 100},
+            {}, {}, {}, {"bulk": 3000}, {"bulk": 3000}, {"bulk": 3000}, {"agg": 3000},
+            {"agg": 3000}, {"alarms": 3000},
         ]
         st = ob.stats()
-        assert {k: v.dropped for k, v in st.items()} == {"alarms": 100, "agg": 200, "bulk": 300}
-        assert {k: v.produced for k, v in st.items()} == {"alarms": 400, "agg": 200, "bulk": 300}
-        assert [(c.stream, c.seq_first) for c in ob.peek()] == [
-            ("alarms", 100), ("alarms", 200), ("alarms", 300)
+        assert {k: v.dropped for k, v in st.items()} == {
+            "alarms": 3000, "agg": 6000, "bulk": 9000}
+        assert {k: v.produced for k, v in st.items()} == {
+            "alarms": 12000, "agg": 6000, "bulk": 9000}
+        assert [(c.stream, c.seq_first) for c in ob.peek(1 << 30)] == [
+            ("alarms", 3000), ("alarms", 6000), ("alarms", 9000)
         ]
-        assert ob.used_bytes == 3 * size <= ob.max_bytes
-        # the dropped newcomer still used its sequence numbers: the cloud sees the gap
+        assert ob.chunk_bytes == 3 * cost <= ob.capacity()
+        # the dropped newcomer still used its sequence numbers, and every range dropped is
+        # recorded with its reason, for the uplink to report as a gap
         assert ob.db.execute("SELECT next_seq FROM streams WHERE stream='agg'").fetchone() == (
-            200,
+            6000,
         )
+        lost = [(r.stream, r.seq_first, r.seq_count, r.reason) for r in ob.lost_ranges()]
+        assert lost == [("bulk", 0, 9000, "dropped: outbox full"),
+                        ("agg", 0, 6000, "dropped: outbox full"),  # merged: adjacent
+                        ("alarms", 0, 3000, "dropped: outbox full")]
         # a chunk larger than the whole outbox is refused, nothing else is touched
-        big = raw(5000, seed=9)
+        big = raw(60_000, seed=9)
         r = ob.commit([chunk("alarms", big)])
-        assert r.dropped == {"alarms": 5000} and r.chunks == 0
-        assert len(ob.peek()) == 3
+        assert r.dropped == {"alarms": 60_000} and r.chunks == 0
+        assert len(ob.peek(1 << 30)) == 3
     with Outbox(tmp_path / "o.db") as ob:  # the counts survive a restart
         assert {k: v.dropped for k, v in ob.stats().items()} == {
-            "alarms": 5100, "agg": 200, "bulk": 300
+            "alarms": 63000, "agg": 6000, "bulk": 9000
         }
+        assert [(r.stream, r.seq_first, r.seq_count) for r in ob.lost_ranges()][-1] == (
+            "alarms", 12000, 60_000)
 
 
 def test_full_outbox_compacts_raw_chunks_into_aggregates(tmp_path: Path) -> None:
-    a, b, c = raw(1000, seed=1), raw(1000, seed=2), raw(1000, seed=3)
-    size = max(len(codec.encode(x)) for x in (a, b, c))
-    with Outbox(tmp_path / "o.db", max_bytes=2 * size + size // 2) as ob:
+    a, b, c = raw(3000, seed=1), raw(3000, seed=2), raw(3000, seed=3)
+    cost = max(row_cost(len(codec.encode(x))) for x in (a, b, c))
+    with Outbox(tmp_path / "o.db") as ob:
         ob.register_stream("raw", 3, compact=True)
         ob.commit([chunk("raw", a)])
         ob.commit([chunk("raw", b)])
+        bound(ob, 2 * cost + cost // 2)  # measured with two chunks in
         report = ob.commit([chunk("raw", c)])
-        assert report.compacted == {"raw": 1000} and report.dropped == {}
+        assert report.compacted == {"raw": 3000} and report.dropped == {}
         st = ob.stats()["raw"]
-        assert (st.produced, st.compacted, st.dropped) == (3000, 1000, 0)
-        assert (st.pending_records, st.pending_chunks) == (4 + 2000, 3)
+        assert (st.produced, st.compacted, st.dropped) == (9000, 3000, 0)
+        assert (st.pending_records, st.pending_chunks) == (4 + 6000, 3)
         rows = ob.db.execute(
             "SELECT seq_first, seq_count, records, compacted FROM chunks ORDER BY seq_first"
         ).fetchall()
-        assert rows == [(0, 1000, 4, 1), (1000, 1000, 1000, 0), (2000, 1000, 1000, 0)]
+        assert rows == [(0, 3000, 4, 1), (3000, 3000, 3000, 0), (6000, 3000, 3000, 0)]
+        assert ob.lost_ranges() == []  # compacted records are not lost: the chunk is sent
         first = next(ch for ch in ob.peek() if ch.compacted)
         agg = codec.decode(first.payload)
         assert agg["sensor"].tolist() == ["s0", "s1", "s2", "s3"]
-        assert agg["count"].tolist() == [250] * 4
+        assert agg["count"].tolist() == [750] * 4
         for k in range(4):
             v = a["value"][k::4]
             assert agg["value_min"][k] == v.min() and agg["value_max"][k] == v.max()
             assert agg["value_mean"][k] == pytest.approx(v.mean(), abs=1e-9)
             assert agg["ts_first"][k] == a["ts"][k] and agg["ts_last"][k] == a["ts"][k::4][-1]
-        assert ob.used_bytes <= ob.max_bytes
+        assert ob.chunk_bytes <= ob.capacity()
         # acking a compacted chunk counts the raw records it stands for
-        assert ob.ack([first.id]) == 1000
-        assert ob.stats()["raw"].acked == 1000
+        assert ob.ack([first.id]) == 3000
+        assert ob.stats()["raw"].acked == 3000
 
 
 def test_dead_letters_are_capped_oldest_first(ob: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:

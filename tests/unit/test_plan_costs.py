@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import yaml
 
-from edgewise.pipeline.engine import Engine
 from edgewise.pipeline.spec import parse_pipeline
 from edgewise.plan import flows as F
 from edgewise.plan.cost_model import config_of, feature_rates
 from edgewise.plan.costs import CACHE_FILE, Calibrator, Costs
-from edgewise.plan.model import build_plan, commits_per_s, source_batches
-from edgewise.plan.simulate import segment_costs, segment_rate, state_backlog
+from edgewise.plan.model import build_plan
+from edgewise.plan.sim_pipeline import state_backlog
+from edgewise.plan.sim_runs import segment_costs, segment_rate
 from edgewise.plan.site_calibration import Turns, nnls
-from edgewise.plan.source import PlanSimulator, install
+from edgewise.plan.site_figures import commits_per_s, source_batches
+from edgewise.plan.source import PlanSimulator, plan_engine
 from edgewise.plan.workload import load_workload, parse_workload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +92,8 @@ def test_static_table_gives_the_documented_factory_estimate() -> None:
     assert cal.method.startswith("CPU coefficients from the planner's static table")
     parts = plan.sites[0].node_cpu
     assert set(parts) == {"ingest", "stages", "engine", "commits", "ticks"}
-    assert parts["ingest"] == pytest.approx(10_000 * 4.0 / 1e6)
+    # MQTT: 5.5 us per message and 26 us per batch handed over (50 a second: 200 readings)
+    assert parts["ingest"] == pytest.approx((10_000 * 5.5 + 50 * 26.0) / 1e6)
 
 
 def test_commits_are_at_most_one_per_interval() -> None:
@@ -161,18 +163,14 @@ def _two_sources(realtime: bool) -> dict:
 
 def test_fast_forward_sources_take_turns_in_event_time_order(tmp_path: Path) -> None:
     spec = parse_pipeline(yaml.safe_dump(_two_sources(False)), "<two>")
-    engine = Engine(spec, tmp_path)
-    srcs = install(engine)
-    assert all(isinstance(s, PlanSimulator) and s.lockstep is not None for s in srcs.values())
     seen: list[tuple[str, float]] = []
-    route = engine._route
 
     def routed(node: str, port: str, batch) -> None:  # type: ignore[no-untyped-def]
         if node in engine.sources:
             seen.append((node, float(batch.columns["ts"][0])))
-        route(node, port, batch)
 
-    engine._route = routed  # type: ignore[method-assign]
+    engine, srcs = plan_engine(spec, tmp_path, observer=routed)
+    assert all(isinstance(s, PlanSimulator) and s.lockstep is not None for s in srcs.values())
     summary = asyncio.run(engine.run())
     assert summary["readings_in"] == 540
     times = [t for _, t in seen]
@@ -189,18 +187,14 @@ def test_realtime_source_hands_over_production_batches_and_a_backlog(tmp_path: P
     doc["spec"]["sources"] = doc["spec"]["sources"][1:]
     doc["spec"]["sources"][0].update(limit=None, batch=10, start="now")
     spec = parse_pipeline(yaml.safe_dump(doc), "<rt>")
-    engine = Engine(spec, tmp_path, duration=0.3)
-    srcs = install(engine)
-    srcs["fast"].backlog_s = 4.0  # 4 s of 50 readings/s at once, then 10 every 0.2 s
     sizes: list[int] = []
-    route = engine._route
 
     def routed(node: str, port: str, batch) -> None:  # type: ignore[no-untyped-def]
         if node in engine.sources:
             sizes.append(batch.n)
-        route(node, port, batch)
 
-    engine._route = routed  # type: ignore[method-assign]
+    engine, srcs = plan_engine(spec, tmp_path, duration=0.3, observer=routed)
+    srcs["fast"].backlog_s = 4.0  # 4 s of 50 readings/s at once, then 10 every 0.2 s
     t0 = time.perf_counter()
     asyncio.run(engine.run())
     assert time.perf_counter() - t0 < 2.0

@@ -58,7 +58,7 @@ def test_unknown_operator_and_bad_params_point_at_their_lines() -> None:
         parse_workload(text, "w.yaml")
     msg = str(err.value).splitlines()
     assert msg[0].startswith("w.yaml:12: spec.stages.0.operator: unknown operator 'windw'; "
-                             "known: anomaly, deadband, downsample, fft, filter, map,")
+                             "known: anomaly, combine, deadband, downsample, fft, filter, map,")
     assert msg[1].startswith("w.yaml:17: spec.stages.1.params.aggregates: unknown aggregate "
                              "'median'")
     assert msg[2] == ("w.yaml:20: spec.stages.2.inputs.0: 'nothing' is not the id of a source "

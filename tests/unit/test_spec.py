@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from edgewise.pipeline.operators.window import Window
 from edgewise.pipeline.sources.file import FileSource
 from edgewise.pipeline.spec import load_pipeline, parse_pipeline, topological_stages
 from edgewise.pipeline.units import parse_bytes, parse_duration
-from edgewise.pipeline.yamlmarks import line_of, load_with_lines
+from edgewise.specfile.marks import line_of, load_with_lines
 
 HEAD = "apiVersion: edgewise.io/v1\nkind: Pipeline\nmetadata:\n  name: t\nspec:\n"  # 5 lines
 SOURCE = "sources:\n  - id: src\n    type: file\n    path: x.ndjson\n"  # lines 6-9
@@ -80,8 +81,8 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
 def test_unknown_operator_names_line_field_and_known_types() -> None:
     got = problems(SOURCE + "stages:\n  - id: w\n    type: windw\n    inputs: [src]\n")
     assert got == [(12, "spec.stages.0.type", (
-        "unknown operator type 'windw'; known: anomaly, deadband, downsample, fft, filter, "
-        "map, python, rate_of_change, threshold, window"
+        "unknown operator type 'windw'; known: anomaly, combine, deadband, downsample, fft, "
+        "filter, map, partial, python, rate_of_change, threshold, window"
     ))]
 
 
@@ -92,7 +93,8 @@ def test_unknown_source_and_sink_types() -> None:
     )
     assert got[0][:2] == (7, "spec.sources.0.type")
     assert got[0][2] == (
-        "unknown source type 'kafka'; known: file, http, modbus, mqtt, opcua, simulator"
+        "unknown source type 'kafka'; known: file, http, modbus, mqtt, opcua, simulator, "
+        "stream"
     )
     assert got[1][:2] == (9, "spec.sinks.0.type")
     assert got[1][2].startswith("unknown sink type 's3'; known: file, log, mqtt, outbox, webhook")
@@ -300,3 +302,99 @@ def test_no_follow_on_errors_for_inputs_naming_a_broken_component() -> None:
         (15, "spec.sinks.1.inputs.0"),  # a wrong port of a known type is still reported
     ]
     assert got[2][2] == "'w' has no output 'nope'; it has: out, late"
+
+
+# -- pipelines from the control plane: their files stay inside the allowed folders -----------
+CLOUD = HEAD + textwrap.indent(textwrap.dedent("""\
+    sources:
+      - {{id: src, type: file, path: "{source}"}}
+    sinks:
+      - {{id: out, type: file, inputs: [src], path: "{sink}"}}
+"""), "  ")  # the source's path on line 7, the sink's on line 9
+
+
+def cloud_spec(base: Path, source: str, sink: str, allowed: tuple[Path, ...] = ()) -> Any:
+    from edgewise.pipeline.paths import Confinement
+
+    return parse_pipeline(CLOUD.format(source=source, sink=sink), "desired-v1-t.yaml",
+                          confinement=Confinement(base, allowed))
+
+
+async def test_a_pipeline_from_the_cloud_names_files_only_inside_the_allowed_folders(
+        tmp_path: Path) -> None:
+    from edgewise.pipeline.engine import Engine
+
+    base = tmp_path / "node" / "pipelines"
+    base.mkdir(parents=True)
+    outside = (tmp_path / "outside").resolve()
+    outside.mkdir()
+    (outside / "in.ndjson").write_text('{"sensor": "a", "ts": 1, "value": 2.5}\n')
+    (base / "link").symlink_to(outside)  # inside by its name, outside where it leads
+    real = base.resolve()
+    roots = (f"allowed: {real}; name a file inside one of them (relative paths are taken from "
+             f"{real}), or allow its folder on the node with `edgewise agent run --allow-path "
+             "DIR`")
+    out = "is outside the folders this node allows for pipelines from the control plane"
+    escape = real.parents[2] / "escape"  # where ../../../ leads from the base
+
+    with pytest.raises(SpecError) as err:
+        cloud_spec(base, str(outside / "in.ndjson"), "../../../escape/y.ndjson")
+    assert err.value.problems == [
+        (7, "spec.sources.0.path", f"'{outside}/in.ndjson' {out}; {roots}"),
+        (9, "spec.sinks.0.path",
+         f"'../../../escape/y.ndjson' {out} (it resolves to {escape}/y.ndjson); {roots}"),
+    ]
+    # symlinks are followed before `..` is applied, as the kernel does
+    with pytest.raises(SpecError) as err:
+        cloud_spec(base, "link/in.ndjson", "link/../y.ndjson")
+    assert err.value.problems == [
+        (7, "spec.sources.0.path",
+         f"'link/in.ndjson' {out} (it resolves to {outside}/in.ndjson); {roots}"),
+        (9, "spec.sinks.0.path",
+         f"'link/../y.ndjson' {out} (it resolves to {outside.parent}/y.ndjson); {roots}"),
+    ]
+    with pytest.raises(SpecError, match=r"spec.sinks.0.path: 'a\\x00b' is not a usable path"):
+        cloud_spec(base, "in.ndjson", "a\\0b")
+    assert not escape.exists() and not (outside.parent / "y.ndjson").exists()
+
+    # a folder the node's operator allowed; relative paths are taken from the base, the sink's
+    # too (not from the engine's data directory), and the component opens the checked path
+    spec = cloud_spec(base, "link/in.ndjson", "out/y.ndjson", allowed=(tmp_path / "outside",))
+    assert spec.path.parent == base
+    assert spec.sources[0].config.file_path("path", Path("/elsewhere")) == outside / "in.ndjson"
+    assert spec.sinks[0].config.file_path("path", Path("/elsewhere")) == real / "out" / "y.ndjson"
+    assert spec.sources[0].config.path == "link/in.ndjson"  # the config (and its digest) as given
+    await Engine(spec, tmp_path / "data").run()
+    assert (real / "out" / "y.ndjson").read_text().count("\n") == 1
+    assert not (tmp_path / "data" / "out").exists()
+    spec = cloud_spec(base, str(outside / "in.ndjson"), "../../outside/copy.ndjson",
+                      allowed=(outside,))
+    assert spec.sinks[0].config.file_path("path", base) == outside / "copy.ndjson"
+
+    # a pipeline given on the node itself is the node operator's own: not confined
+    local = parse_pipeline(CLOUD.format(source=outside / "in.ndjson", sink="../../../x.ndjson"),
+                           "p.yaml", base_dir=base)
+    assert local.sinks[0].config.file_path("path", tmp_path / "d") == (
+        tmp_path / "d" / "../../../x.ndjson")
+
+
+def test_every_file_parameter_is_confined_also_optional_and_nested_ones(tmp_path: Path) -> None:
+    from edgewise.pipeline.component import ComponentConfig, FilePath
+    from edgewise.pipeline.paths import Confinement, confine
+
+    class Inner(ComponentConfig):
+        file: FilePath
+
+    class Outer(ComponentConfig):
+        log: FilePath | None = None
+        name: str = "../../not-a-path"
+        inner: list[Inner] = []
+        by_key: dict[str, Inner] = {}
+
+    cfg = Outer.model_validate({"log": "a.log", "inner": [{"file": "ok"}, {"file": "/etc/x"}],
+                                "by_key": {"k": {"file": "../up"}}})
+    problems = confine(cfg, Confinement(tmp_path / "base"))
+    assert [loc for loc, _ in problems] == [("inner", 1, "file"), ("by_key", "k", "file")]
+    assert cfg.file_path("log", Path("/x")) == tmp_path.resolve() / "base" / "a.log"
+    assert cfg.inner[0].file_path("file", Path("/x")) == tmp_path.resolve() / "base" / "ok"
+    assert confine(Outer(), Confinement(tmp_path / "base")) == []

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgewise.common import files
 from edgewise.errors import PeerError, StorageError
-from edgewise.sync import twin_state
 from edgewise.sync.hlc import HLC
 from edgewise.sync.merge import LwwMap
 from edgewise.sync.twin_state import (
@@ -23,7 +23,6 @@ from edgewise.sync.twin_state import (
     choose_newest,
     load,
     load_desired,
-    save_atomic,
     save_desired,
 )
 
@@ -130,7 +129,9 @@ GOOD = ds(2).to_wire()
     ("wire", "fragment"),
     [
         ([], "desired state must be a map, got list"),
-        ({**GOOD, "release": "1.2"}, "unknown field\\(s\\) release: sent by a newer peer"),
+        ({**GOOD, "rollout": "r1"}, "unknown field\\(s\\) rollout: sent by a newer peer"),
+        ({**GOOD, "release": "../1.2"}, "release: bad release version '../1.2'"),
+        ({**GOOD, "release": 12}, "release: bad release version 12"),
         ({k: v for k, v in GOOD.items() if k != "labels"}, "missing field\\(s\\) labels"),
         ({**GOOD, "version": 0}, "version must be an integer from 1"),
         ({**GOOD, "version": True}, "version must be an integer from 1"),
@@ -146,6 +147,15 @@ GOOD = ds(2).to_wire()
 def test_desired_state_from_wire_refuses_malformed(wire: Any, fragment: str) -> None:
     with pytest.raises(PeerError, match=fragment):
         DesiredState.from_wire(wire)
+
+
+def test_desired_state_release_is_sent_only_when_assigned() -> None:
+    assert "release" not in GOOD  # an agent from before releases reads it as before
+    assigned = DesiredState(3, None, {}, {}, None, "2026.12.1")
+    wire = assigned.to_wire()
+    assert wire["release"] == "2026.12.1"
+    assert DesiredState.from_wire(wire) == assigned
+    assert DesiredState.from_wire(GOOD).release is None
 
 
 def test_desired_state_constructor_refuses_non_msgpack_config() -> None:
@@ -194,6 +204,11 @@ def test_reported_state_from_wire_refuses_malformed(patch: dict, fragment: str) 
 # -- persistence --------------------------------------------------------------------------------
 
 
+def save_atomic(path: Path, data: bytes) -> None:
+    """What the agent uses for desired and reported state: the one atomic write, mode 0600."""
+    files.write_atomic(path, data, mode=0o600)
+
+
 def test_save_atomic_writes_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
     p = tmp_path / "desired.msgpack"
     assert load(p) is None
@@ -219,8 +234,8 @@ def test_save_atomic_fsyncs_the_file_then_the_directory(
         calls.append("replace")
         real_replace(src, dst)
 
-    monkeypatch.setattr(twin_state.os, "fsync", fsync)
-    monkeypatch.setattr(twin_state.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
     save_atomic(tmp_path / "x", b"data")
     assert calls == ["fsync-file", "replace", "fsync-dir"]
 
@@ -234,7 +249,7 @@ def test_failed_save_keeps_the_old_file_and_removes_the_temp(
     def replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(twin_state.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     with pytest.raises(StorageError, match=re.escape(f"cannot write {p}: No space left on device")):
         save_atomic(p, b"new")
     assert load(p) == b"old"
@@ -276,3 +291,31 @@ def test_corrupt_persisted_state_is_a_storage_error(tmp_path: Path, content: byt
     p.write_bytes(content)
     with pytest.raises(StorageError, match=re.escape(f"persisted desired state {p} is unreadable")):
         load_desired(p)
+
+
+# -- pipelines named or not (a setpoint-only desired state keeps the node's --pipeline) ----------
+
+
+def test_a_state_that_names_no_pipelines_says_so_on_the_wire() -> None:
+    """Only config/setpoints/labels: ``pipelines`` is None (not {}), so the node can tell "run
+    your own --pipeline" from "run no pipeline"."""
+    s = DesiredState(3, config={"mode": "auto"})
+    assert s.pipelines is None and not s.names_pipelines
+    wire = s.to_wire()
+    assert wire["pipelines"] is None
+    back = DesiredState.from_wire(msgpack.unpackb(msgpack.packb(wire, use_bin_type=True)))
+    assert back == s and not back.names_pipelines
+    explicit = DesiredState.from_wire({**wire, "pipelines": {}})
+    assert explicit.pipelines == {} and explicit.names_pipelines
+    assert explicit != s
+    assert ds(4).names_pipelines
+
+
+def test_a_state_that_names_no_pipelines_persists_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "desired.msgpack"
+    save_desired(path, DesiredState(5, config={"mode": "auto"}))
+    loaded = load_desired(path)
+    assert loaded is not None and loaded.pipelines is None
+    save_desired(path, DesiredState(6, {}))
+    loaded = load_desired(path)
+    assert loaded is not None and loaded.pipelines == {}

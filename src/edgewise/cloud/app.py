@@ -1,104 +1,75 @@
-"""The control plane's aiohttp application: factory, shared state, lifecycle, serving.
+"""The control plane's aiohttp application: factory, lifecycle, serving.
 
-`create_app(config, ca)` builds the application; its state lives under the typed keys below,
-which the device API, the sessions and the operator API share:
+`create_app(config, ca)` builds the application: it fills the shared state (`state`: the store,
+CA, revocation list, sessions, group commit, metrics, OpenAPI paths; `config.CONFIG`) and plugs
+in the device API (`device_api.setup`), the operator API (`operator_api.setup`), the release
+routes (`releases.api.setup`: publishing, and TUF metadata and files for the nodes; the
+lifecycle re-signs TUF metadata before it expires) and, when
+``config.data_out`` is set, data out (`dataout.setup.setup_data_out`). This module imports the
+APIs; they import `state` and `config`, never this module.
 
-    STORE        edgewise.cloud.store.Store (opened on startup, closed on cleanup)
-    CA           security.pki.CertificateAuthority
-    REVOCATIONS  security.tls.RevocationList (loaded from the store on startup)
-    SESSIONS     session.SessionRegistry: ``await app[SESSIONS].notify_desired(node_id, v)``
-                 after storing desired version v; `revoke_node` below after a revocation
-    COMMITTER    ingest.GroupCommitter
-    METRICS      metrics.Metrics
-    CONFIG       CloudConfig
-    OPENAPI      dict of OpenAPI path items served at /openapi.json (add yours)
-
-The operator API plugs in through ``edgewise.cloud.operator_api.setup(app)`` if that module
-exists: it adds its routes (and OpenAPI paths) to the app before it starts.
-
-Routes here: ``GET /healthz`` (no auth), ``GET /metrics`` (Prometheus text; no auth, bind the
+Routes here: ``GET /healthz`` (no auth), ``GET /readyz`` (`health`: store reachable and
+migrated; no auth), ``GET /metrics`` (Prometheus text; no auth, bind the
 port to a trusted network or put it behind the operator token if that matters to you),
-``GET /openapi.json``, and the device API (`device_api`). There is one port, TLS 1.3 only, with
-client certificates optional at the TLS layer and required by each device endpoint.
+``GET /openapi.json``; the operator console under ``/console`` (`console.setup`). There is
+one port, TLS 1.3 only, with client certificates optional at the TLS layer and required by
+each device endpoint. Every error answer is JSON
+(`http_errors.json_errors`, the outermost middleware).
 
-`serve(config)` runs it until cancelled (the CLI: `edgewise cloud serve`).
+`start(config, ca)` runs it (the CLI: `edgewise cloud serve`) behind `listener.GatedSite`
+(handshake and read timeouts, the cap on unauthenticated connections) with aiohttp's
+``keepalive_timeout`` as the idle timeout (``config.server``); `Running.stop` stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from edgewise import __version__
+from edgewise.cloud import console, device_api, health, operator_api, server_tls
+from edgewise.cloud import openapi as oa
+from edgewise.cloud.attestation import api as attestation_api
+from edgewise.cloud.config import CONFIG, CloudConfig
+from edgewise.cloud.dataout.setup import setup_data_out
+from edgewise.cloud.fleet_metrics import FLEET_GAUGES, FleetGauges
+from edgewise.cloud.http_errors import json_errors
 from edgewise.cloud.ingest import GroupCommitter
+from edgewise.cloud.listener import Gate, GatedSite, track_requests
 from edgewise.cloud.metrics import Metrics
-from edgewise.cloud.session import SessionLimits, SessionRegistry
-from edgewise.cloud.store import NodeInfo, Store, database_url
+from edgewise.cloud.node_writes import NodeWrites
+from edgewise.cloud.pipelines import api as pipelines_api
+from edgewise.cloud.pokes import PokeFanout
+from edgewise.cloud.releases import api as releases_api
+from edgewise.cloud.releases.service import ReleaseService
+from edgewise.cloud.rollouts import api as rollouts_api
+from edgewise.cloud.sessions import SessionRegistry
+from edgewise.cloud.state import (
+    CA,
+    COMMITTER,
+    METRICS,
+    OPENAPI,
+    POKES,
+    REVOCATIONS,
+    SESSIONS,
+    STORE,
+)
+from edgewise.cloud.store import Store
 from edgewise.errors import ConfigError
-from edgewise.security.pki import NODE_CERT_LIFETIME, CertificateAuthority
-from edgewise.security.tls import RevocationList, server_context
+from edgewise.security.pki import CertificateAuthority
+from edgewise.security.tls import RevocationList
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CloudConfig:
-    """Settings of one control plane process (the CLI builds it from its flags)."""
-
-    data_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8443  # 0: pick a free port (tests)
-    db: str | None = None  # database URL; SQLite in data_dir when None
-    trust_domain: str = "edgewise.local"
-    server_names: tuple[str, ...] = ()  # extra DNS names / IPs for the server certificate
-    node_cert_lifetime: timedelta = NODE_CERT_LIFETIME
-    reauth_grace: timedelta = timedelta(days=7)  # expired certificates re-authenticate within
-    nonce_ttl: float = 60.0  # s a re-authentication nonce stays valid
-    commit_linger: float = 0.002  # s the group commit waits for more batches
-    maintenance_interval: float = 10.0  # s between last-seen flushes / revocation checks
-    limits: SessionLimits = field(default_factory=SessionLimits)
-    data_out: Any = None  # forward.DataOutConfig: forwarders (MQTT, NATS) and retention
-
-    @property
-    def pki_dir(self) -> Path:
-        return self.data_dir / "pki"
-
-    @property
-    def db_url(self) -> str:
-        return database_url(self.db, self.data_dir)
-
-
-STORE = web.AppKey("store", Store)
-CA = web.AppKey("ca", CertificateAuthority)
-REVOCATIONS = web.AppKey("revocations", RevocationList)
-SESSIONS = web.AppKey("sessions", SessionRegistry)
-COMMITTER = web.AppKey("committer", GroupCommitter)
-METRICS = web.AppKey("metrics", Metrics)
-CONFIG = web.AppKey("config", CloudConfig)
-OPENAPI = web.AppKey("openapi", dict)
-
-
-async def revoke_node(app: web.Application, node_id: str, *, reason: str, actor: str
-                      ) -> NodeInfo:
-    """Revoke a node everywhere: in the store (serial and key, audited), in this process's
-    revocation list, and its live session (``revoked`` then close). `KeyError` if unknown."""
-    node = await app[STORE].revoke_node(node_id, reason=reason, actor=actor)
-    app[REVOCATIONS].revoke_serial(node.cert_serial)
-    app[REVOCATIONS].revoke_key(node.key_fingerprint)
-    await app[SESSIONS].revoke(node_id, f"revoked: {reason}" if reason else "revoked")
-    return node
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -112,26 +83,91 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response({
-        "openapi": "3.1.0",
-        "info": {"title": "Edgewise control plane", "version": __version__},
-        "paths": dict(sorted(request.app[OPENAPI].items())),
-    })
+    return web.json_response(oa.document(request.app[OPENAPI], __version__))
+
+
+LINGERING_TIME = 2.0  # s aiohttp keeps reading (and dropping) a body it did not need
+
+
+class GateMetrics(Collector):
+    """The listener's counters (`listener.Gate`) as Prometheus metrics, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.gate: Gate | None = None
+
+    def collect(self) -> Any:
+        g = self.gate
+        if g is None:
+            return
+        gauge = GaugeMetricFamily("edgewise_unauthenticated_connections",
+                                  "Connections in the TLS handshake or without a client "
+                                  "certificate (capped)")
+        gauge.add_metric([], g.unauthenticated)
+        yield gauge
+        closed = CounterMetricFamily("edgewise_connections_closed",
+                                     "Connections the server closed early, by reason",
+                                     labels=["reason"])
+        closed.add_metric(["cap"], g.refused)
+        closed.add_metric(["handshake"], g.handshake_failures)
+        closed.add_metric(["read_timeout"], g.read_timeouts)
+        yield closed
+        queued = CounterMetricFamily("edgewise_handshakes_queued",
+                                     "Connections that waited for a handshake token "
+                                     "(admission control)")
+        queued.add_metric([], g.queued)
+        yield queued
+
+
+class WriteMetrics(Collector):
+    """The counters of the poke fan-out and the node status/report group writes."""
+
+    def __init__(self, pokes: PokeFanout, node_writes: NodeWrites) -> None:
+        self.pokes = pokes
+        self.node_writes = node_writes
+
+    def collect(self) -> Any:
+        p, w = self.pokes, self.node_writes
+        pokes = CounterMetricFamily("edgewise_pokes", "Desired-state pokes, by outcome",
+                                    labels=["outcome"])
+        pokes.add_metric(["sent"], p.sent)
+        pokes.add_metric(["coalesced"], p.coalesced)
+        pokes.add_metric(["dropped"], p.dropped)
+        yield pokes
+        yield CounterMetricFamily("edgewise_pokes_inline", "Pokes sent with the desired state "
+                                  "in them (no fetch needed)", value=p.inlined)
+        writes = CounterMetricFamily("edgewise_node_writes",
+                                     "Group writes of node status and reports, by outcome",
+                                     labels=["outcome"])
+        writes.add_metric(["written"], w.writes)
+        writes.add_metric(["failed"], w.failures)
+        writes.add_metric(["dropped"], w.dropped)
+        yield writes
+        pending = GaugeMetricFamily("edgewise_pending_writes",
+                                    "Nodes waiting for a poke or a status/report write",
+                                    labels=["kind"])
+        pending.add_metric(["pokes"], len(p))
+        pending.add_metric(["node_writes"], len(w))
+        yield pending
+
+
+GATE_METRICS = web.AppKey("gate_metrics", GateMetrics)
 
 
 def create_app(config: CloudConfig, ca: CertificateAuthority, *,
                store: Store | None = None) -> web.Application:
     """The application (not started). The store is opened on startup unless given open."""
-    from edgewise.cloud import device_api
-
-    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app = web.Application(client_max_size=8 * 1024 * 1024,
+                          middlewares=[track_requests, json_errors])
     metrics_ = Metrics()
+    app[GATE_METRICS] = GateMetrics()
+    metrics_.registry.register(app[GATE_METRICS])
     own_store = store is None
     store_ = store or Store(config.db_url)
     revocations = RevocationList()
     committer = GroupCommitter(store_, metrics_, linger=config.commit_linger)
     sessions = SessionRegistry(store_, committer, metrics_, revocations, limits=config.limits,
-                               maintenance_interval=config.maintenance_interval)
+                               maintenance_interval=config.maintenance_interval,
+                               node_write_interval=config.node_write_interval)
     app[CONFIG] = config
     app[CA] = ca
     app[METRICS] = metrics_
@@ -139,16 +175,21 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
     app[REVOCATIONS] = revocations
     app[COMMITTER] = committer
     app[SESSIONS] = sessions
+    pokes = PokeFanout(sessions.get)
+    app[POKES] = pokes
+    metrics_.registry.register(WriteMetrics(pokes, sessions.node_writes))
     app[OPENAPI] = {}
     app.router.add_get("/healthz", healthz)
+    health.setup(app)  # /readyz: store reachable, schema migrated
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     device_api.setup(app)
-    if importlib.util.find_spec("edgewise.cloud.operator_api") is not None:
-        operator_api = importlib.import_module("edgewise.cloud.operator_api")
-        setup: Callable[[web.Application], None] | None = getattr(operator_api, "setup", None)
-        if setup is not None:
-            setup(app)
+    attestation_api.setup(app)  # TPM enrolment and attestation routes
+    operator_api.setup(app)
+    release_service = ReleaseService(store_, config.data_dir)
+    releases_api.setup(app, release_service)
+    pipelines_api.setup(app)  # /v1/cloud/pipelines; the worker starts in lifecycle
+    console.setup(app)  # /console: the operator console in a browser (docs/console.md)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if own_store:
@@ -159,14 +200,21 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
                 revocations.revoke_serial(s)
             for f in fingerprints:
                 revocations.revoke_key(f)
-            async with committer:
+            async with committer, sessions.node_writes:
                 task = asyncio.create_task(sessions.maintenance(), name="edgewise-maintenance")
+                resign = asyncio.create_task(release_service.maintain(),
+                                             name="edgewise-tuf-resign")
+                fanout = asyncio.create_task(pokes.run(), name="edgewise-pokes")
+                await pipelines_api.start_worker(app, store_.url, config.data_dir, committer)
                 try:
                     yield
                 finally:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await pipelines_api.stop_worker(app)  # ships through the group commit
+                    for t in (task, resign, fanout):
+                        t.cancel()
+                    for t in (task, resign, fanout):
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await t
                     await sessions.close_all()
         finally:
             if own_store:
@@ -178,10 +226,12 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
         await sessions.close_all()
 
     app.cleanup_ctx.append(lifecycle)
+    fleet_gauges = app[FLEET_GAUGES] = FleetGauges(store_)  # after lifecycle: the store is open
+    metrics_.registry.register(fleet_gauges)
+    app.cleanup_ctx.append(fleet_gauges.context)
     app.on_shutdown.append(end_sessions)
+    rollouts_api.setup(app)  # routes, and the driver while the store is open
     if config.data_out is not None:
-        from edgewise.cloud.forward import setup_data_out
-
         forwarders = setup_data_out(app, config.data_out)
         committer.after_commit = forwarders.forward_committed
     return app
@@ -189,10 +239,9 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
 
 def tls_context(config: CloudConfig) -> ssl.SSLContext:
     """TLS 1.3, client certificates optional at the TLS layer (enrolment, re-authentication)
-    but verified when presented; device endpoints require one."""
-    pki = config.pki_dir
-    return server_context(pki / "server.pem", pki / "server.key", pki / "ca.pem",
-                          require_client_cert=False)
+    but verified when presented; device endpoints require one (`server_tls.tls_context`:
+    the control plane's own PKI, or the organisation's)."""
+    return server_tls.tls_context(config.pki_dir, config.tls)
 
 
 @dataclass
@@ -211,18 +260,28 @@ class Running:
         await self.runner.cleanup()
 
 
-async def start(config: CloudConfig, ca: CertificateAuthority, **kw: Any) -> Running:
+async def start(config: CloudConfig, ca: CertificateAuthority, *,
+                store: Store | None = None) -> Running:
     """Start the app on ``config.host:config.port`` with TLS; `Running.stop` to stop."""
-    app = create_app(config, ca, **kw)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    app = create_app(config, ca, store=store)
+    limits = config.server
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0,
+                           keepalive_timeout=limits.idle_timeout,
+                           lingering_time=min(LINGERING_TIME, limits.read_timeout))
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=tls_context(config),
-                       reuse_address=True)
+    site = GatedSite(runner, config.host, config.port, ssl_context=tls_context(config),
+                     handshake_timeout=limits.handshake_timeout,
+                     read_timeout=limits.read_timeout,
+                     max_unauthenticated=limits.max_unauthenticated, backlog=limits.backlog,
+                     handshake_rate=limits.handshake_rate,
+                     handshake_burst=limits.handshake_burst,
+                     handshake_queue=limits.handshake_queue)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: "
                           f"{exc.strerror or exc}") from None
+    app[GATE_METRICS].gate = site.gate
     port = runner.addresses[0][1]  # the port actually bound (port 0 in tests)
     return Running(runner, port, app)

@@ -15,9 +15,10 @@ The environment is read by the CLI and passed in; nothing here reads it.
 
 Errors (all `EdgewiseError`s, so the CLI prints one line):
 
-    ConfigError      no or bad config file; 400 (the message names the field)
-    ├─ AuthError     401 (token refused) / 403 (the message names the role needed)
-    └─ NotFound      404
+    ConfigError      no or bad config file; other 4xx answers
+    ├─ BadRequest    400 (the message names the field)        edgewise.errors
+    ├─ NotFound      404                                      edgewise.errors
+    └─ AuthError     401 (token refused) / 403 (the message names the role needed)
     TransportError   server unreachable (says which URL and how to start it), TLS failure
     PeerError        5xx or an answer that does not match the API
 """
@@ -34,9 +35,12 @@ import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from edgewise.cloud import openapi as oa
-from edgewise.errors import ConfigError, PeerError, TransportError
+from edgewise.errors import BadRequest, ConfigError, NotFound, PeerError, TransportError
 
 DEFAULT_DATA_DIR = Path(".edgewise/cloud")
+# s to wait for the answer to a bulk call (``config set`` by selector: the server stores a
+# version for every node it targets before it answers); other calls use the client's timeout
+BULK_READ_TIMEOUT = 600.0
 USER_CONFIG = Path(".config/edgewise/cli.json")  # under the home directory
 CONFIG_FILE = "cli.json"
 
@@ -49,10 +53,6 @@ class AuthError(ConfigError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-
-
-class NotFound(ConfigError):
-    """404: no such node or token."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ class OperatorClient:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.config = config
         self.url = config.url
+        self.timeout = timeout
         self._http = httpx.Client(
             base_url=config.url,
             verify=_tls(config),
@@ -182,14 +183,34 @@ class OperatorClient:
 
     # -- transport ----------------------------------------------------------------------------
     def call(self, method: str, path: str, model: type[M], *, body: BaseModel | None = None,
-             params: dict[str, Any] | None = None) -> M:
+             params: dict[str, Any] | None = None, read_timeout: float | None = None) -> M:
         content = body.model_dump_json(exclude_none=True).encode() if body is not None else None
-        query = {k: v for k, v in (params or {}).items() if v is not None}
+        r = self.send(method, path, content=content, params=params,
+                      headers={"Content-Type": "application/json"} if content is not None
+                      else None, read_timeout=read_timeout)
+        if r.status_code >= 400:
+            self._raise(r)
         try:
-            r = self._http.request(
-                method, path, content=content, params=query,
-                headers={"Content-Type": "application/json"} if content is not None else None,
-            )
+            return model.model_validate_json(r.content)
+        except ValidationError as exc:
+            raise PeerError(
+                f"the control plane at {self.url} answered {method} {path} with something "
+                f"unexpected (a different version?): {exc.errors()[0]['msg']}"
+            ) from None
+
+    def send(self, method: str, path: str, *, content: Any = None,
+             params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+             read_timeout: float | None = None) -> httpx.Response:
+        """One request, any status; network and TLS failures as `TransportError`.
+        ``read_timeout`` (s) waits longer for the answer than the client's timeout."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        extra: dict[str, Any] = {}
+        if read_timeout is not None:
+            extra["timeout"] = httpx.Timeout(self.timeout,
+                                             read=max(self.timeout, read_timeout))
+        try:
+            return self._http.request(method, path, content=content, params=query,
+                                      headers=headers, **extra)
         except httpx.ConnectError as exc:
             text = str(exc)
             if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
@@ -210,15 +231,6 @@ class OperatorClient:
         except httpx.TransportError as exc:
             raise TransportError(f"talking to the control plane at {self.url} failed: {exc}"
                                  ) from None
-        if r.status_code >= 400:
-            self._raise(r)
-        try:
-            return model.model_validate_json(r.content)
-        except ValidationError as exc:
-            raise PeerError(
-                f"the control plane at {self.url} answered {method} {path} with something "
-                f"unexpected (a different version?): {exc.errors()[0]['msg']}"
-            ) from None
 
     def _raise(self, r: httpx.Response) -> None:
         msg = _message(r)
@@ -231,6 +243,8 @@ class OperatorClient:
             raise AuthError(f"not allowed: {msg}", status)
         if status == 404:
             raise NotFound(msg)
+        if status == 400:
+            raise BadRequest(msg)
         if status < 500:
             raise ConfigError(msg)
         raise PeerError(f"the control plane at {self.url} failed ({status}): {msg}")
@@ -256,15 +270,7 @@ class OperatorClient:
     # -- nodes --------------------------------------------------------------------------------
     def list_nodes(self, selector: str | None = None, *, page: int = 1000) -> list[oa.Node]:
         """Every node (matching ``selector``), fetched page by page."""
-        out: list[oa.Node] = []
-        after: str | None = None
-        while True:
-            res = self.call("GET", "/v1/nodes", oa.NodeList,
-                            params={"selector": selector, "limit": page, "after": after})
-            out.extend(res.nodes)
-            if res.next is None:
-                return out
-            after = res.next
+        return self._all_pages("/v1/nodes", oa.NodeList, {"selector": selector}, page)
 
     def get_node(self, node_id: str) -> oa.NodeDetail:
         return self.call("GET", f"/v1/nodes/{_seg(node_id)}", oa.NodeDetail)
@@ -277,12 +283,58 @@ class OperatorClient:
         return self.call("POST", f"/v1/nodes/{_seg(node_id)}/revoke", oa.Node,
                          body=oa.RevokeRequest(reason=reason))
 
+    def decommission_node(self, node_id: str, *, wipe: bool = False,
+                          reason: str = "") -> oa.Node:
+        return self.call("POST", f"/v1/nodes/{_seg(node_id)}/decommission", oa.Node,
+                         body=oa.DecommissionRequest(wipe=wipe, reason=reason))
+
     # -- config -------------------------------------------------------------------------------
     def set_config(self, request: oa.ConfigSetRequest) -> oa.ConfigSetResponse:
-        return self.call("PUT", "/v1/config", oa.ConfigSetResponse, body=request)
+        return self.call("PUT", "/v1/config", oa.ConfigSetResponse, body=request,
+                         read_timeout=BULK_READ_TIMEOUT)
 
     def get_config(self, node_id: str) -> oa.ConfigGetResponse:
         return self.call("GET", "/v1/config", oa.ConfigGetResponse, params={"node": node_id})
+
+    # -- fleet operations: config layers, diff, apply, drift, states ---------------------------
+    def list_layers(self, node_id: str | None = None) -> oa.LayerList:
+        return self.call("GET", "/v1/config/layers", oa.LayerList, params={"node": node_id})
+
+    def write_layer(self, request: oa.LayerWrite) -> oa.LayerWriteResponse:
+        return self.call("PUT", "/v1/config/layers", oa.LayerWriteResponse, body=request)
+
+    def diff_config(self, node_id: str) -> oa.ConfigDiff:
+        return self.call("GET", "/v1/config/diff", oa.ConfigDiff, params={"node": node_id})
+
+    def apply_config(self, request: oa.ConfigApplyRequest) -> oa.ConfigApplyResponse:
+        return self.call("POST", "/v1/config/apply", oa.ConfigApplyResponse, body=request,
+                         read_timeout=BULK_READ_TIMEOUT)
+
+    def drift(self, selector: str | None = None, *, page: int = 1000) -> list[oa.DriftEntry]:
+        """Every node with drift (matching ``selector``), page by page."""
+        return self._all_pages("/v1/config/drift", oa.DriftList, {"selector": selector}, page)
+
+    def fleet_nodes(self, state: str | None = None, selector: str | None = None, *,
+                    page: int = 1000) -> list[oa.FleetNode]:
+        """Every node in ``state`` (matching ``selector``) with its state, page by page."""
+        return self._all_pages("/v1/fleet/nodes", oa.FleetNodeList,
+                               {"state": state, "selector": selector}, page)
+
+    def _all_pages(self, path: str, model: type[Any], params: dict[str, Any],
+                   page: int) -> list[Any]:
+        """Every item of a keyset-paged list route (``nodes`` and ``next`` in its answer)."""
+        out: list[Any] = []
+        after: str | None = None
+        while True:
+            res = self.call("GET", path, model, params={**params, "limit": page, "after": after})
+            out.extend(res.nodes)
+            if res.next is None:
+                return out
+            after = res.next
+
+    def quarantine(self, node_id: str, reason: str | None) -> oa.FleetNode:
+        return self.call("POST", f"/v1/nodes/{_seg(node_id)}/quarantine", oa.FleetNode,
+                         body=oa.QuarantineRequest(reason=reason))
 
     # -- data ---------------------------------------------------------------------------------
     def data_stats(self, node_id: str | None = None) -> oa.StatsResponse:
@@ -298,6 +350,53 @@ class OperatorClient:
               before_id: int | None = None) -> oa.AuditList:
         return self.call("GET", "/v1/audit", oa.AuditList, params={
             "target": target, "actor": actor, "limit": limit, "before_id": before_id})
+
+
+    # -- releases (bodies are bytes, answers plain JSON objects) -------------------------------
+    def _json(self, r: httpx.Response) -> dict[str, Any]:
+        if r.status_code >= 400:
+            self._raise(r)
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise PeerError(f"the control plane at {self.url} answered with something that is "
+                            "not a JSON object (a different version?)")
+        return body
+
+    def list_releases(self) -> dict[str, Any]:
+        return self._json(self.send("GET", "/v1/releases"))
+
+    def show_release(self, version: str) -> dict[str, Any]:
+        return self._json(self.send("GET", f"/v1/releases/{_seg(version)}"))
+
+    def upload_blob(self, sha256: str, path: Path, length: int) -> dict[str, Any]:
+        """Stream one release file (its bytes must hash to ``sha256``)."""
+        with path.open("rb") as f:
+            return self._json(self.send(
+                "PUT", f"/v1/releases/blobs/{_seg(sha256)}", content=_read_pieces(f),
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Length": str(length)}))
+
+    def publish_release(self, manifest: bytes) -> tuple[dict[str, Any], list[str]]:
+        """``(answer, [])`` when published (or published already); ``({}, missing)`` when
+        the control plane lacks files (their sha256)."""
+        r = self.send("POST", "/v1/releases", content=manifest,
+                      headers={"Content-Type": "application/json"})
+        if r.status_code == 409:
+            try:
+                missing = r.json().get("missing")
+            except (ValueError, AttributeError):
+                missing = None
+            if isinstance(missing, list) and all(isinstance(m, str) for m in missing):
+                return {}, missing
+        return self._json(r), []
+
+
+def _read_pieces(f: Any, size: int = 1 << 20) -> Any:
+    while piece := f.read(size):
+        yield piece
 
 
 def _seg(value: str) -> str:

@@ -7,28 +7,52 @@ from it with `security.tls.authenticate_peer` (trust domain, validity, revocatio
 answers 401 (no or unusable certificate) or 403 (revoked). No endpoint takes a node id from
 the URL, the body or a header to decide whose resources it serves.
 
-Errors are JSON ``{"error": "..."}``: `PeerError`s carry their HTTP status (401/403/400),
-others are 400; a database failure is 503.
+Errors are JSON ``{"error": "..."}``, answered by `http_errors.error_answer` (the one mapping
+both APIs use): `BadRequest` 400, `NotFound` 404, `PeerError`s their HTTP status (401/403/400),
+a store failure 503. A `ConfigError` here is the server's own (device requests carry no
+configuration), so it is not answered as the node's fault.
+
+Only nodes the store knows may authenticate: a certificate of our CA whose node id is not
+enrolled, or whose key is not the registered one, gets 401, a revoked node 403. Each node has a
+request rate (`ratelimit`, ``ServerLimits.device_rate`` / ``device_burst``) over the endpoints
+that take its certificate, the session upgrade included: 429 with ``Retry-After`` above it.
+Bodies are read whole, up to 64 KiB (413 above), as strict JSON (`request_body`). One key is
+one node: enrolling a key that already has a node is refused with 409. Enrolment is idempotent
+per key and token: the same key with the token it enrolled with, before that token expires,
+gets its node again (200, a fresh certificate), so an answer lost on the way burns no token and
+leaves no orphan node.
+
+**Decommissioned nodes** (`edgewise node decommission`) are revoked like any other, with one
+difference: when a request proves possession of the node's registered key (the TLS handshake
+with its certificate, or a re-authentication's signed nonce, also with an expired certificate)
+the 403 carries ``Edgewise-Decommissioned: wipe`` or ``keep`` (`DecommissionedNode`), so a node
+that was offline at the time still learns it must wipe itself. Nothing else is served to it
+(docs/security.md, "Decommissioning").
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 
-from edgewise.cloud import app as appmod
-from edgewise.cloud.session import handle_session
-from edgewise.cloud.store import new_node_id
-from edgewise.errors import PeerError, StorageError
+from edgewise.cloud.config import CONFIG
+from edgewise.cloud.http_errors import TooManyRequests, error_answer
+from edgewise.cloud.openapi import MAX_INT
+from edgewise.cloud.ratelimit import DEVICE_RATE, ENROL_PACER, Pacer, RateLimiter
+from edgewise.cloud.request_body import DEVICE_BODY, read_json
+from edgewise.cloud.sessions import handle_session
+from edgewise.cloud.state import CA, METRICS, OPENAPI, REVOCATIONS, SESSIONS, STORE
+from edgewise.cloud.store import KeyInUse, new_node_id
+from edgewise.errors import BadRequest, EdgewiseError, NotFound, PeerError, StorageError
 from edgewise.security.pki import (
     ChallengeError,
     CsrError,
@@ -38,18 +62,47 @@ from edgewise.security.pki import (
     verify_challenge,
 )
 from edgewise.security.tls import CertificateRevoked, authenticate_peer, peer_certificate
-from edgewise.security.tokens import ENROLMENT_PREFIX, check_format
+from edgewise.security.tokens import ENROLMENT_PREFIX, TokenError, check_format
+from edgewise.security.tpm.credential import AttestationRequired, check_binding
 from edgewise.sync import protocol
 
-MAX_BODY = 64 * 1024  # bytes of a device JSON request
+MAX_BODY = DEVICE_BODY  # bytes of a device JSON request; 413 above
 NONCE_BYTES = 32
 MAX_NONCES = 10_000  # outstanding re-authentication challenges
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ANY_AGE = timedelta(days=36_500)  # a decommissioned node may come back after any time
 
 
-class BadRequest(PeerError):
-    status = 400
+class DecommissionedNode(CertificateRevoked):
+    """A decommissioned node, proven to hold its registered key: 403 with the order."""
+
+    def __init__(self, node_id: str, wipe: bool) -> None:
+        super().__init__(f"node {node_id} has been decommissioned"
+                         + ("; wipe its keys and data" if wipe else ""))
+        self.answer_headers = {protocol.DECOMMISSIONED_HEADER: "wipe" if wipe else "keep"}
+
+
+async def tell_decommissioned(app: web.Application, cert: x509.Certificate,
+                              prove: Callable[[], None] | None = None) -> None:
+    """Raise `DecommissionedNode` if ``cert`` (issued by our CA, of any age) names a
+    decommissioned node and holds the key registered for it; return otherwise. Possession of
+    the key must be proven: by the TLS handshake (``prove`` None), or by ``prove()`` (which
+    raises if the proof fails). Within the node's request rate."""
+    try:
+        node_id = app[CA].verify_node_cert(cert, grace=ANY_AGE)
+    except IdentityError:
+        return
+    wait = app[DEVICE_RATE].take(node_id)
+    if wait > 0:
+        raise TooManyRequests(f"node {node_id} is over its request rate; retry later", wait)
+    node = await app[STORE].get_node(node_id)
+    if (node is None or not node.decommissioned
+            or public_key_fingerprint(cert) != node.key_fingerprint):
+        return
+    if prove is not None:
+        prove()
+    raise DecommissionedNode(node_id, node.wipe)
 
 
 class NonceBook:
@@ -86,47 +139,53 @@ class NonceBook:
 NONCES = web.AppKey("nonces", NonceBook)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v1/device/"):
         return await handler(request)
     try:
         return await handler(request)
-    except PeerError as exc:
-        status = int(getattr(exc, "status", 400))
-        if status in (401, 403):
-            request.app[appmod.METRICS].auth_failures.labels(str(status)).inc()
-        return _error(status, str(exc))
-    except StorageError as exc:
-        return _error(503, f"the control plane cannot reach its store: {exc}")
+    except EdgewiseError as exc:
+        answer = error_answer(exc, config_is_input=False)
+        if answer is None:
+            raise
+        if answer.status in (401, 403):
+            request.app[METRICS].auth_failures.labels(str(answer.status)).inc()
+        return answer
 
 
-def authenticate(request: web.Request) -> tuple[str, x509.Certificate]:
-    """The node id and certificate of the verified TLS client certificate of this request."""
+async def authenticate(request: web.Request) -> tuple[str, x509.Certificate]:
+    """The node id and certificate of the verified TLS client certificate of this request,
+    within the node's request rate, of a node the store knows (not revoked, same key)."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
         raise IdentityError("device endpoints need TLS with a client certificate")
     app = request.app
-    node_id = authenticate_peer(ssl_object, app[appmod.CA].trust_domain,
-                                app[appmod.REVOCATIONS])
-    return node_id, peer_certificate(ssl_object)
+    cert = peer_certificate(ssl_object)
+    try:
+        node_id = authenticate_peer(ssl_object, app[CA].trust_domain, app[REVOCATIONS])
+    except CertificateRevoked:
+        await tell_decommissioned(app, cert)
+        raise
+    wait = app[DEVICE_RATE].take(node_id)
+    if wait > 0:
+        raise TooManyRequests(f"node {node_id} is over its request rate "
+                              f"({app[CONFIG].server.device_rate:g}/s); retry later", wait)
+    node = await app[STORE].get_node(node_id)
+    if node is None:
+        raise IdentityError(f"node {node_id} is not enrolled here; enrol with a token")
+    if node.revoked:
+        if node.decommissioned and public_key_fingerprint(cert) == node.key_fingerprint:
+            raise DecommissionedNode(node_id, node.wipe)  # revoked on another replica
+        raise CertificateRevoked(f"node {node_id} has been revoked")
+    if public_key_fingerprint(cert) != node.key_fingerprint:
+        raise IdentityError("the certificate's key is not the key registered for this node")
+    return node_id, cert
 
 
 async def _body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest(f"request body over {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise BadRequest(f"request body over {MAX_BODY} bytes")
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise BadRequest("request body is not JSON") from None
+    data = await read_json(request, MAX_BODY)
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     for name, typ in fields.items():
@@ -143,42 +202,83 @@ def _b64(data: dict[str, Any], name: str) -> bytes:
 
 
 async def enrol(request: web.Request) -> web.Response:
-    app = request.app
-    metrics = app[appmod.METRICS]
+    """201 with a new node; 200 with the same node (and a fresh certificate) for a retry of an
+    enrolment that succeeded: the same key with the same token, before the token expires."""
     data = await _body(request, {"token": str, "csr": str})
+    status, body = await enrol_with(request.app, data["token"], data["csr"])
+    return web.json_response(body, status=status)
+
+
+async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = False,
+                     ) -> tuple[int, dict[str, Any]]:
+    """Enrol with ``token`` and ``csr``: (status, answer). ``tpm``: the caller checked the
+    node's TPM (`edgewise.cloud.attestation.api`); without it a control plane that requires
+    attestation refuses (403)."""
+    metrics = app[METRICS]
+    if not tpm and app[CONFIG].attestation.require:
+        metrics.enrolments.labels("AttestationRequired").inc()
+        raise AttestationRequired("this control plane enrols only nodes with a TPM "
+                                  "(enrol with --tpm)")
+    # admission: enrolments beyond the rate wait their turn (a queue, not timeouts)
+    retry = await app[ENROL_PACER].admit()
+    if retry > 0:
+        metrics.enrolments.labels("busy").inc()
+        raise TooManyRequests("too many enrolments at once; retry later", retry)
+    status, outcome = 201, "ok"
     try:
-        token_hash = check_format(data["token"], ENROLMENT_PREFIX)
-        ca = app[appmod.CA]
-        config = app[appmod.CONFIG]
+        token_hash = check_format(token, ENROLMENT_PREFIX)
+        ca, config, store = app[CA], app[CONFIG], app[STORE]
         node_id = new_node_id()
-        issued = ca.sign_node_csr(data["csr"], node_id, config.node_cert_lifetime)
-        app[appmod.REVOCATIONS].check(issued.cert)  # a revoked key cannot come back
-        await app[appmod.STORE].enrol_node(token_hash, node_id, issued)
+        issued = ca.sign_node_csr(csr, node_id, config.node_cert_lifetime)
+        app[REVOCATIONS].check(issued.cert)  # a revoked key cannot come back
+        try:
+            await store.enrol_node(token_hash, node_id, issued)
+        except (TokenError, KeyInUse):
+            # the token used up or the key taken: by this very enrolment, whose answer was lost?
+            node = await store.enrolment_of(token_hash, issued.fingerprint)
+            if node is None:
+                raise
+            if node.revoked:
+                raise CertificateRevoked(f"node {node.id} has been revoked") from None
+            node_id, status, outcome = node.id, 200, "retry"
+            issued = ca.sign_node_csr(csr, node_id, config.node_cert_lifetime)
+            await store.enrol_again(token_hash, node_id, issued)
     except PeerError as exc:
         metrics.enrolments.labels(type(exc).__name__).inc()
         raise
-    metrics.enrolments.labels("ok").inc()
-    return web.json_response({
+    metrics.enrolments.labels(outcome).inc()
+    tuf_root = await store.tuf_metadata("root")  # the newest; None until `cloud keys init`
+    return status, {
         "node_id": node_id,
         "certificate": issued.pem.decode(),
         "ca": ca.cert_pem.decode(),
         "trust_domain": ca.trust_domain,
         "expires_at": issued.not_after.isoformat(),
-    }, status=201)
+        "tuf_root": tuf_root.decode() if tuf_root is not None else None,
+    }
 
 
 async def renew(request: web.Request) -> web.Response:
-    node_id, cert = authenticate(request)
+    node_id, cert = await authenticate(request)
     data = await _body(request, {"csr": str})
     app = request.app
-    issued = app[appmod.CA].sign_node_csr(data["csr"], node_id,
-                                          app[appmod.CONFIG].node_cert_lifetime)
+    issued = app[CA].sign_node_csr(data["csr"], node_id,
+                                          app[CONFIG].node_cert_lifetime)
     if issued.fingerprint != public_key_fingerprint(cert):
         raise CsrError("renewal keeps the key: the CSR must be made with the node's current key")
-    await app[appmod.STORE].record_renewal(node_id, issued)
-    app[appmod.METRICS].renewals.labels("renew", "ok").inc()
+    await _tpm_bound(app, node_id, data)
+    await app[STORE].record_renewal(node_id, issued)
+    app[METRICS].renewals.labels("renew", "ok").inc()
     return web.json_response({"certificate": issued.pem.decode(),
                               "expires_at": issued.not_after.isoformat()})
+
+
+async def _tpm_bound(app: web.Application, node_id: str, data: dict[str, Any]) -> None:
+    """A node enrolled with a TPM renews only with the TPM node key's signature over the CSR
+    (``binding``): a copy of its TLS key alone cannot keep a certificate alive."""
+    tpm = await app[STORE].tpm_of(node_id)
+    if tpm is not None:
+        check_binding(tpm.node_key_public, data.get("binding"), data["csr"].encode())
 
 
 async def reauth_challenge(request: web.Request) -> web.Response:
@@ -196,8 +296,8 @@ async def reauth(request: web.Request) -> web.Response:
     data = await _body(request, {"node_id": str, "nonce": str, "signature": str,
                                  "certificate": str, "csr": str})
     app = request.app
-    ca, config, store = app[appmod.CA], app[appmod.CONFIG], app[appmod.STORE]
-    metrics = app[appmod.METRICS]
+    ca, config, store = app[CA], app[CONFIG], app[STORE]
+    metrics = app[METRICS]
     node_id = data["node_id"]
     nonce, signature = _b64(data, "nonce"), _b64(data, "signature")
     try:
@@ -209,7 +309,7 @@ async def reauth(request: web.Request) -> web.Response:
         named = ca.verify_node_cert(cert, grace=config.reauth_grace)
         if named != node_id:
             raise IdentityError(f"the certificate names node {named}, not {node_id}")
-        app[appmod.REVOCATIONS].check(cert)
+        app[REVOCATIONS].check(cert)
         node = await store.get_node(node_id)
         if node is None:
             raise IdentityError(f"node {node_id} is not enrolled; enrol with a token")
@@ -222,8 +322,16 @@ async def reauth(request: web.Request) -> web.Response:
         issued = ca.sign_node_csr(data["csr"], node_id, config.node_cert_lifetime)
         if issued.fingerprint != node.key_fingerprint:
             raise CsrError("the CSR must be made with the node's registered key")
+        await _tpm_bound(app, node_id, data)
         await store.record_renewal(node_id, issued)
     except PeerError as exc:
+        if isinstance(exc, CertificateRevoked | IdentityError):
+            try:  # a decommissioned node hears it, once it proves it holds the key
+                await tell_decommissioned(
+                    app, cert, lambda: verify_challenge(cert, nonce, signature))
+            except PeerError as told:
+                metrics.renewals.labels("reauth", type(told).__name__).inc()
+                raise told from None
         metrics.renewals.labels("reauth", type(exc).__name__).inc()
         raise
     metrics.renewals.labels("reauth", "ok").inc()
@@ -234,24 +342,26 @@ async def reauth(request: web.Request) -> web.Response:
 
 
 async def desired(request: web.Request) -> web.Response:
-    node_id, _ = authenticate(request)
+    node_id, _ = await authenticate(request)
     version: int | None = None
     if "version" in request.query:
         try:
             version = int(request.query["version"])
         except ValueError:
             raise BadRequest("version must be an integer") from None
-    state = await request.app[appmod.STORE].get_desired_state(node_id, version)
+        if not 0 <= version <= MAX_INT:
+            raise BadRequest(f"version must be between 0 and {MAX_INT}")
+    state = await request.app[STORE].get_desired_state(node_id, version)
     if state is None:
         if version is not None:
-            return _error(404, f"no desired state version {version} for this node")
+            raise NotFound(f"no desired state version {version} for this node")
         return web.json_response({"version": 0, "desired": None})
     return web.json_response({"version": state.version, "desired": state.to_wire()})
 
 
 async def session(request: web.Request) -> web.StreamResponse:
-    node_id, cert = authenticate(request)
-    return await handle_session(request, request.app[appmod.SESSIONS], node_id, cert)
+    node_id, cert = await authenticate(request)
+    return await handle_session(request, request.app[SESSIONS], node_id, cert)
 
 
 def _op(summary: str, auth: str) -> dict[str, Any]:
@@ -261,7 +371,11 @@ def _op(summary: str, auth: str) -> dict[str, Any]:
 
 def setup(app: web.Application) -> None:
     app.middlewares.append(errors)
-    app[NONCES] = NonceBook(app[appmod.CONFIG].nonce_ttl)
+    config = app[CONFIG]
+    app[NONCES] = NonceBook(config.nonce_ttl)
+    app[DEVICE_RATE] = RateLimiter(config.server.device_rate, config.server.device_burst)
+    app[ENROL_PACER] = Pacer(config.server.enrol_rate, config.server.enrol_burst,
+                             config.server.enrol_queue)
     r = app.router
     r.add_post("/v1/device/enrol", enrol)
     r.add_post("/v1/device/renew", renew)
@@ -270,7 +384,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/v1/device/desired", desired)
     r.add_get(protocol.SESSION_PATH, session)
     cert, token = "client certificate (mTLS)", "enrolment token in the body"
-    app[appmod.OPENAPI].update({
+    app[OPENAPI].update({
         "/v1/device/enrol": {"post": _op("Enrol a node: {token, csr} -> certificate", token)},
         "/v1/device/renew": {"post": _op("Renew the certificate (same key): {csr}", cert)},
         "/v1/device/reauth/challenge": {"post": _op("Nonce for re-authentication", "none")},

@@ -65,6 +65,10 @@ class Metrics:
         self.commit_size = Histogram("edgewise_commit_batches", "Batches per group commit",
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                      registry=r)
+        self.payload_checks = Histogram(
+            "edgewise_payload_check_seconds",
+            "Time to check a batch payload, waiting for a worker thread included",
+            buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5), registry=r)
         self.enrolments = Counter("edgewise_enrolments", "Enrolment attempts, by outcome",
                                   ["outcome"], registry=r)
         self.renewals = Counter("edgewise_renewals", "Certificate renewals and re-authentications",

@@ -6,23 +6,24 @@ Per session three coroutines share one `asyncio.TaskGroup`:
 
 * the reader takes one frame at a time: ``hello`` (first, within `SessionLimits.hello_timeout`),
   then ``batch`` → `ingest` (classify, decode-check, submit to the group commit), ``gap`` →
-  record as lost what is not settled yet in its range and move the mark, ``report`` → merge
-  and store the reported state, ``heartbeat`` → last seen. Anything malformed gets ``error``
-  and the session is closed.
+  record as lost what is not settled yet in its range and move the mark, ``report`` → queue
+  the reported state for the group writer (`node_writes`), ``heartbeat`` → last seen (the
+  node's ``online`` status is queued once its hello is read; nothing is written before).
+  Anything malformed gets ``error`` and the session is closed.
 * the acker waits for the group commits in order and sends one ``ack`` per commit with the
   chunk ids it made durable: a batch is acknowledged only after its commit.
 * the sender owns the socket's write side; its queue is bounded, and everything the cloud sends
   is control (ack, refuse, desired, revoked, error), so there is nothing to prioritise.
 
 Memory per session is bounded: frames above 4 MiB are refused by aiohttp (close code 1009),
-uncommitted payload bytes and pending commits are capped (the reader stops reading, so TCP
-pushes back), the send queue is bounded.
+a frame is decoded within `protocol`'s budgets (cheap enough for the event loop), a payload
+is checked within the codec's (in a worker thread, one of ``SessionLimits.check_threads``,
+unless it is small), uncommitted payload bytes and pending commits are capped (the reader
+stops reading, so TCP pushes back), the send queue is bounded. A session's writes are
+submitted each ``after`` the one before, so they are committed in order or not at all.
 
-`SessionRegistry` knows the live session of each node (at most one: a new session closes the
-old one and waits for its commits first), pokes a session when a new desired version is stored
-(`notify_desired`), closes it when its node is revoked (`revoke`), and runs the one maintenance
-task of the application (batched last-seen writes, revocation reload, closing sessions whose
-certificate expired or was revoked elsewhere). There are no timers per node.
+The registry of live sessions (one per node), the maintenance task and `handle_session` (the
+upgrade) are in `sessions`; a session sees its registry only as a `SessionHost`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from cryptography import x509
@@ -41,9 +43,10 @@ from cryptography import x509
 from edgewise.cloud import ingest
 from edgewise.cloud.ingest import CONFLICT, DUPLICATE, GroupCommitter, StreamTracker
 from edgewise.cloud.metrics import Metrics, tcp_bytes
+from edgewise.cloud.node_writes import NodeWrites
+from edgewise.cloud.ratelimit import ByteQuota
 from edgewise.cloud.store import ChunkWrite, GapWrite, IngestResult, MarkWrite, Store
 from edgewise.errors import PeerError, StorageError
-from edgewise.security.tls import RevocationList
 from edgewise.sync import protocol
 from edgewise.sync.hlc import Clock
 from edgewise.sync.twin_state import ReportedState
@@ -58,6 +61,25 @@ class SessionLimits:
     max_inflight_bytes: int = 16 * 1024 * 1024  # payload bytes waiting for their commit
     max_pending_commits: int = 1024
     send_queue: int = 4096  # frames
+    check_threads: int = 2  # payload checks running at once, for all sessions of a process
+    ingest_bytes_per_s: float = 8 * 1024 * 1024  # a node's payload quota; over it: backpressure
+    ingest_burst_bytes: float = 64 * 1024 * 1024  # taken at once (a backlog after an outage)
+
+
+class SessionHost(Protocol):
+    """What a session uses of its registry (`sessions.SessionRegistry`)."""
+
+    store: Store
+    committer: GroupCommitter
+    metrics: Metrics
+    limits: SessionLimits
+    clock: Clock
+    checks: asyncio.Semaphore  # `check_threads` slots
+    node_writes: NodeWrites  # status and reports, written in groups
+
+    def mark_seen(self, node_id: str) -> None: ...
+
+    def node_health(self, node_id: str, heartbeat: dict[str, Any]) -> None: ...
 
 
 _CLOSE = object()
@@ -76,7 +98,7 @@ class Session:
     """One node's live session. Made and run by `handle_session`."""
 
     def __init__(self, node_id: str, cert: x509.Certificate, ws: web.WebSocketResponse,
-                 registry: SessionRegistry, request: web.Request) -> None:
+                 registry: SessionHost, request: web.Request) -> None:
         self.node_id = node_id
         self.cert = cert
         self.ws = ws
@@ -89,13 +111,19 @@ class Session:
         self._acks: deque[_Pending | None] = deque()
         self._acks_ready = asyncio.Event()
         self._trackers: dict[str, StreamTracker] = {}  # per stream: what is settled
+        self._last: asyncio.Future[IngestResult] | None = None  # the last write submitted
         self._inflight = 0
         self._pending = 0
         self._room = asyncio.Event()
         self._closing = False  # nothing more is sent but the final frames
         self._close_sent = False
         self.replaced = False
-        self.finished = asyncio.Event()
+        self.hello_read = False  # the node's hello was read and answered
+        # its writes are done and it submits no more (the reader has stopped and every commit
+        # it submitted has ended): what a newer session of the node waits for (`attach`)
+        self.settled = asyncio.Event()
+        self.finished = asyncio.Event()  # the session is over, its socket closed
+        self.quota = ByteQuota(self.limits.ingest_bytes_per_s, self.limits.ingest_burst_bytes)
 
     # -- outgoing -----------------------------------------------------------------------------
     def _enqueue(self, msg: dict[str, Any]) -> None:
@@ -107,13 +135,15 @@ class Session:
             self._close_now("error", "the node is not reading its session (send queue full)")
 
     def _close_now(self, kind: str | None, reason: str,
-                   code: int = WSCloseCode.POLICY_VIOLATION) -> None:
-        """Send ``error``/``revoked`` (if ``kind``) and close; idempotent."""
+                   code: int = WSCloseCode.POLICY_VIOLATION,
+                   extra: dict[str, Any] | None = None) -> None:
+        """Send ``error``/``revoked`` (if ``kind``, with ``extra`` fields) and close;
+        idempotent."""
         if self._close_sent:
             return
         self._close_sent = True
         if kind is not None:
-            frame = protocol.encode({"t": kind, "reason": reason})
+            frame = protocol.encode({"t": kind, "reason": reason, **(extra or {})})
             # make room: the closing message must go out even if the queue is full
             while self._send.full():
                 self._send.get_nowait()
@@ -130,16 +160,34 @@ class Session:
         log.info("session of %s closed: %s", self.node_id, reason)
         self._close_now(protocol.ERROR, reason)
 
-    def revoke(self, reason: str) -> None:
-        self._close_now(protocol.REVOKED, reason)
+    def revoke(self, reason: str, *, decommissioned: bool = False, wipe: bool = False) -> None:
+        """Send ``revoked`` (saying whether the node was decommissioned and must wipe itself)
+        and close."""
+        extra = {"decommissioned": True, "wipe": wipe} if decommissioned else None
+        self._close_now(protocol.REVOKED, reason, extra=extra)
 
     def replace(self) -> None:
+        """A newer session of the node takes over: close this one. Before its hello is read
+        a session has written nothing and never will (its reader stops after the hello once
+        it is closing), so it is settled at once."""
         self.replaced = True
+        if not self.hello_read:
+            self.settled.set()
         self._close_now(protocol.ERROR, "replaced by a newer session of this node",
                         WSCloseCode.GOING_AWAY)
 
-    def poke_desired(self, version: int) -> None:
-        self._enqueue({"t": protocol.DESIRED, "version": version})
+    def poke_desired(self, version: int, jitter: float = 0.0,
+                     state: dict[str, Any] | None = None) -> None:
+        """Tell the node desired ``version`` is stored; with ``jitter`` (s) it waits a random
+        part of that before it fetches (a push to many nodes, `pokes.fetch_jitter`). With
+        ``state`` (the version's wire map, small: `pokes.inline_state`) the state goes in the
+        poke itself and the node need not fetch (`protocol`, inline desired state)."""
+        msg: dict[str, Any] = {"t": protocol.DESIRED, "version": version}
+        if state is not None:
+            msg["state"] = state
+        if jitter > 0:
+            msg["jitter_s"] = round(min(jitter, protocol.MAX_JITTER_S), 3)
+        self._enqueue(msg)
 
     async def _sender(self) -> None:
         while True:
@@ -194,6 +242,7 @@ class Session:
                 self._enqueue({"t": protocol.ACK, "ids": ids})
 
     async def _submit(self, p: _Pending) -> None:
+        self._last = p.future
         self._inflight += p.nbytes
         self._pending += 1
         self._acks.append(p)
@@ -258,6 +307,8 @@ class Session:
             self._trackers[name] = StreamTracker(info.contiguous, above)
         marks = {name: 0 for name in msg["streams"]}
         marks.update({name: tr.contiguous for name, tr in self._trackers.items()})
+        self.hello_read = True
+        self.registry.node_writes.status(self.node_id, "online")  # written with the next group
         self._enqueue({
             "t": protocol.WELCOME, "node_id": self.node_id, "streams": marks,
             "desired_version": await store.desired_version(self.node_id),
@@ -279,20 +330,26 @@ class Session:
         committer = self.registry.committer
         if verdict.kind == DUPLICATE:
             self.metrics.duplicate_records.inc(records)
-            await self._submit(_Pending(committer.submit(), [cid], 0, 0, True))
+            await self._submit(_Pending(committer.submit(after=self._last), [cid], 0, 0, True))
             return
         payload = msg["payload"]
+        wait = self.quota.take(len(payload))
+        if wait > 0:  # over the node's quota: read its next frame later (its window fills)
+            await asyncio.sleep(wait)
+        started = time.perf_counter()
         try:
-            await ingest.check_payload_async(payload, records)
+            await ingest.check_payload_async(payload, records, self.registry.checks)
         except PeerError as exc:
             self._refuse(cid, str(exc))
             return
+        finally:
+            self.metrics.payload_checks.observe(time.perf_counter() - started)
         tracker.settle(seq, count)
         now = datetime.now(UTC)
         fut = committer.submit(
             [ChunkWrite(self.node_id, stream, seq, count, records, msg["compacted"], payload,
                         now)],
-            marks=[MarkWrite(self.node_id, stream, tracker.contiguous, now)],
+            marks=[MarkWrite(self.node_id, stream, tracker.contiguous, now)], after=self._last,
         )
         await self._submit(_Pending(fut, [cid], len(payload), records, False))
 
@@ -317,7 +374,7 @@ class Session:
             tracker.settle(first, n, gap=True)
         fut = self.registry.committer.submit(
             gaps=[GapWrite(self.node_id, stream, first, n, reason, now) for first, n in parts],
-            marks=[MarkWrite(self.node_id, stream, tracker.contiguous, now)],
+            marks=[MarkWrite(self.node_id, stream, tracker.contiguous, now)], after=self._last,
         )
         self.metrics.gap_records.inc(sum(n for _, n in parts))
         await self._submit(_Pending(fut, [], 0, 0, False))
@@ -329,8 +386,8 @@ class Session:
         except PeerError as exc:
             self.fail(f"malformed frame: report: {exc}")
             return False
-        await self.registry.store.merge_reported_state(
-            self.node_id, reported, at=self.registry.clock.now())
+        # merged and stored with the next group write (`node_writes`), not one transaction each
+        self.registry.node_writes.report(self.node_id, reported, self.registry.clock.now())
         self.registry.mark_seen(self.node_id)
         return True
 
@@ -352,6 +409,8 @@ class Session:
                     return
             elif kind == protocol.HEARTBEAT:
                 self.registry.mark_seen(self.node_id)
+                if "health" in msg:  # kept in memory, written with the last-seen times
+                    self.registry.node_health(self.node_id, msg)
             else:
                 self.fail(f"malformed frame: unexpected message type {kind!r} from a node")
                 return
@@ -371,137 +430,10 @@ class Session:
                     self._acks.append(None)
                     self._acks_ready.set()
                     await acker
+                    self.settled.set()  # a newer session need not wait for the close below
                     self._close_now(None, "session ended", WSCloseCode.OK)
                     await sender
         finally:
             self._closing = True
+            self.settled.set()
             self.finished.set()
-
-
-class SessionRegistry:
-    """The live sessions of this process, one per node; see the module docstring."""
-
-    def __init__(self, store: Store, committer: GroupCommitter, metrics: Metrics,
-                 revocations: RevocationList, *, limits: SessionLimits | None = None,
-                 maintenance_interval: float = 10.0) -> None:
-        self.store = store
-        self.committer = committer
-        self.metrics = metrics
-        self.revocations = revocations
-        self.limits = limits or SessionLimits()
-        self.maintenance_interval = maintenance_interval
-        self.clock = Clock("cloud")
-        self._sessions: dict[str, Session] = {}
-        self._seen: dict[str, datetime] = {}
-        self._wire = [0, 0]
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def get(self, node_id: str) -> Session | None:
-        return self._sessions.get(node_id)
-
-    async def notify_desired(self, node_id: str, version: int) -> bool:
-        """Poke the node's live session: desired version ``version`` is stored. True if the
-        node is connected here (otherwise it learns the version from ``welcome``)."""
-        session = self._sessions.get(node_id)
-        if session is None:
-            return False
-        session.poke_desired(version)
-        return True
-
-    async def revoke(self, node_id: str, reason: str = "the node has been revoked") -> bool:
-        """Send ``revoked`` to the node's live session and close it. True if there was one."""
-        session = self._sessions.get(node_id)
-        if session is None:
-            return False
-        session.revoke(reason)
-        return True
-
-    def mark_seen(self, node_id: str) -> None:
-        self._seen[node_id] = datetime.now(UTC)
-
-    async def attach(self, session: Session) -> None:
-        old = self._sessions.get(session.node_id)
-        self._sessions[session.node_id] = session
-        self.metrics.sessions.set(len(self._sessions))
-        self.metrics.sessions_opened.inc()
-        if old is not None:
-            old.replace()
-            await old.finished.wait()
-        await self.store.set_node_status(session.node_id, "online")
-
-    async def detach(self, session: Session) -> None:
-        counts = session.wire
-        if counts is not None:
-            self.metrics.wire_bytes.labels("out").inc(counts[0])
-            self.metrics.wire_bytes.labels("in").inc(counts[1])
-        if self._sessions.get(session.node_id) is session:
-            del self._sessions[session.node_id]
-            self.metrics.sessions.set(len(self._sessions))
-            if not session.replaced:
-                with contextlib.suppress(StorageError):
-                    await self.store.set_node_status(session.node_id, "offline")
-
-    async def flush_seen(self) -> None:
-        seen, self._seen = self._seen, {}
-        if seen:
-            await self.store.touch_nodes(seen)
-
-    def enforce(self, now: datetime | None = None) -> int:
-        """Close live sessions whose certificate is revoked or has expired; how many."""
-        t = now or datetime.now(UTC)
-        closed = 0
-        for session in list(self._sessions.values()):
-            if self.revocations.is_revoked(session.cert):
-                session.revoke("the node's certificate has been revoked")
-                closed += 1
-            elif session.cert.not_valid_after_utc < t:
-                session.fail("certificate expired: renew it and reconnect")
-                closed += 1
-        return closed
-
-    async def maintenance(self) -> None:
-        """The application's one periodic task (not one per node)."""
-        rounds = 0
-        while True:
-            await asyncio.sleep(self.maintenance_interval)
-            rounds += 1
-            try:
-                await self.flush_seen()
-                if rounds % 3 == 0:  # other replicas may have revoked nodes
-                    serials, fingerprints = await self.store.list_revocations()
-                    for serial in serials:
-                        self.revocations.revoke_serial(serial)
-                    for fp in fingerprints:
-                        self.revocations.revoke_key(fp)
-                self.enforce()
-            except StorageError as exc:
-                log.warning("maintenance: %s", exc)
-
-    async def close_all(self) -> None:
-        sessions = list(self._sessions.values())
-        for s in sessions:
-            s.fail("the control plane is shutting down")
-        for s in sessions:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.finished.wait(), 5)
-        with contextlib.suppress(StorageError):
-            await self.flush_seen()
-
-
-async def handle_session(request: web.Request, registry: SessionRegistry, node_id: str,
-                         cert: x509.Certificate) -> web.WebSocketResponse:
-    """Upgrade an authenticated request to the session and run it to its end."""
-    ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME_BYTES,
-                               heartbeat=registry.limits.heartbeat, compress=False)
-    await ws.prepare(request)
-    session = Session(node_id, cert, ws, registry, request)
-    await registry.attach(session)
-    try:
-        if not session.replaced:
-            await session.run()
-    finally:
-        session.finished.set()
-        await registry.detach(session)
-    return ws

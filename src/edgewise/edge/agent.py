@@ -1,33 +1,44 @@
 """The edge agent: engine, uplink, certificate renewal, twin and status under one lifecycle.
 
-``await Agent(config).run()`` prepares the identity (reading or creating the node key), loads
-the twin, then runs in one `asyncio.TaskGroup`:
+``await Agent(config).run()`` prepares the identity (reading or creating the node key),
+recovers the release slots (`edgewise.edge.updater`: a release on trial whose attempts are used
+up is rolled back before anything else runs), loads the twin, then runs in one
+`asyncio.TaskGroup`:
 
-* the **engine supervisor**: runs the pipeline (persisted desired state, else ``--pipeline``);
-  restarts it when the twin applies a new one, restarts it with backoff when it fails, and
-  keeps the outbox open itself while no engine runs, so the uplink can still drain it;
+* the **engine supervisor**: runs the pipeline (the one the persisted desired state names; else,
+  while the cloud has named none, ``--pipeline``);
+  restarts it when the twin applies a new one, restarts it with backoff when it fails;
 * the **uplink** (`edgewise.edge.uplink`), the **renewal loop** (`edgewise.edge.identity`),
-  the **twin** (`edgewise.edge.twin`) and the **status writer** (``DATA/status.json`` every
-  second).
+  the **twin** (`edgewise.edge.twin`), the **status writer** (``DATA/status.json`` every
+  second) and the **updater** (`edgewise.edge.updater.updater`: the health gate of a release
+  on trial, staging the assigned release; while a release is assigned and has a pipeline, that
+  pipeline runs instead of the desired state's). A slot switch or a rollback ends `run` with
+  ``restart_reason`` set: the CLI starts the agent again (docs/updates.md).
 
-Nothing on the engine's path waits for the network: the uplink reads the outbox in worker
-threads and only ever talks to the engine through the outbox's lock. A cloud that cannot be
+The agent opens the outbox (`edgewise.outbox.Outbox`) once for its lifetime and lends it to
+each engine it starts; the uplink reads and acknowledges through the same object, also while no
+engine runs. Nothing on the engine's path waits for the network: the uplink reads the outbox in
+worker threads and only ever meets the engine at the outbox's lock. A cloud that cannot be
 reached leaves the pipeline and its local alarms running.
 
 `stop()` (SIGINT/SIGTERM in the CLI) ends it gracefully: network tasks are cancelled, the
 engine commits what it has and closes its sinks, the last status is written, and no task is
-left running. `Revoked` (and a refused enrolment token) stop the agent with that error;
+left running. `Revoked` (and a refused enrolment token) stop the agent with that error; a
+decommissioned node also writes its marker and, if told to, wipes its data (`decommission`);
 `ReenrolRequired` only stops the uplink: the pipeline keeps running and the status says what
 the operator must do.
 
 Data directory::
 
     DATA/identity/   node key, certificate, CA, node id      (identity.py)
-    DATA/engine/     outbox.db: records, checkpoint           (the engine's data_dir)
+    DATA/engine/     outbox.db: records, checkpoint           (edgewise.outbox)
     DATA/twin/       desired.msgpack, reported.msgpack        (twin.py)
-    DATA/uplink/     refused.json                              (uplink.py)
-    DATA/pipelines/  base folder for relative paths in pipelines from the cloud
+    DATA/uplink/     refused.json, ledger.msgpack              (uplink_store.py)
+    DATA/pipelines/  base folder for relative paths in pipelines from the cloud, whose files
+                     must lie in it or in a folder allowed with --allow-path (twin.py)
     DATA/status.json                                          (status.py)
+    DATA/releases/   state.json, slots a/ and b/, tmp/, tuf/   (edgewise.edge.updater)
+    DATA/decommissioned.json  only once the node was decommissioned (decommission.py)
 """
 
 from __future__ import annotations
@@ -44,16 +55,33 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from edgewise.edge.backoff import Backoff
-from edgewise.edge.identity import NodeIdentity
-from edgewise.edge.outbox import Outbox
-from edgewise.edge.outbox_access import OutboxAccess
-from edgewise.edge.status import ENGINE_DIR, OutboxView, outbox_path, write_status
+from edgewise.common.backoff import Backoff, Retry
+from edgewise.edge import decommission, tpm_node
+from edgewise.edge.health import HealthProbe
+from edgewise.edge.identity import NodeIdentity, Revoked
+from edgewise.edge.release_fetcher import ReleaseFetcher
+from edgewise.edge.status import ENGINE_DIR, outbox_path, write_status
+from edgewise.edge.status_model import (
+    STATUS_FORMAT,
+    AgentStatus,
+    CertificateStatus,
+    EngineStatus,
+    OutboxStatus,
+    ReleaseStatus,
+)
 from edgewise.edge.twin import Twin
+from edgewise.edge.updater.source import DirectorySource
+from edgewise.edge.updater.updater import SupervisorHooks, Updater, UpdaterConfig
 from edgewise.edge.uplink import Uplink, UplinkConfig, first_error
 from edgewise.errors import EdgewiseError, StorageError
+from edgewise.outbox import Outbox, OutboxDamaged
+from edgewise.outbox.numbering import BEHIND
+from edgewise.outbox.quarantine import Quarantined, open_outbox
+from edgewise.outbox.view import OutboxView
 from edgewise.pipeline.engine import Engine
+from edgewise.pipeline.paths import check_allowed_roots
 from edgewise.pipeline.spec import PipelineSpec
+from edgewise.pipeline.summary import EngineSummary
 from edgewise.sync.twin_state import DesiredState
 
 log = logging.getLogger(__name__)
@@ -67,20 +95,26 @@ class AgentConfig:
     cloud: str | None = None  # https://HOST:PORT; remembered after the first run
     ca: Path | None = None  # the control plane's CA; remembered after the first run
     token: SecretStr | None = None  # enrolment token, first run only
-    pipeline: Path | None = None  # run this while no desired state has arrived
+    pipeline: Path | None = None  # run this while the cloud's desired state names no pipelines
+    allowed_paths: tuple[Path, ...] = ()  # --allow-path: more folders for cloud pipelines' files
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     status_interval_s: float = 1.0
     engine_restart: Backoff = field(default_factory=lambda: Backoff(1.0, 30.0))
     renew_retry: Backoff = field(default_factory=lambda: Backoff(1.0, 300.0))
+    updater: UpdaterConfig = field(default_factory=UpdaterConfig)  # releases (edge/updater)
+    release_dir: Path | None = None  # releases from this folder, not the control plane
+    tpm: str | None = None  # --tpm TCTI: identity, measured launch, attestation (tpm_node)
 
 
 class EngineSupervisor:
-    """Runs at most one engine at a time and publishes the outbox the uplink may use."""
+    """Runs at most one engine at a time, each on the agent's one outbox."""
 
-    def __init__(self, data_dir: Path, access: OutboxAccess, restart: Backoff) -> None:
+    def __init__(self, data_dir: Path, outbox: Outbox, restart: Backoff,
+                 healthy_s: float = 30.0) -> None:
         self.dir = data_dir / ENGINE_DIR
-        self.access = access
+        self.outbox = outbox
         self.restart = restart
+        self.healthy_s = healthy_s  # an engine running this long forgets earlier failures
         self.engine: Engine | None = None
         self.state = "starting"
         self.error: str | None = None
@@ -89,25 +123,22 @@ class EngineSupervisor:
         self._changed: asyncio.Event | None = None
         self._stopping = False
         self._waiter: asyncio.Future[str | None] | None = None
-        self.last_summary: dict[str, Any] | None = None  # of the last engine that ended
+        self.last_summary: EngineSummary | None = None  # of the last engine that ended
+        self._failed = False  # a failure was logged and no engine has run since
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EngineStatus:
         eng = self.engine
-        out: dict[str, Any] = {
-            "state": self.state,
-            "pipeline": self._spec.name if self._spec else None,
-            "error": self.error,
-            "starts": self.starts,
-        }
         # the live engine's figures, else those of the last engine that ended (a finished
-        # pipeline keeps showing what it did)
+        # pipeline keeps showing what it did); left out before any engine reported
         s = eng.summary() if eng is not None and eng.running else self.last_summary
+        figures: dict[str, Any] = {}
         if s is not None:
-            out.update(readings_in=s["readings_in"], alarms=s["alarms"], late=s["late"],
-                       dead_lettered=s["dead_lettered"], elapsed_s=s["elapsed_s"])
-            out["sinks"] = {sid: st["latency"] for sid, st in s["sinks"].items()
-                            if st.get("latency")}  # accept-to-action, per local sink
-        return out
+            figures.update(readings_in=s["readings_in"], alarms=s["alarms"], late=s["late"],
+                           dead_lettered=s["dead_lettered"], elapsed_s=s["elapsed_s"])
+            figures["sinks"] = {sid: st["latency"] for sid, st in s["sinks"].items()
+                                if st.get("latency")}  # accept-to-action, per local sink
+        return EngineStatus(state=self.state, pipeline=self._spec.name if self._spec else None,
+                            error=self.error, starts=self.starts, **figures)
 
     def counters(self) -> dict[str, int]:
         eng = self.engine
@@ -143,7 +174,7 @@ class EngineSupervisor:
         self._spec = spec
         self._changed = asyncio.Event()
         self.dir.mkdir(parents=True, exist_ok=True)
-        failures = 0
+        retry = Retry(self.restart, reset_after=self.healthy_s)
         try:
             while not self._stopping:
                 self._changed.clear()
@@ -153,17 +184,16 @@ class EngineSupervisor:
                     self._resolve(waiter, None)
                     await self._idle()
                     continue
-                outcome = await self._run_engine(spec, waiter)
+                outcome = await self._run_engine(spec, waiter, retry)
                 if outcome == "changed" or self._stopping:
-                    failures = 0
+                    retry.reset()
                     continue
                 if outcome == "finished":
                     self.state = "finished"
                     await self._idle()
                     continue
-                failures += 1
-                delay = self.restart.delay(failures)
-                self.state = "restarting"
+                delay = retry.failed()
+                self.state, self._failed = "restarting", True
                 log.error("pipeline %s failed: %s; restarting in %.1f s", spec.name, self.error,
                           delay)
                 with contextlib.suppress(TimeoutError):
@@ -173,23 +203,18 @@ class EngineSupervisor:
         self.state = "stopped"
 
     async def _idle(self) -> None:
-        """No engine: keep the outbox open for the uplink until the spec changes."""
+        """No engine: wait until the spec changes (the uplink keeps draining the outbox)."""
         assert self._changed is not None
-        with Outbox(outbox_path(self.dir.parent)) as ob:
-            await self.access.publish(ob)
-            try:
-                await self._changed.wait()
-            finally:
-                await self.access.withdraw()
+        await self._changed.wait()
 
     async def _run_engine(
-        self, spec: PipelineSpec, waiter: asyncio.Future[str | None] | None
+        self, spec: PipelineSpec, waiter: asyncio.Future[str | None] | None, retry: Retry
     ) -> str:
         """Run one engine until it ends or the spec changes: 'changed', 'finished', 'failed'.
         ``waiter`` learns when it runs (None) or why it could not start."""
         assert self._changed is not None
         try:
-            engine = Engine(spec, self.dir)
+            engine = Engine(spec, self.dir, outbox=self.outbox)
         except EdgewiseError as exc:
             self.error = str(exc)
             self._resolve(waiter, self.error)
@@ -199,20 +224,27 @@ class EngineSupervisor:
         self.state = "starting"
         task = asyncio.create_task(engine.run(), name=f"engine-{spec.name}")
         changed = asyncio.create_task(self._changed.wait())
+        started = asyncio.create_task(engine.started.wait())
         try:
-            while not engine.running and not task.done():
-                await asyncio.sleep(0.01)
-            if engine.running:
-                await self.access.publish(engine.outbox)
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            if engine.started.is_set() and not task.done():
+                retry.connected()  # a run this long forgets earlier failures (healthy_s)
                 self.state, self.error = "running", None
                 self._resolve(waiter, None)
-                log.info("pipeline %s running", spec.name)
+                log.log(logging.ERROR if self._failed else logging.INFO,  # as its failure was
+                        "pipeline %s running%s", spec.name, " again" * self._failed)
+                self._failed = False
             await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
-            await self.access.withdraw()
             if not task.done():
                 engine.stop()
             try:
                 self.last_summary = await task
+            except OutboxDamaged as exc:  # every engine would fail on it: no restart loop
+                self.error = str(exc)
+                raise OutboxDamaged(
+                    f"{exc}; the agent stops: start it again and it moves the damaged file "
+                    "aside and goes on in a new outbox (what that held is reported as lost)"
+                ) from None
             except EdgewiseError as exc:
                 self.error = str(exc)
                 return "failed"
@@ -224,14 +256,14 @@ class EngineSupervisor:
         finally:
             self._resolve(waiter, self.error)  # ended before it ever ran
             changed.cancel()
+            started.cancel()
             if not task.done():  # cancelled from outside: stop gracefully, then re-raise
                 engine.stop()
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(asyncio.shield(task), 10.0)
-            with contextlib.suppress(asyncio.CancelledError):
-                await changed
-            with contextlib.suppress(BaseException):
-                await self.access.withdraw()
+            for helper in (changed, started):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
 
 
 class Agent:
@@ -242,11 +274,14 @@ class Agent:
         data = Path(config.data_dir)
         self.data_dir = data
         self.identity = NodeIdentity(data, config.cloud, config.ca, config.token)
-        self.access = OutboxAccess()
+        self.outbox = Outbox(outbox_path(data))  # opened by run(), for the agent's lifetime
         self.view = OutboxView(outbox_path(data))
-        self.supervisor = EngineSupervisor(data, self.access, config.engine_restart)
+        self.supervisor = EngineSupervisor(data, self.outbox, config.engine_restart)
         self.twin: Twin | None = None
         self.uplink: Uplink | None = None
+        self.quarantined: Quarantined | None = None  # the damaged outbox moved aside at start
+        self.updater = Updater(data, config.updater, source=self._release_source)
+        self.restart_reason: str | None = None  # run() ended to start again (another slot)
         self.state = "starting"
         self.error: BaseException | None = None
         self.started_at = time.time()
@@ -260,39 +295,49 @@ class Agent:
             self._stop.set()
 
     # -- status -----------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
+        """What `write_status` puts in ``DATA/status.json``."""
         ident = self.identity
-        out: dict[str, Any] = {
-            "format": 1,
-            "updated_at": time.time(),
-            "pid": os.getpid(),
-            "state": self.state,
-            "started_at": self.started_at,
-            "node_id": ident.node_id,
-            "cloud": ident.cloud or None,
-            "certificate": ident.cert.to_json() if ident.cert else None,
-            "renewals": ident.renewals,
-            "reauths": ident.reauths,
-            "engine": self.supervisor.status(),
-            "twin": self.twin.status() if self.twin else {},
-            "problem": ident.problem or (self.uplink.problem if self.uplink else None),
-        }
+        extra: dict[str, Any] = {}  # written only when there is something to say
         if self.error is not None:
-            out["error"] = str(self.error)
+            extra["error"] = str(self.error)
         if self.uplink is not None:
-            out.update(self.uplink.status())
-        return out
+            up = self.uplink.status()
+            extra.update(link=up.link, bytes=up.bytes, window=up.window, uplink=up.uplink)
+        if self.updater.reportable():
+            extra["release"] = ReleaseStatus(**self.updater.status())
+        if self.outbox.meta:  # opened
+            extra["outbox"] = OutboxStatus(**vars(self.outbox.health()))
+        return AgentStatus(
+            format=STATUS_FORMAT,
+            updated_at=time.time(),
+            pid=os.getpid(),
+            state=self.state,
+            started_at=self.started_at,
+            node_id=ident.node_id,
+            cloud=ident.cloud or None,
+            certificate=CertificateStatus(**ident.cert.to_json()) if ident.cert else None,
+            renewals=ident.renewals,
+            reauths=ident.reauths,
+            engine=self.supervisor.status(),
+            twin=self.twin.status() if self.twin else None,
+            problem=ident.problem or (self.uplink.problem if self.uplink else None)
+            or self._outbox_problem(extra.get("outbox")),
+            **extra,
+        )
 
     def counters(self) -> dict[str, int]:
         """The counters of the reported state."""
         out = dict(self.supervisor.counters())
-        ob = self.access.current()
-        if ob is not None:
-            for name, st in ob.stats().items():
-                out[f"{name}.produced"] = st.produced
-                out[f"{name}.acked"] = st.acked
-                out[f"{name}.pending"] = st.pending_records
-                out[f"{name}.dropped"] = st.dropped
+        for name, st in self.outbox.stats().items():
+            out[f"{name}.produced"] = st.produced
+            out[f"{name}.acked"] = st.acked
+            out[f"{name}.pending"] = st.pending_records
+            out[f"{name}.dropped"] = st.dropped
+        if self.outbox.meta:
+            h = self.outbox.health_state
+            out["outbox_disk_full"] = int(h.state == "disk full")
+            out["outbox_held_records"] = h.held_records
         if self.uplink is not None:
             out["chunks_refused"] = len(self.uplink.refused)
             if self.uplink.meter.available:
@@ -300,10 +345,34 @@ class Agent:
                 out["wire_bytes_received"] = self.uplink.meter.received
         return out
 
+    def _outbox_problem(self, h: OutboxStatus | None) -> str | None:
+        """A full disk (while it lasts), else a damaged outbox moved aside (this run)."""
+        if h is not None and h.state == "disk full":
+            free = f"{h.free_bytes:,} bytes free" if h.free_bytes is not None else "no room"
+            return (f"the disk of {self.outbox.path.parent} is full ({free}): the outbox stopped "
+                    "growing and drops its lowest priorities to store new records, "
+                    f"{h.held_records:,} records wait in memory; local alarms go on. Free "
+                    "space on that disk")
+        return self.quarantined.describe() if self.quarantined is not None else None
+
+    def _open_outbox(self, uplink: Uplink) -> None:
+        """Open the outbox (a damaged file is quarantined, `open_outbox`) and continue its
+        numbers above what the uplink ledger says the cloud may have heard of."""
+        self.quarantined = open_outbox(self.outbox)
+        ledger = uplink.store.ledger
+        numbered = self.outbox.numbered_for
+        if ledger.high and (ledger.node is None or numbered is None or ledger.node == numbered):
+            for stream, (first, count) in self.outbox.continue_from(
+                    ledger.floors(), ledger.marks, BEHIND).items():
+                note = f"stream {stream}: seq {first}..{first + count - 1} {BEHIND}"
+                self.outbox.health_state.notes.append(note)
+        for note in self.outbox.health_state.notes:
+            log.error("outbox: %s", note)
+
     async def _write_status(self) -> None:
         try:
             await asyncio.to_thread(write_status, self.data_dir, self.status())
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             log.warning("cannot write %s: %s", self.data_dir / "status.json", exc)
 
     async def _status_loop(self) -> None:
@@ -321,44 +390,73 @@ class Agent:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create {self.data_dir}: {exc.strerror or exc}") from exc
+        decommission.check_start(self.data_dir, cfg.token is not None)  # docs/agent.md
+        check_allowed_roots(self.data_dir, cfg.allowed_paths)
         self.identity.prepare()
+        self.updater.prepare()  # a release on trial with its attempts used up rolls back here
+        tpm = tpm_node.start(cfg.tpm, self) if cfg.tpm else None  # measures the launch
         twin = self.twin = Twin(self.data_dir / "twin", self.identity.label,
-                                base_dir=self.data_dir / "pipelines")
+                                base_dir=self.data_dir / "pipelines",
+                                allowed_roots=cfg.allowed_paths)
         twin.load()
+        for key, value in self.updater.setpoint_defaults().items():
+            if key not in twin.setpoints:  # a default: what the cloud or the site set stays
+                twin.set_setpoint(key, value)
         spec = twin.startup_spec(cfg.pipeline)
-        uplink = self.uplink = Uplink(self.identity, self.access, self.view, twin,
+        governed, release_spec = self.updater.pipeline(twin.desired)
+        if governed:  # the assigned release's pipeline replaces the desired state's
+            spec = release_spec
+        uplink = self.uplink = Uplink(self.identity, self.outbox, self.view, twin,
                                       self.data_dir / "uplink", cfg.uplink)
         twin.counters = self.counters
-        twin.on_applied = uplink.request_report
+        uplink.health = HealthProbe(self).sample  # each heartbeat carries the node's health
+        twin.release_text = self.updater.status_text
+
+        def applied() -> None:
+            uplink.request_report()
+            self.updater.notice()  # the release assignment may have changed
+
+        twin.on_applied = applied
+        hooks = SupervisorHooks(self.supervisor, lambda: twin.desired, self._restart,
+                                uplink.request_report, lambda: twin.startup_spec(cfg.pipeline))
         self._stop = asyncio.Event()
         if self._pending_stop:
             self._stop.set()
         self.state = "running"
         try:
-            async with asyncio.TaskGroup() as tg:
-                engine_task = tg.create_task(self.supervisor.run(spec), name="engine")
-                others = [
-                    tg.create_task(self._guard(uplink.run()), name="uplink"),
-                    tg.create_task(self._guard(self.identity.renewal_loop(
-                        cfg.renew_retry.delay)), name="renewal"),
-                    tg.create_task(self._guard(twin.run(self._fetch_desired, self._apply,
-                                                        cfg.engine_restart.delay)),
-                                   name="twin"),
-                    tg.create_task(self._status_loop(), name="status"),
-                ]
-                await self._stop.wait()
-                self.state = "stopping"
-                for t in others:
-                    t.cancel()
-                self.supervisor.stop()
-                await engine_task
-        except BaseExceptionGroup as group:  # the supervisor failed (its outbox, say)
+            self._open_outbox(uplink)  # one outbox for the agent's lifetime, lent to every engine
+            with contextlib.closing(self.outbox), tpm or contextlib.nullcontext():
+                async with asyncio.TaskGroup() as tg:
+                    engine_task = tg.create_task(self.supervisor.run(spec), name="engine")
+                    others = [
+                        tg.create_task(self._guard(uplink.run()), name="uplink"),
+                        tg.create_task(self._guard(self.identity.renewal_loop(
+                            cfg.renew_retry.delay)), name="renewal"),
+                        tg.create_task(self._guard(twin.run(self._fetch_desired, self._apply,
+                                                            cfg.engine_restart.delay)),
+                                       name="twin"),
+                        tg.create_task(self._status_loop(), name="status"),
+                        tg.create_task(self._guard(self.updater.run(hooks)), name="updater"),
+                        *[tg.create_task(self._guard(c)) for c in tpm_node.attestation(tpm, self)],
+                    ]
+                    await self._stop.wait()
+                    self.state = "stopping"
+                    for t in others:
+                        t.cancel()
+                    self.supervisor.stop()
+                    await engine_task
+        except BaseExceptionGroup as group:  # the supervisor failed (a storage error, say)
             self.error = self.error or first_error(group)
+        except StorageError as exc:  # the outbox cannot be opened
+            self.error = self.error or exc
         finally:
             self.view.close()
             self.state = "failed" if self.error is not None else "stopped"
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._write_status())
+        if isinstance(self.error, Revoked) and self.error.decommissioned:  # wipe if told to
+            raise decommission.finish(self.data_dir, self.identity.node_id, self.error.reason,
+                                      self.error.wipe)
         if self.error is not None:
             raise self.error
 
@@ -378,7 +476,25 @@ class Agent:
     async def _fetch_desired(self) -> dict[str, Any]:
         return await self.identity.request("GET", "/v1/device/desired")
 
+    def _restart(self, reason: str) -> None:
+        """Stop, to be started again (`edgewise agent launch`, or `agent run` itself)."""
+        log.info("restarting: %s", reason)
+        self.restart_reason = reason
+        self.stop()
+
+    def _release_source(self) -> Any:
+        """Where releases come from: ``release_dir``, else the control plane (TUF)."""
+        if self.config.release_dir is not None:
+            return DirectorySource(self.config.release_dir)
+        root = self.identity.files.tuf_root_path
+        return ReleaseFetcher(self.data_dir / "releases" / "tuf", self.identity.cloud,
+                              self.identity.ssl_context(),
+                              root.read_bytes() if root.exists() else None)
+
     async def _apply(self, spec: PipelineSpec | None, state: DesiredState) -> str | None:
+        if self.updater.governs(state):
+            log.info("desired v%d: the assigned release's pipeline keeps running", state.version)
+            return None
         log.info("applying desired v%d (%s)", state.version,
                  f"pipeline {spec.name}" if spec else "no pipeline")
         return await self.supervisor.apply(spec)

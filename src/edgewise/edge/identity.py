@@ -1,12 +1,8 @@
 """The node's identity: its key, its short-lived certificate, and the HTTPS calls that keep it.
 
-Files in ``DATA/identity/`` (directory mode 0700):
-
-    node.key      P-256 private key, made here and never sent anywhere (mode 0600)
-    node.pem      the node certificate the control plane signed (SAN spiffe://<td>/node/<id>)
-    ca.pem        the control plane's CA, the only trust anchor for the server
-    node_id       the node id, one line
-    cloud.json    the control plane URL and trust domain, so later runs need neither flag
+This module enrols, renews and re-authenticates. The files (``DATA/identity/``: node.key,
+node.pem, ca.pem, node_id, cloud.json) and their modes are `edgewise.edge.identity_files`; one
+JSON request to the device API and its errors are `edgewise.edge.device_http`.
 
 Lifecycle (docs/agent.md, docs/security.md):
 
@@ -25,7 +21,7 @@ trust domain, then written atomically. The token and the key are never logged.
 Errors:
 
     ConfigError ── EnrolmentRefused     the enrolment token was refused (wrong, used, expired)
-    PeerError ──── CloudRefusal         the control plane answered 4xx/5xx (``status``, ``reason``)
+    PeerError ──── CloudRefusal         the control plane answered 4xx/5xx (`device_http`)
     EdgewiseError ┬ Revoked             the control plane revoked this node: stop
                   └ ReenrolRequired     the certificate is past the grace period: new token
     TransportError                      the control plane could not be reached
@@ -35,56 +31,61 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import contextlib
 import logging
 import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 
+from edgewise.edge.damaged import DamagedFile, set_aside
+
+# ``x as x``: re-exported, edge/uplink.py and edge/status.py import them from this module
+from edgewise.edge.device_http import (
+    REQUEST_TIMEOUT_S,
+    CloudRefusal,
+    check_cloud_url,
+    device_request,
+)
+from edgewise.edge.device_http import describe_network_error as describe_network_error
+from edgewise.edge.identity_files import CertInfo, IdentityFiles, identity_of
+from edgewise.edge.identity_files import read_cert_info as read_cert_info
+from edgewise.edge.tpm_node import tpm_binding, tpm_enrol
 from edgewise.errors import ConfigError, EdgewiseError, PeerError, StorageError, TransportError
 from edgewise.security import pki, tls
 
 log = logging.getLogger(__name__)
 
-KEY_FILE, CERT_FILE, CA_FILE, NODE_ID_FILE, CLOUD_FILE = (
-    "node.key", "node.pem", "ca.pem", "node_id", "cloud.json",
-)
-MAX_ANSWER_BYTES = 4 * 1024 * 1024
-REQUEST_TIMEOUT_S = 15.0
-
-
 class EnrolmentRefused(ConfigError):
     """The control plane refused the enrolment token."""
 
 
-class CloudRefusal(PeerError):
-    """The control plane answered a device request with an error status."""
-
-    def __init__(self, method: str, path: str, status: int, reason: str) -> None:
-        self.status = status
-        self.reason = reason
-        super().__init__(f"{method} {path}: the control plane answered {status}: {reason}")
-
-
 class Revoked(EdgewiseError):
-    """The control plane revoked this node's certificate or key; the agent must stop."""
+    """The control plane revoked this node's certificate or key; the agent must stop.
 
-    def __init__(self, reason: str) -> None:
+    ``decommissioned``: it was decommissioned (`edgewise.edge.decommission`), and with ``wipe``
+    the node deletes its keys and data."""
+
+    def __init__(self, reason: str, *, decommissioned: bool = False, wipe: bool = False) -> None:
         self.reason = reason
+        self.decommissioned = decommissioned
+        self.wipe = wipe and decommissioned
+        what = "decommissioned" if decommissioned else "revoked"
         super().__init__(
-            f"this node has been revoked by the control plane ({reason}). The agent stops; "
+            f"this node has been {what} by the control plane ({reason}). The agent stops; "
             "an operator must enrol it again with a new token before it can reconnect"
         )
+
+    @classmethod
+    def of(cls, refusal: CloudRefusal) -> Revoked:
+        """From a 403 answer, with the decommission order it carries, if any."""
+        return cls(refusal.reason, decommissioned=refusal.decommissioned, wipe=refusal.wipe)
 
 
 class ReenrolRequired(EdgewiseError):
@@ -93,83 +94,6 @@ class ReenrolRequired(EdgewiseError):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def check_cloud_url(url: str) -> str:
-    """``https://HOST:PORT`` (no path): the only form the device API accepts."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(
-            f"--cloud {url!r}: use https://HOST:PORT (the device API is TLS only)"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"--cloud {url!r}: give only https://HOST:PORT, without a path")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise ConfigError(f"--cloud {url!r}: {exc}") from None
-    return f"https://{parts.netloc}"
-
-
-def describe_network_error(exc: BaseException) -> str:
-    """One stable line for a network failure (no object addresses, so repeats compare equal)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        why = os_error.strerror or str(os_error) or type(os_error).__name__
-        return f"cannot connect to {exc.host}:{exc.port}: {why}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _reason(data: bytes) -> str:
-    """The error text of a control-plane answer (JSON ``error``/``detail``/``reason`` or text)."""
-    text = data[:2000].decode("utf-8", "replace").strip()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text[:300] or "(no reason given)"
-    if isinstance(body, dict):
-        for k in ("error", "detail", "reason", "message"):
-            if isinstance(body.get(k), str):
-                return body[k][:300]
-    return text[:300]
-
-
-@dataclass
-class CertInfo:
-    """What status and the renewal loop need to know about the current certificate."""
-
-    serial: int
-    not_before: datetime
-    not_after: datetime
-    fingerprint: str
-
-    @classmethod
-    def of(cls, cert: x509.Certificate) -> CertInfo:
-        return cls(cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc,
-                   pki.public_key_fingerprint(cert))
-
-    def renew_at(self, fraction: float = pki.RENEW_FRACTION) -> datetime:
-        return self.not_before + (self.not_after - self.not_before) * fraction
-
-    def to_json(self, fraction: float = pki.RENEW_FRACTION) -> dict[str, Any]:
-        return {
-            "serial": f"{self.serial:x}",
-            "not_before": self.not_before.isoformat(),
-            "expires_at": self.not_after.isoformat(),
-            "renew_at": self.renew_at(fraction).isoformat(),
-        }
-
-
-def read_cert_info(data_dir: str | os.PathLike[str]) -> CertInfo | None:
-    """The certificate in ``DATA/identity/node.pem``, or None (for `edgewise agent status`)."""
-    try:
-        pem = (Path(data_dir) / "identity" / CERT_FILE).read_bytes()
-        return CertInfo.of(x509.load_pem_x509_certificate(pem))
-    except (OSError, ValueError):
-        return None
 
 
 class NodeIdentity:
@@ -190,7 +114,7 @@ class NodeIdentity:
         renew_fraction: float = pki.RENEW_FRACTION,
         now: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self.dir = Path(data_dir) / "identity"
+        self.files = IdentityFiles(data_dir)
         self._cloud_flag = check_cloud_url(cloud) if cloud else None
         self._ca_flag = Path(ca) if ca is not None else None
         self._token = token
@@ -206,19 +130,24 @@ class NodeIdentity:
         self._changed: asyncio.Event | None = None
         self.renewals = 0
         self.reauths = 0
+        self.tpm: Any = None  # `edge.tpm_node.TpmNode` with --tpm: enrolment through the TPM
 
     # -- paths ------------------------------------------------------------------------------
     @property
+    def dir(self) -> Path:
+        return self.files.dir
+
+    @property
     def key_path(self) -> Path:
-        return self.dir / KEY_FILE
+        return self.files.key_path
 
     @property
     def cert_path(self) -> Path:
-        return self.dir / CERT_FILE
+        return self.files.cert_path
 
     @property
     def ca_path(self) -> Path:
-        return self.dir / CA_FILE
+        return self.files.ca_path
 
     @property
     def enrolled(self) -> bool:
@@ -236,13 +165,20 @@ class NodeIdentity:
     def prepare(self) -> None:
         """Read (or create) the identity files; raise `ConfigError` for what the user must fix.
 
-        Creates the key on first start. Does not contact the control plane.
+        Creates the key on first start. Does not contact the control plane. A damaged file is
+        a `DamagedFile` (exit 2) unless it can be put right here: ``cloud.json`` from
+        ``--cloud``, ``ca.pem`` from ``--ca``, ``node_id`` from node.pem, the key or the
+        certificate by enrolling again as a new node when ``--token`` is given.
         """
+        files = self.files
+        files.make_dir()
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create {self.dir}: {exc.strerror or exc}") from exc
-        saved = self._read_cloud_file()
+            saved = files.read_cloud()
+        except DamagedFile as exc:
+            if self._cloud_flag is None:
+                raise
+            log.warning("%s; writing it again from --cloud", exc.what)
+            saved = {}
         self.cloud = self._cloud_flag or saved.get("cloud", "")
         if not self.cloud:
             raise ConfigError(
@@ -250,37 +186,22 @@ class NodeIdentity:
             )
         self.trust_domain = saved.get("trust_domain")
         if self._ca_flag is not None:
-            try:
-                ca_pem = self._ca_flag.read_bytes()
-                x509.load_pem_x509_certificate(ca_pem)
-            except FileNotFoundError:
-                raise ConfigError(f"--ca {self._ca_flag}: no such file") from None
-            except (OSError, ValueError) as exc:
-                raise ConfigError(
-                    f"--ca {self._ca_flag}: not a readable PEM certificate ({exc})"
-                ) from None
-            if not self.ca_path.exists() or self.ca_path.read_bytes() != ca_pem:
-                pki.write_atomic(self.ca_path, ca_pem)
+            files.install_ca(self._ca_flag)
         elif not self.ca_path.exists():
             raise ConfigError(
                 f"no CA certificate in {self.dir}: pass --ca CA.pem (the control plane's "
                 "ca.pem, printed by `edgewise cloud serve`)"
             )
-        if self.key_path.exists():
-            self._key = pki.load_key(self.key_path)
-        else:
-            self._key = pki.generate_key(self.key_path)
-            log.info("made a new node key in %s", self.key_path)
-        node_id_file = self.dir / NODE_ID_FILE
-        if self.cert_path.exists() and node_id_file.exists():
-            cert = self._load_cert_file()
-            self.node_id = node_id_file.read_text().strip()
-            if pki.public_key_fingerprint(cert) != pki.public_key_fingerprint(self._key):
-                raise ConfigError(
-                    f"{self.cert_path} does not belong to {self.key_path}; remove "
-                    f"{self.dir} and enrol again with --token"
-                )
-            self.cert = CertInfo.of(cert)
+        files.check_ca()
+        try:
+            self._key = files.load_or_make_key()
+            cert = files.load_cert() if files.enrolled() else None
+        except DamagedFile as exc:
+            if self._token is None:
+                raise
+            self._key, cert = self._start_over(exc), None
+        if cert is not None:
+            self._take_cert(cert)
             if self._token is not None:
                 log.info("already enrolled as node %s; --token is not needed", self.node_id)
         elif self._token is None:
@@ -288,27 +209,45 @@ class NodeIdentity:
                 f"{self.dir.parent} is not enrolled yet: pass --token with an enrolment token "
                 "(make one with `edgewise cloud token create`)"
             )
-        if self._cloud_flag and self._cloud_flag != saved.get("cloud"):
-            self._write_cloud_file()
+        if (self.cloud, self.trust_domain) != (saved.get("cloud"), saved.get("trust_domain")):
+            files.write_cloud(self.cloud, self.trust_domain)
 
-    def _load_cert_file(self) -> x509.Certificate:
+    def _take_cert(self, cert: x509.Certificate) -> None:
+        """The certificate on disk is ours: who it names is who we are (``node_id`` and the
+        trust domain are written again from it when they say otherwise)."""
+        files = self.files
+        assert self._key is not None
+        if pki.public_key_fingerprint(cert) != pki.public_key_fingerprint(self._key):
+            raise ConfigError(
+                f"{self.cert_path} does not belong to {self.key_path}; remove "
+                f"{self.dir} and enrol again with --token"
+            )
+        self.trust_domain, self.node_id = identity_of(cert)
         try:
-            return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
-        except ValueError as exc:
-            raise StorageError(f"{self.cert_path} is not a readable certificate") from exc
+            on_disk: str | None = files.read_node_id() if files.node_id_path.exists() else None
+            state = "is missing" if on_disk is None else f"is damaged ({on_disk!r})"
+        except DamagedFile as exc:
+            on_disk, state = None, f"is damaged ({exc.why})"
+        if on_disk != self.node_id:
+            log.warning("%s %s; written again from %s, which names node %s",
+                        files.node_id_path, state, self.cert_path.name, self.node_id)
+            files.write_node_id(self.node_id)
+        self.cert = CertInfo.of(cert)
 
-    def _read_cloud_file(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.dir / CLOUD_FILE).read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"{self.dir / CLOUD_FILE} is unreadable: {exc}") from exc
-        return data if isinstance(data, dict) else {}
-
-    def _write_cloud_file(self) -> None:
-        body = {"cloud": self.cloud, "trust_domain": self.trust_domain}
-        pki.write_atomic(self.dir / CLOUD_FILE, json.dumps(body).encode() + b"\n")
+    def _start_over(self, damage: DamagedFile) -> ec.EllipticCurvePrivateKey:
+        """The key or certificate is damaged and a token was given: keep the old files as
+        ``*.damaged`` and make a fresh key to enrol as a new node."""
+        files = self.files
+        old = None
+        with contextlib.suppress(EdgewiseError):
+            old = files.read_node_id() if files.node_id_path.exists() else None
+        for path in (files.key_path, files.cert_path, files.node_id_path):
+            if path.exists() and set_aside(path) is None:
+                raise StorageError(f"cannot move {path} aside to enrol again") from None
+        log.warning("%s; enrolling again with the --token given, as a new node with a new "
+                    "key (the old files are kept as *.damaged)%s", damage.what,
+                    f"; revoke the old node {old} (`edgewise node revoke {old}`)" if old else "")
+        return files.load_or_make_key()
 
     def _events(self) -> tuple[asyncio.Lock, asyncio.Event]:
         # created on first use inside the running loop, never in __init__
@@ -331,32 +270,10 @@ class NodeIdentity:
         """One JSON request to the device API. Raises `TransportError`, `CloudRefusal`,
         `PeerError` (an answer that is not a JSON object) or `ConfigError` (the server's
         certificate does not verify against our CA)."""
-        ctx = self.ssl_context(client_cert)
-        url = self.cloud + path
-        try:
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as session, session.request(method, url, json=body, ssl=ctx) as resp:
-                data = await resp.content.read(MAX_ANSWER_BYTES + 1)
-                status = resp.status
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise ConfigError(
-                f"the control plane at {self.cloud} presented a certificate that does not "
-                f"verify against {self.ca_path} ({exc.certificate_error}); check --cloud and --ca"
-            ) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(f"{method} {path}: {describe_network_error(exc)}") from None
-        if len(data) > MAX_ANSWER_BYTES:
-            raise PeerError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes")
-        if status >= 400:
-            raise CloudRefusal(method, path, status, _reason(data))
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            raise PeerError(f"{method} {path}: the answer is not JSON") from None
-        if not isinstance(answer, dict):
-            raise PeerError(f"{method} {path}: the answer is not a JSON object")
-        return answer
+        return await device_request(
+            self.cloud, self.ssl_context(client_cert), method, path, body,
+            timeout=timeout, ca_path=self.ca_path,
+        )
 
     # -- certificates that come back --------------------------------------------------------
     def _accept_cert(
@@ -378,9 +295,7 @@ class NodeIdentity:
         return cert
 
     def _store_cert(self, cert: x509.Certificate) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        pki.write_atomic(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        self.files.write_cert(cert)
         self.cert = CertInfo.of(cert)
         _, changed = self._events()
         changed.set()
@@ -422,7 +337,11 @@ class NodeIdentity:
                 "csr": pki.make_csr(new_key).decode()}
         log.info("enrolling with the control plane at %s", self.cloud)
         try:
-            answer = await self.request("POST", "/v1/device/enrol", body, client_cert=False)
+            if self.tpm is not None:  # the TPM vouches for the TLS key (edge/tpm_node.py)
+                answer = await tpm_enrol(self.request, self.tpm, body["token"],
+                                         body["csr"].encode())
+            else:
+                answer = await self.request("POST", "/v1/device/enrol", body, client_cert=False)
         except CloudRefusal as exc:
             if exc.status in (400, 401, 403, 404, 409, 410):
                 raise EnrolmentRefused(
@@ -438,15 +357,22 @@ class NodeIdentity:
         pki.validate_trust_domain(trust_domain)
         cert = self._accept_cert(answer, new_key, node_id, trust_domain)
         if fresh:
-            pki.save_key(self.key_path, new_key)
+            self.files.save_key(new_key)
             self._key = new_key
         self.node_id, self.trust_domain, self.problem = node_id, trust_domain, None
-        pki.write_atomic(self.dir / NODE_ID_FILE, node_id.encode() + b"\n")
-        self._write_cloud_file()
+        self.files.write_node_id(node_id)
+        self.files.write_cloud(self.cloud, self.trust_domain)
+        self.files.write_tuf_root(answer.get("tuf_root"))
         self._store_cert(cert)
         self._token = None  # single use: never sent again by this process
         log.info("enrolled as node %s; certificate valid until %s", node_id,
                  self.cert.not_after.isoformat() if self.cert else "?")
+
+    async def _bound(self, body: dict[str, Any]) -> dict[str, Any]:
+        """With a TPM, the TPM node key's signature over the CSR (the control plane wants it)."""
+        if self.tpm is not None:
+            body["binding"] = await tpm_binding(self.tpm, body["csr"].encode())
+        return body
 
     async def renew(self) -> None:
         """Renew over mutual TLS with a CSR of the same key. Raises like `request`, and
@@ -454,12 +380,12 @@ class NodeIdentity:
         assert self._key is not None and self.node_id and self.trust_domain
         lock, _ = self._events()
         async with lock:
-            body = {"csr": pki.make_csr(self._key).decode()}
+            body = await self._bound({"csr": pki.make_csr(self._key).decode()})
             try:
                 answer = await self.request("POST", "/v1/device/renew", body)
             except CloudRefusal as exc:
                 if exc.status == 403:
-                    raise Revoked(exc.reason) from None
+                    raise Revoked.of(exc) from None
                 raise
             self._store_cert(self._accept_cert(answer, self._key, self.node_id,
                                                self.trust_domain))
@@ -480,17 +406,17 @@ class NodeIdentity:
                 nonce = base64.b64decode(str(challenge.get("nonce", "")), validate=True)
             except ValueError:
                 raise PeerError("the re-authentication nonce is not base64") from None
-            body = {
+            body = await self._bound({
                 "node_id": self.node_id,
                 "nonce": base64.b64encode(nonce).decode(),
                 "signature": base64.b64encode(pki.sign_challenge(self._key, nonce)).decode(),
                 "certificate": self.cert_path.read_text(),
                 "csr": pki.make_csr(self._key).decode(),
-            }
+            })
             answer = await self.request("POST", "/v1/device/reauth", body, client_cert=False)
         except CloudRefusal as exc:
             if exc.status == 403:
-                raise Revoked(exc.reason) from None
+                raise Revoked.of(exc) from None
             if exc.status in (400, 401, 404, 410):
                 raise ReenrolRequired(
                     f"node {self.node_id} cannot re-authenticate ({exc.status}: {exc.reason}). "
@@ -546,6 +472,8 @@ class NodeIdentity:
                 log.warning("certificate renewal failed (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
+            if failures:  # the failures were WARNINGs: so is their end
+                log.warning("certificate renewal succeeded after %d failed attempt(s)", failures)
             failures = 0
             if self.needs_renewal():  # a very short-lived certificate: do not spin
                 await asyncio.sleep(min_interval)
@@ -556,8 +484,3 @@ class NodeIdentity:
         except TimeoutError:
             pass
 
-
-def expires_in(info: CertInfo | None, now: datetime | None = None) -> timedelta | None:
-    if info is None:
-        return None
-    return info.not_after - (now or _utcnow())

@@ -1,9 +1,12 @@
-"""The uplink's gap ledger: which sequence ranges were ever sent or reported as gaps.
+"""The uplink's ledger: for each stream the highest sequence number the cloud may have heard of.
 
-Pure bookkeeping plus its msgpack form: `IntervalSet` (merged half-open ranges), `uncovered`,
-`find_gaps` (what the node dropped and the cloud has not heard of) and `Ledger` (per stream,
-sent ranges and reported gaps; the uplink persists it before sending the frames it
-describes). See the "Gaps" paragraph of `edgewise.edge.uplink`.
+Pure bookkeeping plus its msgpack form: `Ledger` (the node id it is about; per stream the end
+of the highest range sent or reported as a gap, and the cloud's last contiguous mark), saved by
+the uplink *before* it sends the frames it describes. It is the node's memory of the cloud's
+sequence space outside the outbox: an outbox that is replaced, quarantined or that lost its
+latest commits continues its numbers from here (`edgewise.outbox.numbering`), so a number the
+cloud has seen is never given to another record. Gaps themselves come from the outbox's lost
+ranges, not from here. `IntervalSet` and `uncovered` are the interval helpers.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from collections.abc import Iterable, Iterator
 
 import msgpack
 
-from edgewise.edge.status import OutboxSnapshot
 from edgewise.errors import StorageError
 
 
@@ -78,87 +80,67 @@ def uncovered(lo: int, hi: int, covered: Iterable[tuple[int, int]]) -> list[tupl
     return out
 
 
-def find_gaps(
-    snap: OutboxSnapshot,
-    marks: dict[str, int],
-    covered: dict[str, list[tuple[int, int]]],
-) -> list[tuple[str, int, int]]:
-    """``(stream, first_seq, count)`` of every sequence range the node dropped and the cloud has
-    not heard of: from the cloud's mark to ``next_seq``, minus what is pending in the outbox
-    and ``covered`` (sent or reported). Pure."""
-    pending: dict[str, list[tuple[int, int]]] = {}
-    for c in snap.chunks:
-        pending.setdefault(c.stream, []).append((c.seq_first, c.seq_first + c.seq_count))
-    gaps = []
-    for stream, row in sorted(snap.streams.items()):
-        spans = pending.get(stream, []) + covered.get(stream, [])
-        for s, e in uncovered(marks.get(stream, 0), row.next_seq, spans):
-            gaps.append((stream, s, e - s))
-    return gaps
-
-
 class Ledger:
-    """Per stream: sequence ranges ever sent, and the exact ranges reported as gaps.
+    """What the cloud may have heard of, per stream, for one node id.
 
-    Everything the cloud can hold above its contiguous mark is in here, so gaps computed
-    against it never overlap stored data. Persisted with `save_atomic`; `trim` forgets what
-    lies below the cloud's marks.
+    ``high[stream]``: the end (exclusive) of the highest range sent or reported as a gap;
+    ``marks[stream]``: the cloud's contiguous mark at the last welcome. Persisted with
+    `save_atomic` by `edgewise.edge.uplink_store`; format 1 (sent ranges and gaps) still reads.
     """
 
-    FORMAT = 1
+    FORMAT = 2
 
-    def __init__(self) -> None:
-        self.sent: dict[str, IntervalSet] = {}
-        self.gaps: dict[str, list[tuple[int, int]]] = {}  # stream -> [(first, count)]
+    def __init__(self, node: str | None = None) -> None:
+        self.node = node
+        self.high: dict[str, int] = {}
+        self.marks: dict[str, int] = {}
 
     def record_sent(self, stream: str, first: int, count: int) -> bool:
-        """Add a sent range; True if it was not covered yet (the ledger must be saved)."""
-        spans = self.sent.setdefault(stream, IntervalSet())
-        if spans.covers(first, first + count):
+        """A range is about to be sent; True if the ledger grew (it must be saved first)."""
+        end = first + count
+        if end <= self.high.get(stream, 0):
             return False
-        spans.add(first, first + count)
+        self.high[stream] = end
         return True
 
-    def record_gap(self, stream: str, first: int, count: int) -> None:
-        self.gaps.setdefault(stream, []).append((first, count))
-
-    def covered(self) -> dict[str, list[tuple[int, int]]]:
-        out: dict[str, list[tuple[int, int]]] = {k: list(v) for k, v in self.sent.items()}
-        for stream, gaps in self.gaps.items():
-            out.setdefault(stream, []).extend((s, s + c) for s, c in gaps)
-        return out
-
-    def gaps_above(self, marks: dict[str, int]) -> list[tuple[str, int, int]]:
-        return [(stream, s, c) for stream, gaps in sorted(self.gaps.items())
-                for s, c in gaps if s + c > marks.get(stream, 0)]
+    def record_gap(self, stream: str, first: int, count: int) -> bool:
+        """A range is about to be reported as lost; True if the ledger grew."""
+        return self.record_sent(stream, first, count)
 
     def trim(self, marks: dict[str, int]) -> None:
-        """Forget what lies wholly below the cloud's marks: it is stored there."""
+        """Remember the cloud's marks (they are also what it has heard of)."""
         for stream, mark in marks.items():
-            if stream in self.sent:
-                self.sent[stream].trim_below(mark)
-            if stream in self.gaps:
-                self.gaps[stream] = [(s, c) for s, c in self.gaps[stream] if s + c > mark]
+            self.marks[stream] = mark
+            if mark > self.high.get(stream, 0):
+                self.high[stream] = mark
+
+    def floors(self) -> dict[str, int]:
+        return dict(self.high)
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb({
-            "format": self.FORMAT,
-            "sent": {k: [list(r) for r in v] for k, v in self.sent.items()},
-            "gaps": {k: [list(r) for r in v] for k, v in self.gaps.items()},
-        }, use_bin_type=True)
+        return msgpack.packb({"format": self.FORMAT, "node": self.node, "high": self.high,
+                              "marks": self.marks}, use_bin_type=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Ledger:
         """Raises `StorageError` if ``data`` is not a ledger."""
         try:
             raw = msgpack.unpackb(data, raw=False)
+            ledger = cls()
+            if raw.get("format") == 1:  # sent ranges and gaps: their ends are the high marks
+                for k, spans in raw["sent"].items():
+                    for _s, e in spans:
+                        ledger.record_sent(k, 0, int(e))
+                for k, gaps in raw["gaps"].items():
+                    for s, c in gaps:
+                        ledger.record_gap(k, int(s), int(c))
+                return ledger
             if raw.get("format") != cls.FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}")
-            ledger = cls()
-            for k, spans in raw["sent"].items():
-                ledger.sent[k] = IntervalSet((int(s), int(e)) for s, e in spans)
-            for k, gaps in raw["gaps"].items():
-                ledger.gaps[k] = [(int(s), int(c)) for s, c in gaps]
+            node = raw.get("node")
+            ledger.node = node if isinstance(node, str) else None
+            ledger.high = {str(k): int(v) for k, v in raw["high"].items()}
+            ledger.marks = {str(k): int(v) for k, v in raw["marks"].items()}
         except (ValueError, TypeError, KeyError, AttributeError,
                 msgpack.UnpackException) as exc:
             raise StorageError(f"the uplink ledger is unreadable: {exc}") from None

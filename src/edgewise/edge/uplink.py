@@ -13,26 +13,25 @@ tasks until the link drops:
   already on the wire is not interrupted: control waits at most one chunk;
 * **receiver**: ``ack`` releases the window and hands the ids to the acker, ``refuse`` marks a
   chunk as never to be sent again (persisted, counted in status), ``desired`` pokes the twin,
-  ``revoked`` stops the agent (`Revoked`), ``error`` ends the session;
-* **ticker**: heartbeats, periodic reports, gap detection, wire byte sampling.
+  ``revoked`` stops the agent (`Revoked`; decommissioned, and maybe told to wipe, when it
+  says so), ``error`` ends the session;
+* **ticker**: heartbeats (with the node's health: `edge.health`), reports, gaps, wire bytes.
 
 The **acker** runs across sessions: it records the acknowledged sequence ranges, then deletes
 the chunks with the engine's own `Outbox.ack` (so the engine's counters stay right), off the
 event loop. A chunk stays excluded from sending until its deletion is done.
 
-**Gaps.** The outbox counts dropped records, not their sequence numbers, and the cloud treats
-a gap that overlaps anything it stored as a protocol violation (the session is closed). So the
-uplink keeps a small persisted `Ledger` (``DATA/uplink/ledger.msgpack``, written with fsync
-*before* the frames it describes are sent): per stream the sequence ranges ever sent (a superset
-of what the cloud may hold above its mark) and the exact gap ranges reported. A gap is a range
-from the cloud's mark up to ``next_seq`` that is neither pending in the outbox, nor sent, nor
-reported. Reported gaps above the cloud's mark are sent again, unchanged, after a reconnect (the
-cloud treats an identical gap as a duplicate). A chunk that was in flight when a link died and
-is evicted before it could be resent is neither stored-for-sure nor reported; the cloud's mark
-waits at it (docs/agent.md, "Known limits").
+**Gaps.** The outbox records the sequence range of everything it evicts or loses, with the
+reason (`edgewise.outbox.numbering`); the transfer reports each range above the cloud's mark as
+a ``gap`` (chunks evicted while in flight included: the cloud records as lost only what it does
+not hold) and again after a reconnect until the mark has passed it. A small persisted `Ledger`
+(``DATA/uplink/ledger.msgpack``, written with fsync *before* the frames it describes are sent)
+remembers the highest numbers the cloud may have heard of, so a replaced outbox continues above
+them.
 
-**Reconnect**: exponential backoff with full jitter (`Backoff`); everything unacknowledged is
-sent again (the cloud dedupes by (node, stream, seq)).
+**Reconnect**: the shared policy of `edgewise.common.backoff` (full jitter up to a cap; a session
+welcomed and up for ``healthy_s`` forgets earlier failures, one that drops sooner keeps backing
+off); everything unacknowledged is sent again (the cloud dedupes by (node, stream, seq)).
 
 **Bytes**: ``wire_sent`` / ``wire_received`` are the TCP payload bytes of the session socket
 (TLS records, WebSocket framing and our frames) from the kernel's ``TCP_INFO``
@@ -40,30 +39,40 @@ sent again (the cloud dedupes by (node, stream, seq)).
 a session; ``ws_sent`` / ``ws_received`` are the WebSocket message payload bytes (our msgpack
 frames), counted everywhere. HTTPS requests (enrolment, renewal, desired state) are not counted.
 
-This module keeps the session itself; its parts live beside it: `edgewise.edge.backoff`
-(`Backoff`), `edgewise.edge.ledger` (`Ledger`, `IntervalSet`, `find_gaps`),
-`edgewise.edge.flow` (`Lanes`, `Window`, `Sent`), `edgewise.edge.wire` (`WireMeter`,
-`tcp_bytes`) and `edgewise.edge.outbox_access` (`OutboxAccess`).
+This module keeps the connection: link state, the connect loop, the session with its sender,
+receiver and ticker, reports and the status block. Its parts live beside it:
+
+* `edgewise.edge.transfer` (`Transfer`): the outbox side, across sessions: feeder, acker,
+  ``ack`` and ``refuse`` bookkeeping, the cloud's marks and the gaps;
+* `edgewise.edge.uplink_store` (`UplinkStore`): refused chunk ids and the ledger, on disk;
+* `edgewise.edge.frames`: ``batch`` and ``gap`` frames, outbox reads, the welcome's marks;
+* `edgewise.edge.ledger` (`Ledger`, `IntervalSet`), `edgewise.edge.flow`
+  (`Lanes`, `Window`, `Sent`), `edgewise.edge.wire` (`WireMeter`, `tcp_bytes`) and
+  `edgewise.common.backoff` (`Backoff`, `Retry`).
+
+`Uplink` still shows the counters, marks, refused chunks and ledger of its parts as its own
+attributes. Chunks are read and acknowledged through the agent's one `Outbox` (open for the
+agent's lifetime, shared with whichever engine runs), in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import aiohttp
 
 from edgewise import __version__
-from edgewise.edge.backoff import Backoff
-from edgewise.edge.flow import Lanes, Sent, Window
+from edgewise.common.backoff import Backoff, Retry
+from edgewise.edge import status_model as sm
+from edgewise.edge.flow import Lanes
+from edgewise.edge.health import HealthSource, heartbeat
 from edgewise.edge.identity import (
     ConfigError,
     EnrolmentRefused,
@@ -72,19 +81,18 @@ from edgewise.edge.identity import (
     Revoked,
     describe_network_error,
 )
-from edgewise.edge.ledger import Ledger, find_gaps
-from edgewise.edge.outbox import Chunk, Outbox
-from edgewise.edge.outbox_access import OutboxAccess
-from edgewise.edge.status import OutboxSnapshot, OutboxView
+from edgewise.edge.ledger import Ledger
+from edgewise.edge.transfer import Transfer
+from edgewise.edge.uplink_store import UplinkStore
 from edgewise.edge.wire import WireMeter
-from edgewise.errors import PeerError, StorageError, TransportError
+from edgewise.errors import PeerError, TransportError
+from edgewise.outbox import Outbox
+from edgewise.outbox.view import OutboxSnapshot, OutboxView
 from edgewise.sync import protocol as P
-from edgewise.sync.twin_state import save_atomic
 
 log = logging.getLogger(__name__)
 
-FRAME_OVERHEAD = 512  # bytes of msgpack around a batch payload, generously
-MAX_PAYLOAD = P.MAX_FRAME_BYTES - FRAME_OVERHEAD
+T = TypeVar("T")
 
 
 class LinkDown(TransportError):
@@ -94,7 +102,8 @@ class LinkDown(TransportError):
 class TwinHooks(Protocol):
     def applied_version(self) -> int: ...
 
-    def on_desired(self, version: int) -> None: ...
+    def on_desired(self, version: int, jitter: float = 0.0,
+                   state: dict[str, Any] | None = None) -> None: ...
 
     def report(self) -> dict[str, Any]: ...
 
@@ -104,10 +113,15 @@ class UplinkConfig:
     window_bytes: int = 2 * 1024 * 1024  # unacknowledged payload bytes in flight
     window_chunks: int = 512  # and at most this many chunks
     backoff: Backoff = field(default_factory=Backoff)
+    healthy_s: float = 10.0  # a session welcomed and up this long forgets earlier failures
     heartbeat_s: float = 15.0  # protocol heartbeat
     ping_s: float = 20.0  # WebSocket ping; no pong in ping_s / 2 closes the link
     report_s: float = 10.0  # reported state
     connect_timeout_s: float = 10.0
+    # the whole upgrade, from connecting to the end of the answer's head: the answer comes from
+    # across the network, so a server (or a proxy before it) that never finishes it, silent or
+    # a byte at a time, must not hold the uplink (aiohttp bounds its size, not its time)
+    upgrade_timeout_s: float = 20.0
     welcome_timeout_s: float = 10.0
     poll_s: float = 0.01  # how often the feeder looks for new chunks when idle
     close_grace_s: float = 2.0  # after a failed send, time for the receiver to read a last word
@@ -130,6 +144,24 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     return group.exceptions[0]
 
 
+class _Kept(Generic[T]):
+    """An attribute of `Uplink` kept by one of its parts: read and written there."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Uplink | None, owner: type | None = None) -> T:
+        if obj is None:  # on the class
+            return self  # type: ignore[return-value]
+        return getattr(getattr(obj, self.part), self.name)
+
+    def __set__(self, obj: Uplink, value: T) -> None:
+        setattr(getattr(obj, self.part), self.name, value)
+
+
 class Uplink:
     """Keeps one session to the control plane up, forever; see the module docstring.
 
@@ -141,19 +173,22 @@ class Uplink:
     def __init__(
         self,
         identity: NodeIdentity,
-        access: OutboxAccess,
+        outbox: Outbox,
         view: OutboxView,
         twin: TwinHooks,
         state_dir: str | os.PathLike[str],
         config: UplinkConfig | None = None,
     ) -> None:
         self.identity = identity
-        self.access = access
+        self.outbox = outbox  # the agent's one outbox, open for its lifetime
         self.view = view
         self.twin = twin
         self.config = config or UplinkConfig()
         self.state_dir = Path(state_dir)
+        self.store = UplinkStore(self.state_dir)  # refused chunk ids and the ledger
+        self.transfer = Transfer(outbox, self.store, self.config.poll_s)
         self.meter = WireMeter()
+        self.health: HealthSource | None = None  # for each heartbeat (the agent sets it)
         # link state
         self.state = "starting"
         self.state_since = time.time()
@@ -162,26 +197,23 @@ class Uplink:
         self.problem: str | None = None
         self.attempts = 0
         self.sessions = 0
-        # counters
+        # counters (those of the outbox side are kept by the transfer, below)
         self.ws_sent = self.ws_received = 0
         self.frames_sent = self.frames_received = 0
-        self.chunks_sent = self.records_sent = self.chunks_resent = 0
-        self.chunks_acked = self.records_acked = 0
-        self.acked_locally = 0  # chunks below the cloud's mark, acknowledged without sending
-        self.gaps_sent: dict[str, int] = {}  # stream -> sequence numbers reported as gaps
         self.reports_sent = 0
-        self.refused: dict[int, dict[str, Any]] = self._load_refused()
-        self.ledger = self._load_ledger()
-        self._ledger_lock: asyncio.Lock | None = None
-        # across sessions
-        self._sent: dict[int, Sent] = {}  # every chunk sent and not yet deleted
-        self._ever_sent: set[int] = set()
-        self._acking: set[int] = set()
-        self._ack_queue: asyncio.Queue[list[int]] | None = None
-        self._window: Window | None = None
-        self._lanes: Lanes | None = None
         self._report_soon = False
-        self.marks: dict[str, int] = {}
+
+    # kept by the store and the transfer; read (and set) here as before
+    refused: _Kept[dict[int, dict[str, Any]]] = _Kept("store")
+    ledger: _Kept[Ledger] = _Kept("store")
+    marks: _Kept[dict[str, int]] = _Kept("transfer")
+    chunks_sent: _Kept[int] = _Kept("transfer")
+    records_sent: _Kept[int] = _Kept("transfer")
+    chunks_resent: _Kept[int] = _Kept("transfer")
+    chunks_acked: _Kept[int] = _Kept("transfer")
+    records_acked: _Kept[int] = _Kept("transfer")
+    acked_locally: _Kept[int] = _Kept("transfer")
+    gaps_sent: _Kept[dict[str, int]] = _Kept("transfer")
 
     # -- status -----------------------------------------------------------------------------
     def _set_state(self, state: str, error: str | None = None) -> None:
@@ -194,115 +226,54 @@ class Uplink:
         """Send a report soon (the twin applied something)."""
         self._report_soon = True
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> sm.UplinkStatus:
         self.meter.sample()
-        window = self._window
-        refused: dict[str, dict[str, Any]] = {}
+        window = self.transfer.window
+        refused: dict[str, sm.RefusedStream] = {}
         for r in self.refused.values():
-            s = refused.setdefault(r["stream"], {"chunks": 0, "records": 0, "last_reason": ""})
-            s["chunks"] += 1
-            s["records"] += r["records"]
-            s["last_reason"] = r["reason"]
-        return {
-            "link": {
-                "state": self.state,
-                "since": self.state_since,
-                "last_error": self.last_error,
-                "next_attempt_at": self.next_attempt_at,
-                "sessions": self.sessions,
-                "attempts": self.attempts,
-                "url": self.identity.cloud + P.SESSION_PATH if self.identity.cloud else None,
-            },
-            "bytes": {
-                "wire_sent": self.meter.sent if self.meter.available else None,
-                "wire_received": self.meter.received if self.meter.available else None,
-                "ws_sent": self.ws_sent,
-                "ws_received": self.ws_received,
-                "counted": "wire_*: TCP payload bytes of the session socket, TLS included "
-                           "(Linux TCP_INFO); ws_*: WebSocket message payloads",
-            },
-            "window": {
-                "limit_bytes": self.config.window_bytes,
-                "inflight_bytes": window.bytes if window else 0,
-                "inflight_chunks": len(window.chunks) if window else 0,
-                "acking_chunks": len(self._acking),
-            },
-            "uplink": {
-                "chunks_sent": self.chunks_sent,
-                "records_sent": self.records_sent,
-                "chunks_resent": self.chunks_resent,
-                "chunks_acked": self.chunks_acked,
-                "records_acked": self.records_acked,
-                "acked_below_mark": self.acked_locally,
-                "gaps_reported": dict(self.gaps_sent),
-                "reports_sent": self.reports_sent,
-                "refused": refused,
-                "cloud_marks": dict(self.marks),
-            },
-        }
-
-    # -- refused chunks (persisted: never sent again, also after a restart) ----------------
-    @property
-    def _refused_path(self) -> Path:
-        return self.state_dir / "refused.json"
-
-    def _load_refused(self) -> dict[int, dict[str, Any]]:
-        try:
-            raw = json.loads(self._refused_path.read_text())
-            return {int(k): v for k, v in raw.items()}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("ignoring unreadable %s: %s", self._refused_path, exc)
-            return {}
-
-    async def _save_refused(self) -> None:
-        data = json.dumps({str(k): v for k, v in self.refused.items()}).encode()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(save_atomic, self._refused_path, data)
-
-    async def _refuse(self, chunk_id: int, sent: Sent | None, reason: str) -> None:
-        stream = sent.stream if sent else "?"
-        records = sent.records if sent else 0
-        log.warning("chunk %d of stream %s (%d records) refused: %s; it will not be sent again",
-                    chunk_id, stream, records, reason)
-        self.refused[chunk_id] = {"stream": stream, "records": records, "reason": reason[:300]}
-        try:
-            await self._save_refused()
-        except StorageError as exc:
-            log.warning("cannot persist refused chunk ids: %s", exc)
-
-    # -- the ledger (persisted before the frames it describes are sent) ---------------------
-    @property
-    def _ledger_path(self) -> Path:
-        return self.state_dir / "ledger.msgpack"
-
-    def _load_ledger(self) -> Ledger:
-        try:
-            data = self._ledger_path.read_bytes()
-        except FileNotFoundError:
-            return Ledger()
-        except OSError as exc:
-            raise StorageError(f"cannot read {self._ledger_path}: {exc.strerror}") from None
-        try:
-            return Ledger.from_bytes(data)
-        except StorageError as exc:
-            log.error("%s (%s); starting a new one: a gap reported now may overlap what the "
-                      "cloud holds", exc, self._ledger_path)
-            return Ledger()
-
-    async def _save_ledger(self) -> None:
-        if self._ledger_lock is None:
-            self._ledger_lock = asyncio.Lock()
-        async with self._ledger_lock:  # one writer; each write is the state at its start
-            data = self.ledger.to_bytes()
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(save_atomic, self._ledger_path, data)
+            s = refused.setdefault(r["stream"], sm.RefusedStream(chunks=0, records=0))
+            s.chunks, s.records, s.last_reason = s.chunks + 1, s.records + r["records"], r["reason"]
+        return sm.UplinkStatus(
+            link=sm.LinkStatus(
+                state=self.state,
+                since=self.state_since,
+                last_error=self.last_error,
+                next_attempt_at=self.next_attempt_at,
+                sessions=self.sessions,
+                attempts=self.attempts,
+                url=self.identity.cloud + P.SESSION_PATH if self.identity.cloud else None,
+            ),
+            bytes=sm.BytesStatus(
+                wire_sent=self.meter.sent if self.meter.available else None,
+                wire_received=self.meter.received if self.meter.available else None,
+                ws_sent=self.ws_sent,
+                ws_received=self.ws_received,
+                counted="wire_*: TCP payload bytes of the session socket, TLS included "
+                        "(Linux TCP_INFO); ws_*: WebSocket message payloads",
+            ),
+            window=sm.WindowStatus(
+                limit_bytes=self.config.window_bytes,
+                inflight_bytes=window.bytes if window else 0,
+                inflight_chunks=len(window.chunks) if window else 0,
+                acking_chunks=len(self.transfer.acking),
+            ),
+            uplink=sm.UplinkCounters(
+                chunks_sent=self.chunks_sent,
+                records_sent=self.records_sent,
+                chunks_resent=self.chunks_resent,
+                chunks_acked=self.chunks_acked,
+                records_acked=self.records_acked,
+                acked_below_mark=self.acked_locally,
+                gaps_reported=dict(self.gaps_sent),
+                reports_sent=self.reports_sent,
+                refused=refused,
+                cloud_marks=dict(self.marks),
+            ),
+        )
 
     # -- main loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        self._ack_queue = asyncio.Queue()
-        acker = asyncio.create_task(self._acker(), name="uplink-acker")
+        acker = self.transfer.start_acker()
         try:
             await self._connect_loop()
         finally:
@@ -314,12 +285,10 @@ class Uplink:
                 self._set_state("stopped")
 
     async def _connect_loop(self) -> None:
-        attempt = 0
-        last_logged = None
+        retry = self._retry = Retry(self.config.backoff, self.config.healthy_s)
         while True:
             self.attempts += 1
             self.next_attempt_at = None
-            self._welcomed = False
             # after a failure the state stays "offline" (with the error) while retrying
             if self.state != "offline":
                 if not self.identity.enrolled:
@@ -342,15 +311,18 @@ class Uplink:
                     TimeoutError) as exc:
                 msg = _short(exc)
                 self._set_state("offline", msg)
-                if msg != last_logged:
+                if msg != self._down_logged:  # lost and regained both at WARNING
                     log.warning("link to %s down: %s", self.identity.cloud, msg)
-                    last_logged = msg
-            attempt = 1 if self._welcomed else attempt + 1
-            delay = self.config.backoff.delay(attempt)
+                    self._down_logged = msg
+                    if self._down_since is None:
+                        self._down_since = time.time()
+            delay = retry.failed()
             self.next_attempt_at = time.time() + delay
             await asyncio.sleep(delay)
 
-    _welcomed = False
+    _retry: Retry | None = None
+    _down_logged: str | None = None  # the error last logged as "link down"
+    _down_since: float | None = None  # when the link was logged down (None: not down)
 
     async def _session(self) -> None:
         cfg = self.config
@@ -360,15 +332,25 @@ class Uplink:
             total=None, connect=cfg.connect_timeout_s, sock_connect=cfg.connect_timeout_s
         )
         async with aiohttp.ClientSession(timeout=timeout) as http:
+            upgrade = asyncio.timeout(cfg.upgrade_timeout_s)
             try:
-                ws = await http.ws_connect(
-                    url, ssl=ctx, heartbeat=cfg.ping_s, autoping=True,
-                    max_msg_size=P.MAX_FRAME_BYTES,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
-                )
+                async with upgrade:
+                    ws = await http.ws_connect(
+                        url, ssl=ctx, heartbeat=cfg.ping_s, autoping=True,
+                        max_msg_size=P.MAX_FRAME_BYTES,
+                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+                    )
+            except TimeoutError:
+                if not upgrade.expired():
+                    raise  # aiohttp's own connect timeout: described as it is
+                raise LinkDown(f"no answer to the session upgrade within "
+                               f"{cfg.upgrade_timeout_s:g} s") from None
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == 403:
-                    raise Revoked("the session upgrade was refused with 403") from None
+                    decommissioned, wipe = P.decommission_order(
+                        (exc.headers or {}).get(P.DECOMMISSIONED_HEADER))
+                    raise Revoked("the session upgrade was refused with 403",
+                                  decommissioned=decommissioned, wipe=wipe) from None
                 raise LinkDown(f"session upgrade refused: {exc.status} {exc.message}") from None
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise ConfigError(
@@ -381,8 +363,7 @@ class Uplink:
                     await self._run_session(ws)
                 finally:
                     self.meter.detach()
-                    self._window = None
-                    self._lanes = None
+                    self.transfer.end()
 
     async def _send_now(self, ws: aiohttp.ClientWebSocketResponse, msg: dict[str, Any]) -> None:
         frame = P.encode(msg)
@@ -401,75 +382,33 @@ class Uplink:
         welcome = await self._receive_one(ws, cfg.welcome_timeout_s)
         if welcome["t"] != P.WELCOME:
             raise PeerError(f"expected welcome, got {welcome['t']}")
-        self._welcomed = True
+        if self._retry is not None:
+            self._retry.connected()
         self.sessions += 1
-        self.marks = self._marks(welcome["streams"])
-        self._check_marks(snap)
-        await self._ack_below_marks(snap)
-        self._prune_refused(snap)
-        self.ledger.trim(self.marks)
+        await self.transfer.welcome(welcome["streams"], snap, welcome["node_id"])
         self._set_state("connected", None)
         self.next_attempt_at = None
-        log.info("connected to %s as node %s", self.identity.cloud, welcome["node_id"])
-        window = self._window = Window(cfg.window_bytes, cfg.window_chunks)
-        lanes = self._lanes = Lanes()
-        again = self.ledger.gaps_above(self.marks)  # reported before, not yet below the mark
-        for stream, seq, count in again:
-            lanes.put_data(_gap_frame(stream, seq, count))
-        await self._report_gaps(await self._gap_snapshot())
+        if self._down_since is not None:  # the loss was a WARNING: so is its end
+            log.warning("link to %s up again after %.1f s, as node %s", self.identity.cloud,
+                        time.time() - self._down_since, welcome["node_id"])
+            self._down_since = self._down_logged = None
+        else:
+            log.info("connected to %s as node %s", self.identity.cloud, welcome["node_id"])
+        window, lanes = self.transfer.begin(cfg.window_bytes, cfg.window_chunks)
+        await self.transfer.report_new_gaps(self._gap_snapshot, force=True)
         self.twin.on_desired(int(welcome["desired_version"]))
         self._queue_report()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._sender(ws, lanes))
                 tg.create_task(self._receiver(ws))
-                tg.create_task(self._feeder(window, lanes))
+                tg.create_task(self.transfer.feeder(window, lanes))
                 tg.create_task(self._ticker())
         except BaseExceptionGroup as group:
             raise first_error(group) from None
 
     async def _gap_snapshot(self) -> OutboxSnapshot:
         return await asyncio.to_thread(self.view.snapshot, True)
-
-    @staticmethod
-    def _marks(streams: dict[Any, Any]) -> dict[str, int]:
-        marks = {}
-        for name, v in streams.items():
-            if isinstance(v, dict):
-                v = v.get("contiguous", v.get("mark"))
-            if not isinstance(name, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise PeerError(f"welcome: stream {name!r} has no valid contiguous mark ({v!r})")
-            marks[name] = v
-        return marks
-
-    def _check_marks(self, snap: OutboxSnapshot) -> None:
-        for name, mark in self.marks.items():
-            row = snap.streams.get(name)
-            if row is not None and mark > row.next_seq:
-                log.error(
-                    "the control plane holds stream %s up to seq %d but this node's outbox is "
-                    "at %d: the outbox was reset, and new records would be taken as "
-                    "duplicates. Enrol this node again or restore its data directory",
-                    name, mark, row.next_seq,
-                )
-
-    async def _ack_below_marks(self, snap: OutboxSnapshot) -> None:
-        ids = []
-        for c in snap.chunks:
-            mark = self.marks.get(c.stream)
-            if mark is not None and c.seq_first + c.seq_count <= mark and c.id not in self._acking:
-                ids.append(c.id)
-        if ids:
-            self.acked_locally += len(ids)
-            self._acking.update(ids)
-            assert self._ack_queue is not None
-            self._ack_queue.put_nowait(ids)
-
-    def _prune_refused(self, snap: OutboxSnapshot) -> None:
-        pending = {c.id for c in snap.chunks}
-        gone = [cid for cid in self.refused if cid not in pending]
-        for cid in gone:  # evicted from the outbox since: counted as dropped there
-            del self.refused[cid]
 
     async def _receive_one(
         self, ws: aiohttp.ClientWebSocketResponse, timeout: float | None
@@ -483,7 +422,9 @@ class Uplink:
             self.frames_received += 1
             decoded = P.decode(msg.data)
             if decoded["t"] == P.REVOKED:
-                raise Revoked(decoded["reason"])
+                raise Revoked(decoded["reason"],
+                              decommissioned=decoded.get("decommissioned") is True,
+                              wipe=decoded.get("wipe") is True)
             if decoded["t"] == P.ERROR:
                 raise LinkDown(f"the control plane ended the session: {decoded['reason']}")
             return decoded
@@ -516,125 +457,36 @@ class Uplink:
     async def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg["t"]
         if kind == P.ACK:
-            self._on_ack(msg["ids"])
+            self.transfer.on_ack(msg["ids"])
         elif kind == P.REFUSE:
-            cid = msg["id"]
-            sent = self._window.release(cid) if self._window else None
-            sent = sent or self._sent.pop(cid, None)
-            self._sent.pop(cid, None)
-            await self._refuse(cid, sent, msg["reason"])
+            await self.transfer.on_refuse(msg["id"], msg["reason"])
         elif kind == P.DESIRED:
-            self.twin.on_desired(msg["version"])
+            self.twin.on_desired(msg["version"], float(msg.get("jitter_s", 0.0)),
+                                 msg.get("state"))
         elif kind == P.WELCOME:
             log.warning("ignoring a second welcome on the same session")
         else:
             raise PeerError(f"the control plane sent a {kind} message, which only nodes send")
 
-    def _on_ack(self, ids: list[Any]) -> None:
-        done = []
-        for cid in ids:
-            if isinstance(cid, bool) or not isinstance(cid, int):
-                raise PeerError(f"ack with a chunk id that is not an integer: {cid!r:.40}")
-            sent = self._window.release(cid) if self._window else None
-            sent = sent or self._sent.get(cid)
-            if sent is None or cid in self._acking:
-                continue  # not ours to delete (never sent by this process) or already going
-            self.chunks_acked += 1
-            self.records_acked += sent.records
-            self._acking.add(cid)
-            done.append(cid)
-        if done:
-            assert self._ack_queue is not None
-            self._ack_queue.put_nowait(done)
-
-    async def _acker(self) -> None:
-        assert self._ack_queue is not None
-        queue = self._ack_queue
-        while True:
-            ids = await queue.get()
-            while not queue.empty():
-                ids.extend(queue.get_nowait())
-            try:
-                await self.access.call(lambda ob, ids=ids: ob.ack(ids))
-            except StorageError as exc:
-                log.error("cannot delete acknowledged chunks: %s (they will be sent again and "
-                          "deduplicated by the cloud)", exc)
-            finally:
-                for cid in ids:
-                    self._acking.discard(cid)
-                    self._sent.pop(cid, None)
-
-    async def _feeder(self, window: Window, lanes: Lanes) -> None:
-        cfg = self.config
-        idle_sig: tuple[int, int, int] | None = None
-        while True:
-            await window.wait_room()
-            ob = self.access.current()
-            if ob is None:
-                await asyncio.sleep(cfg.poll_s * 10)
-                continue
-            sig = _signature(ob)
-            if sig == idle_sig:
-                await asyncio.sleep(cfg.poll_s)
-                continue
-            exclude = set(window.chunks) | self._acking | set(self.refused)
-            taken = await self.access.call(functools.partial(_take, room=window.room(),
-                                                             exclude=exclude))
-            fresh = [(c, f) for c, f in taken if c.id not in window.chunks
-                     and c.id not in self._acking and c.id not in self.refused]
-            if not fresh:
-                idle_sig = sig
-                continue
-            idle_sig = None
-            grew = False
-            for chunk, frame in fresh:
-                if frame is not None:
-                    grew |= self.ledger.record_sent(chunk.stream, chunk.seq_first,
-                                                    chunk.seq_count)
-            if grew:
-                await self._save_ledger()
-            for chunk, frame in fresh:
-                sent = Sent(chunk.stream, chunk.seq_first, chunk.seq_count, chunk.records,
-                            len(chunk.payload))
-                if frame is None:
-                    await self._refuse(chunk.id, sent, f"chunk of {len(chunk.payload)} bytes is "
-                                       f"over the {P.MAX_FRAME_BYTES} byte frame limit")
-                    continue
-                window.add(chunk.id, sent)
-                if chunk.id in self._ever_sent:
-                    self.chunks_resent += 1
-                self._ever_sent.add(chunk.id)
-                self._sent[chunk.id] = sent
-                self.chunks_sent += 1
-                self.records_sent += chunk.records
-                lanes.put_data(frame)
-
     async def _ticker(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
         last_hb = last_report = loop.time()
-        last_dropped = -1
         while True:
             await asyncio.sleep(cfg.tick_s)
             now = loop.time()
             self.meter.sample()
             if now - last_hb >= cfg.heartbeat_s:
                 last_hb = now
-                self._queue_control({"t": P.HEARTBEAT, "ts": time.time()})
+                self._queue_control(await heartbeat(self.health))
             if self._report_soon or now - last_report >= cfg.report_s:
                 last_report = now
                 self._queue_report()
-            ob = self.access.current()
-            if ob is not None:
-                dropped = sum(s.dropped for s in ob.stats().values())
-                if dropped != last_dropped:
-                    if last_dropped >= 0:
-                        await self._report_gaps(await self._gap_snapshot())
-                    last_dropped = dropped
+            await self.transfer.report_new_gaps(self._gap_snapshot)
 
     def _queue_control(self, msg: dict[str, Any]) -> None:
-        if self._lanes is not None:
-            self._lanes.put_control(P.encode(msg))
+        if self.transfer.lanes is not None:
+            self.transfer.lanes.put_control(P.encode(msg))
 
     def _queue_report(self) -> None:
         self._report_soon = False
@@ -645,50 +497,3 @@ class Uplink:
             return
         self._queue_control({"t": P.REPORT, "report": report})
         self.reports_sent += 1
-
-    async def _report_gaps(self, snap: OutboxSnapshot) -> None:
-        """Find new gaps, record them in the ledger (saved), then queue them."""
-        if self._lanes is None:
-            return
-        gaps = find_gaps(snap, self.marks, self.ledger.covered())
-        if not gaps:
-            return
-        for stream, seq, count in gaps:
-            self.ledger.record_gap(stream, seq, count)
-        await self._save_ledger()
-        for stream, seq, count in gaps:
-            log.warning("stream %s: %d records (seq %d..%d) were dropped under outbox pressure; "
-                        "reporting the gap", stream, count, seq, seq + count - 1)
-            if self._lanes is not None:
-                self._lanes.put_data(_gap_frame(stream, seq, count))
-            self.gaps_sent[stream] = self.gaps_sent.get(stream, 0) + count
-
-
-def _gap_frame(stream: str, seq: int, count: int) -> bytes:
-    return P.encode({"t": P.GAP, "stream": stream, "seq": seq, "count": count,
-                     "reason": "dropped: outbox full"})
-
-
-def _signature(ob: Outbox) -> tuple[int, int, int]:
-    """Changes whenever the outbox gains, loses or rewrites a chunk (in-memory, no SQL)."""
-    produced = pending = dropped = 0
-    for s in ob.stats().values():
-        produced += s.produced
-        pending += s.pending_chunks
-        dropped += s.dropped + s.compacted
-    return produced, pending, dropped
-
-
-def _take(ob: Outbox, room: int, exclude: set[int]) -> list[tuple[Chunk, bytes | None]]:
-    """Next chunks to send and their frames (encoded here, in the worker thread)."""
-    out: list[tuple[Chunk, bytes | None]] = []
-    for c in ob.peek(max_bytes=max(room, 1), exclude=exclude):
-        if len(c.payload) > MAX_PAYLOAD:
-            out.append((c, None))
-            continue
-        out.append((c, P.encode({
-            "t": P.BATCH, "id": c.id, "stream": c.stream, "seq": c.seq_first,
-            "count": c.seq_count, "records": c.records, "compacted": c.compacted,
-            "payload": c.payload,
-        })))
-    return out

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edgewise.outbox.records import concat_columns
+
 ACCEPTED = "_accepted"
 
 
@@ -52,23 +54,7 @@ class Batch:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
-        names: dict[str, None] = {}
-        for b in parts:
-            for k in b.columns:
-                names.setdefault(k, None)
-        cols: dict[str, np.ndarray] = {}
-        for name in names:
-            arrays = []
-            for b in parts:
-                col = b.columns.get(name)
-                if col is None:
-                    col = np.full(b.n, None, dtype=object)
-                arrays.append(col)
-            kinds = {a.dtype.kind for a in arrays}
-            if len(kinds) > 1 and not kinds <= {"f", "i", "u", "b"}:
-                arrays = [a.astype(object) for a in arrays]
-            cols[name] = np.concatenate(arrays)
-        return cls(cols, sum(b.n for b in parts))
+        return cls(concat_columns((b.columns, b.n) for b in parts), sum(b.n for b in parts))
 
     # -- access -------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -11,7 +11,10 @@
   queue or to a bounded background task; never wait on the network.
 
 Each component declares its parameters as a pydantic model in ``Config``; the spec loader
-validates the YAML against it and reports errors with file and line.
+validates the YAML against it and reports errors with file and line. A parameter that names a
+file the component opens is typed `FilePath`, and the component opens `ComponentConfig.file_path`
+of it: for a pipeline from the control plane that is the path the spec loader confined to the
+node's allowed folders (`edgewise.pipeline.paths`, docs/security.md).
 """
 
 from __future__ import annotations
@@ -19,19 +22,60 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
+from edgewise.outbox.records import DeadLetter
 from edgewise.pipeline.batch import Batch
 
 Emit = dict[str, Batch] | Batch | None
 
+LOAD_CODE = "load_code"
+"""Key of the pydantic validation context the spec loader passes to every ``Config``: False when
+it must not import user code (the control plane validating a pushed pipeline), so validators
+check references to user code by their form only (docs/plugins.md)."""
+
+
+def loads_code(context: Any) -> bool:
+    """Whether a validator given ``info.context`` may import user code (True unless told not)."""
+    return not (isinstance(context, dict) and context.get(LOAD_CODE) is False)
+
+
+class PathField:
+    """Marks a parameter as a filesystem path the component opens (see `FilePath`)."""
+
+    def __repr__(self) -> str:
+        return "PathField()"
+
+
+FilePath = Annotated[str, PathField()]
+"""A parameter naming a file on the node. Pipelines from the control plane may only name files
+inside the node's allowed folders; the spec loader checks every `FilePath` (also ``FilePath |
+None``) of a ``Config`` and of the `ComponentConfig` models nested in it."""
+
 
 class ComponentConfig(BaseModel):
-    """Base for every component's parameters: unknown keys are errors (typos get caught)."""
+    """Base for every component's parameters: unknown keys are errors (typos get caught).
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    Each parameter is documented by the docstring written under it; `edgewise.pipeline.reference`
+    reads them from the source when it lists the components. (pydantic's
+    ``use_attribute_docstrings`` would read them on every import, about 25 ms of start-up.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    _resolved: dict[str, Path] = PrivateAttr(default_factory=dict)
+    """`FilePath` parameters the spec loader resolved and confined (pipelines from the cloud);
+    not part of the config's digest (model_dump leaves private attributes out)."""
+
+    def file_path(self, name: str, base: Path) -> Path:
+        """The file `FilePath` parameter ``name`` names: the path the spec loader confined (a
+        pipeline from the control plane: absolute, symlinks resolved, inside an allowed
+        folder), else the value as written, relative to ``base``."""
+        confined = self._resolved.get(name)
+        if confined is not None:
+            return confined
+        path = Path(getattr(self, name))
+        return path if path.is_absolute() else base / path
 
 
 @dataclass
@@ -42,6 +86,9 @@ class RunContext:
     data_dir: Path
     spec_dir: Path = field(default_factory=Path.cwd)
     metrics: dict[str, Any] = field(default_factory=dict)
+    dead_letter: Callable[[DeadLetter], None] | None = None
+    """Where a stage reports input it could not process (the engine commits it with the
+    position of the batch it came in); None outside an engine."""
 
 
 class Operator:
@@ -71,16 +118,6 @@ class Operator:
 
     def restore(self, state: Any) -> None:
         return None
-
-
-@dataclass
-class DeadLetter:
-    """An input that could not become a record, with the reason, kept for people to inspect."""
-
-    source: str
-    reason: str
-    payload: bytes
-    size: int
 
 
 class SourceOutput:

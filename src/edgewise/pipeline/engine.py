@@ -8,9 +8,23 @@ operator state and source positions in one transaction in a writer thread. A dea
 with the next batch its source emits, so it is committed together with the position that passes
 the bad input: after a crash the input is either replayed and reported again, or neither.
 
+A stage that raises while a batch is routed fails the batch atomically: operators may hold part
+of it, so the committer is told to `abandon` (nothing not yet cut is committed: no records, no
+operator state, no position past the batch) and the run ends with the error, like a crash; the
+restart resumes from the last commit and replays the batch. Records already handed to local
+sinks are handed to them again then (local actions are at least once, stored records exactly
+once). User plugins can avoid failing at all: see `operators.plugin` (stateless classes, time
+budget) and docs/plugins.md.
+
+The outbox (`edgewise.outbox`) is lent to the engine by whoever runs pipelines: the agent keeps
+one open for its lifetime and hands it to each engine it starts, and its uplink reads and
+acknowledges through the same object; `edgewise run` does the same for one run. An engine given
+no outbox opens its own in ``data_dir`` for the run. An engine never closes a lent outbox.
+
 Lifecycle: `Engine.run()` opens everything, restores the last checkpoint, runs until every
 finite source is exhausted, `stop()` is called or the duration is over, then commits what is left
-and closes every sink; no task outlives it. When finite sources end, operators are flushed (open
+and closes every sink; no task outlives it. `Engine.started` is set once sinks are open and
+sources run. When finite sources end, operators are flushed (open
 windows emitted); when stopped early they are not: their state is in the checkpoint and a restart
 continues them.
 """
@@ -19,16 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgewise.edge.outbox import PRIORITIES, CommitReport, Outbox
 from edgewise.errors import EdgewiseError
-from edgewise.pipeline import checkpoint as ckpt
+from edgewise.outbox import PRIORITIES, CommitReport, Outbox, outbox_file
+from edgewise.pipeline import engine_state as state
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.commit import Committer
 from edgewise.pipeline.component import (
@@ -41,11 +56,11 @@ from edgewise.pipeline.component import (
     SourceOutput,
 )
 from edgewise.pipeline.spec import PipelineSpec, topological_stages
+from edgewise.pipeline.summary import EngineSummary, SinkStats, SourceStats, StreamSummary
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
-CHECKPOINT_KEY = "engine"
 DEAD_LETTER_HOLD_S = 1.0  # a source silent this long after a dead letter has it committed alone
 
 
@@ -60,6 +75,16 @@ class Counters:
     streams: dict[str, int] = field(default_factory=dict)  # records sent to each outbox stream
 
 
+RouteObserver = Callable[[str, str, Batch], Callable[[], None] | None]
+"""``observer(node, port, batch)``, given as ``Engine(..., observer=...)``: called for every
+non-empty batch the engine routes, before any target has it. ``node`` is a source id (its
+input; ``port`` is ``"out"``) or a stage id (its output on ``port``). It may return a callable,
+which is then called once the batch and everything it caused synchronously (the stages
+downstream, the sinks) has been handled; return None otherwise. It runs on the engine's loop,
+inside the hot path: keep it short. An exception from either ends the run like one from a
+stage."""
+
+
 class Engine:
     """Runs one pipeline. Use ``summary = await Engine(spec, data_dir).run()``."""
 
@@ -71,24 +96,23 @@ class Engine:
         duration: float | None = None,
         flush_on_stop: bool = False,
         max_pending_records: int | None = None,
+        outbox: Outbox | None = None,
+        observer: RouteObserver | None = None,
+        sources: Mapping[str, Source] | None = None,
     ) -> None:
         self.spec = spec
         self.data_dir = Path(data_dir)
         self.duration = duration
         self.flush_on_stop = flush_on_stop
         self.max_pending_records = max_pending_records
-        self.ctx = RunContext(spec.name, self.data_dir, spec.path.parent)
+        self.ctx = RunContext(spec.name, self.data_dir, spec.path.parent,
+                              dead_letter=self._stage_dead_letter)
         self.counters = Counters()
-        self.sources: dict[str, Source] = {
-            c.id: c.cls(c.id, c.config, self.ctx) for c in spec.sources
-        }
+        self.sources: dict[str, Source] = self._build_sources(sources or {})
         self.stages: dict[str, Operator] = {
             c.id: c.cls(c.id, c.config, self.ctx) for c in topological_stages(spec)
         }
-        self._stage_digest = {c.id: ckpt.config_digest(c.config) for c in spec.stages}
-        self._source_digest = {
-            c.id: ckpt.config_digest(c.config) + c.entry.type for c in spec.sources
-        }
+        self._stage_digest, self._source_digest = state.digests(spec)
         self.sinks: dict[str, Sink] = {c.id: c.cls(c.id, c.config, self.ctx) for c in spec.sinks}
         self._routes: dict[tuple[str, str], list[tuple[str, str]]] = {}
         for kind, comps in (("stage", spec.stages), ("sink", spec.sinks)):
@@ -100,8 +124,11 @@ class Engine:
         # so the local action does not wait for e.g. window bookkeeping of the same batch
         for targets in self._routes.values():
             targets.sort(key=lambda t: not self._alarm_path(t))
-        self.outbox = Outbox(
-            self.data_dir / "outbox.db", spec.body.outbox.max_bytes, spec.body.outbox.sync
+        # the outbox is lent by whoever runs pipelines (the agent for its lifetime, `edgewise
+        # run`); without one the engine opens its own in data_dir for the run (tests, tools)
+        self._owns_outbox = outbox is None
+        self.outbox = outbox if outbox is not None else Outbox(
+            outbox_file(self.data_dir), spec.body.outbox.max_bytes, spec.body.outbox.sync
         )
         self._streams: dict[str, str] = {}  # outbox sink id -> stream
         self._queue: asyncio.Queue[tuple[str, Any, Any, list[DeadLetter]]] | None = None
@@ -116,6 +143,9 @@ class Engine:
         self.finished_sources: set[str] = set()
         self.running = False
         self.started = asyncio.Event()  # set once sinks are open and sources run
+        self._observer = observer
+        if observer is not None:  # see "hooks" below; without one, routing is untouched
+            self._route = self._route_observed  # type: ignore[method-assign]
 
     def _alarm_path(self, target: tuple[str, str]) -> bool:
         kind, tid = target
@@ -138,7 +168,9 @@ class Engine:
         self._queue = asyncio.Queue(maxsize=self.spec.body.batching.queue_batches)
         self._started = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.outbox:
+        with self.outbox if self._owns_outbox else contextlib.nullcontext(self.outbox):
+            if not self._owns_outbox:
+                self.outbox.configure(self.spec.body.outbox.max_bytes, self.spec.body.outbox.sync)
             for c in self.spec.sinks:
                 stream = getattr(c.config, "stream", None)
                 if c.entry.type == "outbox":
@@ -154,6 +186,7 @@ class Engine:
                 max_pending_records=self.max_pending_records
                 or 8 * self.spec.body.batching.max_records,
                 min_interval=self.spec.body.outbox.commit_interval,
+                note=functools.partial(state.positions_note, self._source_digest),
             )
             self._restore()
             try:
@@ -250,7 +283,30 @@ class Engine:
             elif stopping or now - since >= DEAD_LETTER_HOLD_S:
                 self._dead_letters(self._take_held(sid))
 
+    def _stage_dead_letter(self, letter: DeadLetter) -> None:
+        """A stage could not process a record of the batch it is given: committed with that
+        batch's position (no commit is cut while a batch is routed)."""
+        self._dead_letters([letter])
+
     async def _consume(self) -> None:
+        try:
+            await self._consume_batches()
+        except asyncio.CancelledError:  # only ever at an await: between batches
+            raise
+        except BaseException:  # a plugin's SystemExit too
+            self._fail()
+            raise
+
+    def _fail(self) -> None:
+        """Routing (a stage, the observer) or committing raised: the operators may hold part
+        of a batch, so nothing more is committed; the restart resumes from the last commit."""
+        assert self._committer is not None
+        if not self._committer.abandoned:
+            log.error("pipeline %s failed; what is not yet committed is dropped and replayed "
+                      "from the last commit on restart", self.spec.name)
+            self._committer.abandon()
+
+    async def _consume_batches(self) -> None:
         assert self._queue is not None and self._committer is not None
         queue, committer = self._queue, self._committer
         finite = {sid for sid, s in self.sources.items() if s.finite}
@@ -287,8 +343,12 @@ class Engine:
         while True:
             await asyncio.sleep(tick)
             idle = time.monotonic() - self._last_input
-            for sid, op in self.stages.items():
-                self._emit(sid, op.on_timer(idle))
+            try:
+                for sid, op in self.stages.items():
+                    self._emit(sid, op.on_timer(idle))
+            except BaseException:
+                self._fail()
+                raise
             self._release_held()
             if self._committer is not None:
                 self._committer.kick()
@@ -337,41 +397,13 @@ class Engine:
 
     # -- checkpoint ---------------------------------------------------------------------------
     def _snapshot(self, positions: dict[str, Any]) -> dict[str, bytes]:
-        state = {
-            "operators": {
-                sid: {"digest": self._stage_digest[sid], "state": op.snapshot()}
-                for sid, op in self.stages.items()
-            },
-            "positions": {
-                sid: {"digest": self._source_digest.get(sid), "position": pos}
-                for sid, pos in positions.items()
-            },
-        }
-        return {CHECKPOINT_KEY: ckpt.pack(state)}
+        return state.snapshot(self.stages, self._stage_digest, self._source_digest, positions)
 
     def _restore(self) -> None:
-        saved = self.outbox.load_checkpoint().get(CHECKPOINT_KEY)
-        if saved is None:
-            return
-        state = ckpt.unpack(saved)
-        for sid, entry in state.get("operators", {}).items():
-            op = self.stages.get(sid)
-            if op is None:
-                continue
-            if entry.get("digest") != self._stage_digest[sid]:
-                log.warning("stage %s changed since the last run; starting it fresh", sid)
-                continue
-            op.restore(entry.get("state"))
         assert self._committer is not None
-        for sid, entry in state.get("positions", {}).items():
-            src = self.sources.get(sid)
-            if src is None or not isinstance(entry, dict) or entry.get("position") is None:
-                continue
-            if entry.get("digest") != self._source_digest[sid]:
-                log.warning("source %s changed since the last run; starting it afresh", sid)
-                continue
-            pos = entry["position"]
-            src.restore(pos)
+        given = state.resume(self.outbox, self.stages, self.sources, self._stage_digest,
+                             self._source_digest)
+        for sid, pos in given.items():
             self._positional.add(sid)
             self._committer.position(sid, pos)
 
@@ -385,8 +417,8 @@ class Engine:
                     log.warning("source %s ack failed: %s", sid, exc)
 
     # -- reporting ----------------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        streams = {}
+    def summary(self) -> EngineSummary:
+        streams: dict[str, StreamSummary] = {}
         for name, st in self.outbox.stats().items():
             streams[name] = {
                 "priority": st.priority,
@@ -398,14 +430,14 @@ class Engine:
                 "compacted": st.compacted,
                 "bytes_pending": st.pending_bytes,
             }
-        sinks = {}
+        sinks: dict[str, SinkStats] = {}
         for sid, sink in self.sinks.items():
             if sid in self._streams:
                 continue
             sinks[sid] = sink.stats()
-        sources = {}
+        sources: dict[str, SourceStats] = {}
         for sid, src in self.sources.items():
-            info = {"readings": self.counters.readings_in.get(sid, 0)}
+            info: SourceStats = {"readings": self.counters.readings_in.get(sid, 0)}
             info.update(src.stats())
             sources[sid] = info
         return {
@@ -428,3 +460,40 @@ class Engine:
             },
             "commits": self._committer.commits if self._committer else 0,
         }
+
+    # -- hooks: supported ways for a tool (the planner) to watch and drive a run ----------------
+    # ``Engine(..., observer=...)`` sees every batch routed (`RouteObserver`); ``sources={id:
+    # Source}`` runs the given sources instead of building those from the spec; `commits` counts
+    # group commits. Without an observer nothing here runs per batch: only then does `__init__`
+    # put `_route_observed` in place of `_route` for this engine.
+
+    def _build_sources(self, given: Mapping[str, Source]) -> dict[str, Source]:
+        """The spec's sources, in spec order, each built from its config, except those
+        ``given`` by id, which run as they are (a stand-in, e.g. synthetic data). Positions are
+        checkpointed under the spec's id and config, as for any source."""
+        spec_ids = {c.id for c in self.spec.sources}
+        unknown = sorted(set(given) - spec_ids)
+        if unknown:
+            raise ValueError(f"pipeline {self.spec.name!r} has no source {', '.join(unknown)}")
+        misnamed = sorted(sid for sid, src in given.items() if src.id != sid)
+        if misnamed:
+            raise ValueError(f"a substituted source must have the id it replaces: {misnamed}")
+        return {
+            c.id: given[c.id] if c.id in given else c.cls(c.id, c.config, self.ctx)
+            for c in self.spec.sources
+        }
+
+    def _route_observed(self, node: str, port: str, batch: Batch) -> None:
+        """`_route` with the observer called before it (and what that returns, after it)."""
+        if batch.n == 0:
+            return
+        assert self._observer is not None
+        after = self._observer(node, port, batch)
+        Engine._route(self, node, port, batch)  # its own routing calls come back here
+        if after is not None:
+            after()
+
+    @property
+    def commits(self) -> int:
+        """Group commits made so far in the run (the last one once it ended; 0 before it)."""
+        return self._committer.commits if self._committer is not None else 0

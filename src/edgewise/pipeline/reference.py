@@ -7,7 +7,10 @@ checks the two agree, so the docs cannot drift from the code.
 
 from __future__ import annotations
 
+import ast
 import inspect
+import itertools
+import textwrap
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -51,23 +54,86 @@ def _default(field: Any) -> str:
     return f"`{value!r}`"
 
 
-def describe(kind: str, name: str) -> str:
-    cls = registry.resolve(kind, name)
+def _summary(cls: type) -> str:
     doc = inspect.getmodule(cls).__doc__ or cls.__doc__ or ""
-    summary = " ".join(doc.strip().split("\n\n")[0].split())
-    lines = [f"### `{name}`", "", summary, ""]
-    config: type[BaseModel] = cls.Config
-    if config.model_fields:
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def attribute_docstrings(config: type[BaseModel]) -> dict[str, str]:
+    """The docstrings written under the fields of ``config`` and of its bases (``name: T = v``
+    then a string on the next statement), read from the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (a built class): no docstrings
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, after in itertools.pairwise(body):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def parameters(kind: str, name: str) -> list[dict[str, str]]:
+    """The parameters of component ``name`` of ``kind``: name, type, default (Markdown, as in
+    the reference) and meaning (the field's docstring)."""
+    config: type[BaseModel] = registry.resolve(kind, name).Config
+    docs = attribute_docstrings(config)
+    return [
+        {"name": field.alias or name_, "type": _type_name(field.annotation, field.metadata),
+         "default": _default(field),
+         "meaning": " ".join((field.description or docs.get(name_, "")).split())}
+        for name_, field in config.model_fields.items()
+    ]
+
+
+def _plain(param: dict[str, str]) -> dict[str, Any]:
+    """A parameter without the Markdown: ``required`` true, or its default as Python writes it."""
+    default = param["default"]
+    required = default == "**required**"
+    return {"name": param["name"], "type": param["type"].replace(" \\| ", " | "),
+            "required": required, "default": None if required else default.strip("`"),
+            "meaning": param["meaning"]}
+
+
+def kinds_of(name: str) -> list[str]:
+    """The kinds (source, operator, sink) with a built-in component called ``name``."""
+    return [kind for kind, table in registry.KINDS.items() if name in table]
+
+
+def component(kind: str, name: str) -> dict[str, Any]:
+    """One component as data (``edgewise components TYPE --json``)."""
+    from edgewise.pipeline.component_examples import EXAMPLES
+
+    cls = registry.resolve(kind, name)
+    return {"kind": kind, "type": name, "summary": _summary(cls),
+            "parameters": [_plain(p) for p in parameters(kind, name)],
+            "example": EXAMPLES.get((kind, name))}
+
+
+def describe(kind: str, name: str, *, example: bool = False) -> str:
+    cls = registry.resolve(kind, name)
+    lines = [f"### `{name}`", "", _summary(cls), ""]
+    params = parameters(kind, name)
+    if params:
         lines += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
-        for name_, field in config.model_fields.items():
-            fname = field.alias or name_
-            kind_ = _type_name(field.annotation, field.metadata)
-            meaning = " ".join((field.description or "").split())
-            lines.append(f"| `{fname}` | {kind_} | {_default(field)} | {meaning} |")
+        for p in params:
+            lines.append(f"| `{p['name']}` | {p['type']} | {p['default']} | {p['meaning']} |")
         lines.append("")
     ports = getattr(cls, "ports", None)
     if kind == "operator" and ports and tuple(ports) != ("out",):
         lines += [f"Output ports: {', '.join(f'`{p}`' for p in ports)}.", ""]
+    if example:
+        from edgewise.pipeline.component_examples import EXAMPLES
+
+        plural = {"source": "sources", "operator": "stages", "sink": "sinks"}[kind]
+        lines += ["Example:", "", "```yaml", f"{plural}:", EXAMPLES[(kind, name)].rstrip(), "```",
+                  ""]
     return "\n".join(lines)
 
 

@@ -12,6 +12,17 @@
 
 `load_pipeline` returns a `PipelineSpec` or raises `SpecError` listing every problem as
 ``file:line: field: message``; it never lets a pydantic or YAML traceback reach the user.
+
+Two modes of `parse_pipeline` are for pipelines that come from the control plane:
+
+* ``load_code=False`` (the control plane validating a pushed pipeline): no user code is
+  imported. A ``type: python`` stage's ``class`` is checked by its form (``package.module:
+  ClassName``) and its ``options`` are not checked; an operator type that is not built in is
+  taken as an entry-point name if it has the form of one (`registry.PLUGIN_NAME`), its
+  parameters and ports unchecked. The errors never depend on what is installed on the server.
+  The node, which loads the code, checks everything again when it applies the pipeline.
+* ``confinement`` (the node parsing a pipeline from the cloud): every file parameter must lie
+  inside the node's allowed folders (`edgewise.pipeline.paths`).
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline import registry
+from edgewise.pipeline.component import LOAD_CODE
+from edgewise.pipeline.paths import Confinement, confine
 from edgewise.pipeline.units import ByteSize, Duration
-from edgewise.pipeline.yamlmarks import Path as KeyPath
-from edgewise.pipeline.yamlmarks import line_of
 from edgewise.specfile import find_cycle, load_document, problems_from, read_text
+from edgewise.specfile.marks import Path as KeyPath
+from edgewise.specfile.marks import line_of
 
 API_VERSION = "edgewise.io/v1"
 ID_PATTERN = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
@@ -125,9 +138,14 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
 
 
 def parse_pipeline(
-    text: str, source: str = "<pipeline>", base_dir: Path | None = None
+    text: str, source: str = "<pipeline>", base_dir: Path | None = None, *,
+    load_code: bool = True, confinement: Confinement | None = None,
 ) -> PipelineSpec:
-    """Validate pipeline YAML; relative paths in it (file sources) are taken from ``base_dir``."""
+    """Validate pipeline YAML; relative paths in it (file sources) are taken from ``base_dir``
+    (with a ``confinement``: from its base). ``load_code=False`` imports no user code, and
+    ``confinement`` keeps every file parameter inside allowed folders (module docstring)."""
+    if confinement is not None:
+        base_dir = confinement.base
     data, lines = load_document(text, source)
     try:
         doc = Document.model_validate(data)
@@ -139,6 +157,7 @@ def parse_pipeline(
     seen: dict[str, KeyPath] = {}
     ports: dict[str, tuple[str, ...]] = {}
     untyped: set[str] = set()  # ids of unknown types: inputs naming them are not checked again
+    context = {LOAD_CODE: load_code}
     groups = (("sources", "source"), ("stages", "operator"), ("sinks", "sink"))
     for group, kind in groups:
         for i, entry in enumerate(getattr(doc.spec, group)):
@@ -152,12 +171,12 @@ def parse_pipeline(
                 continue
             seen[entry.id] = (*where, "id")
             try:
-                cls = registry.resolve(kind, entry.type)
+                cls = registry.resolve(kind, entry.type, load_code=load_code)
             except KeyError:
                 problems.append(
                     (line_of(lines, (*where, "type")), f"spec.{group}.{i}.type",
                      f"unknown {kind} type {entry.type!r}; "
-                     f"known: {', '.join(registry.known(kind))}")
+                     f"known: {', '.join(registry.known(kind, load_code=load_code))}")
                 )
                 untyped.add(entry.id)
                 continue
@@ -169,12 +188,18 @@ def parse_pipeline(
                 continue
             # known even if its parameters are wrong, so inputs naming it are not errors too
             ports[entry.id] = tuple(getattr(cls, "ports", ("out",))) if kind != "sink" else ()
+            if cls is registry.Unloaded:  # its ports are checked on the node
+                untyped.add(entry.id)
             params = {k: v for k, v in (entry.model_extra or {}).items()}
             try:
-                config = cls.Config.model_validate(params)
+                config = cls.Config.model_validate(params, context=context)
             except ValidationError as exc:
                 problems.extend(problems_from(exc, where, lines))
                 continue
+            if confinement is not None:
+                for loc, message in confine(config, confinement):
+                    at = (*where, *loc)
+                    problems.append((line_of(lines, at), ".".join(map(str, at)), message))
             if kind == "source" and entry.inputs:
                 problems.append((line_of(lines, (*where, "inputs")), f"spec.{group}.{i}.inputs",
                                  "a source takes no inputs (remove 'inputs')"))

@@ -1,15 +1,20 @@
 """The deployable output of a plan: pipelines, agent configurations and a rollout plan.
 
 * ``pipelines/<site>.yaml``: one Pipeline per site type, every stage with its ``placement``;
-  loads with `edgewise.pipeline.spec.load_pipeline`, the agent's own loader.
+  loads with `edgewise.pipeline.spec.load_pipeline`, the agent's own loader. A split window
+  becomes ``<id>-partial`` (a `partial` on the edge) and ``<id>`` (a `combine` in the cloud)
+  when its aggregates merge exactly (`_split_window`), else a window over the partial results.
+  ``edgewise plan apply`` (`edgewise.plan.deploy`) installs them: the edge part on the site's
+  nodes, the cloud part as a cloud pipeline.
 * ``agents/<site>.yaml``: ``kind: AgentConfig``, what the agent on each node of that site runs
   with (node size, outbox, uplink, identity, autonomy, updates).
 * ``rollout.yaml``: ``kind: RolloutPlan``, the waves in which a release reaches the fleet, with
   health gates and automatic rollback.
 
-The control plane (a later issue) does not exist yet: `AgentConfig` and `RolloutPlan` are
-defined here as pydantic models with `load_artefact`, and the control plane will adopt them.
-Every file the planner writes is validated with these loaders before the run ends.
+Nothing reads ``agents/`` or ``rollout.yaml`` yet: `plan apply` installs pipelines only, and
+``edgewise rollout`` takes its own spec (`cloud.rollouts.spec`); the architecture document
+quotes the rollout's waves. Every file the planner writes is validated with these loaders
+before the run ends.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline.spec import load_pipeline
 from edgewise.pipeline.units import ByteSize, Duration
-from edgewise.pipeline.yamlmarks import line_of, load_with_lines
 from edgewise.plan import flows as F
 from edgewise.plan.workload import ID_PATTERN, SourceSpec, StageSpec
 from edgewise.specfile import problems_from
+from edgewise.specfile.marks import line_of, load_with_lines
 
 API_VERSION = "edgewise.io/v1"
 CLOUD_ENDPOINT = "https://edgewise-cloud.example.net:8443"
@@ -147,7 +152,8 @@ class RolloutBody(_Strict):
     release: str = Field(min_length=1)
     fleet: int = Field(ge=1)
     expires_after: Duration = Field(gt=0)
-    """A node that was offline longer than this never applies a stale step (DESIGN, 8)."""
+    """A node that was offline longer than this never applies a stale step (principle 8 of
+    docs/architecture.md)."""
     max_unavailable: int = Field(ge=1)
     waves: list[Wave] = Field(min_length=1)
     rollback: Rollback = Rollback()
@@ -232,10 +238,36 @@ def _source_entry(src: SourceSpec, site: str) -> dict[str, Any]:
 
 _COMBINE = {"count": "sum(count)", "sum": "sum(sum)", "min": "min(min)", "max": "max(max)",
             "mean": "mean(mean)"}
+_MERGEABLE = ("count", "sum", "mean", "min", "max", "stddev", "rms", "p50", "p95", "p99")
+
+
+def _split_window(st: StageSpec) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A split window as `partial` (edge) and `combine` (cloud) when its aggregates merge
+    (count, sum, mean, min, max, stddev, rms exactly; p50/p95/p99 through a sketch) and read
+    one field; None otherwise."""
+    params = dict(st.params)
+    field = params.get("field", "value")
+    aggs = []
+    for a in params.get("aggregates", ["count", "mean", "min", "max"]):
+        name, _, fld = a.strip().partition("(")
+        if (fld and fld.rstrip(")").strip() != field) or name not in _MERGEABLE:
+            return None
+        aggs.append(name)
+    if params.get("slide") is not None:
+        return None
+    sketch = any(a.startswith("p") for a in aggs)
+    common = {k: params[k] for k in ("size", "key_by", "allowed_lateness", "idle_timeout")
+              if k in params}
+    partial = {"type": "partial", **common, "field": field, "sketch": sketch}
+    if "key_by" not in params:
+        partial["key_by"] = ["sensor"]
+    combine = {"type": "combine", **common, "key_by": partial["key_by"], "aggregates": aggs}
+    return partial, combine
 
 
 def _combine_params(st: StageSpec) -> dict[str, Any]:
-    """Cloud half of a split window: combine the sites' partial results."""
+    """Cloud half of a split window that `_split_window` cannot merge exactly: a window over
+    the sites' partial results (approximate: e.g. a mean of means)."""
     params = dict(st.params)
     aggs = []
     for a in params.get("aggregates", ["count", "mean", "min", "max"]):
@@ -263,8 +295,15 @@ def pipeline_document(plan_site: Any, workload_name: str) -> dict[str, Any]:
         where = sp.where(st.id)
         inputs = [renamed.get(r, r) for r in st.inputs]
         kind: dict[str, Any] = ({"type": st.operator, **st.params} if st.operator else
-                                {"type": "python", "class": st.function, **st.params})
-        if where == "split":
+                                {"type": "python", "class": st.function,
+                                 "options": dict(st.params)})
+        halves = _split_window(st) if where == "split" and st.operator == "window" else None
+        if halves is not None:
+            stages.append({"id": f"{st.id}-partial", "inputs": inputs, "placement": "edge",
+                           **halves[0]})
+            stages.append({"id": st.id, "inputs": [f"{st.id}-partial"], "placement": "cloud",
+                           **halves[1]})
+        elif where == "split":
             stages.append({"id": f"{st.id}-partial", "inputs": inputs, "placement": "edge",
                            **kind})
             cloud = {"type": "window", **_combine_params(st)}

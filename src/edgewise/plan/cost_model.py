@@ -8,6 +8,7 @@ fixed table used with ``--no-calibrate``. See `edgewise.plan.costs` for the mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,17 @@ START_TS = 1_764_547_200.0  # 2025-12-01T00:00:00Z, a multiple of every common w
 SEED = 42
 COMMIT_INTERVAL_S = float(OutboxSettings().commit_interval)
 TICK_S = 0.1  # the engine's default tick (on_timer calls)
-INGEST_US = {  # protocol decoding per reading, before the engine sees it (not calibrated)
-    "mqtt": 4.0, "http": 6.0, "modbus": 12.0, "opcua": 15.0, "file": 1.5, "simulator": 0.3,
+PACE_S = 0.01  # the engine calibration's pause, for parts measured after one
+SLOW_PACE_S = 0.15  # its long pause (a few commits a second), for the writer's commit
+INGEST_US = {  # protocol decoding per reading, before the engine sees it (static table; MQTT,
+    # Modbus and OPC UA are calibrated per machine, `edgewise.plan.ingest_calibration` and
+    # `edgewise.plan.device_calibration`: these are their figures on the development VM)
+    "mqtt": 5.5, "http": 6.0, "modbus": 3.0, "opcua": 24.0, "file": 1.5, "simulator": 0.3,
 }
+INGEST_WAKE_US = {  # per batch the source hands over (a wake-up, a poll or a publish), static
+    "mqtt": 26.0, "modbus": 470.0, "opcua": 660.0}
+PLUGIN_CALL_US = 11.0  # event-loop CPU per call of a user function (hand-over), static
+PLUGIN_WAKE_US = 120.0  # on top per call at the real pace (both threads woken up), static
 DEFAULT_FUNCTION_US = 10.0  # per record, for a user function that declares no cost
 
 FEATURES: dict[str, tuple[str, ...]] = {
@@ -74,10 +83,24 @@ class EngineCost:
     commit_rt_us: float  # writer, per group commit at the real rate
     chunk_rt_us: float  # writer, per chunk at the real rate
     source: str  # "calibrated" | "static"
+    # a commit cut right after a batch (the loop is awake and warm: the cut is hot), whose
+    # completion comes after the writer's fsync (the loop wakes up for it)
+    commit_cut_us: float = 40.0  # the cut on the event loop, hot
+    commit_done_rt_us: float = 150.0  # the completion on the event loop, woken up for it
+    commit_slow_rt_us: float = 300.0  # writer, per group commit after SLOW_PACE_S asleep
+
+    def writer_commit_us(self, commits_per_s: float) -> float:
+        """The writer's CPU per group commit at this many commits a second: between its cost
+        after a short pause (PACE_S) and after a long one (SLOW_PACE_S), by the log of the gap
+        (a writer that sleeps longer wakes up on colder caches)."""
+        gap = 1.0 / max(commits_per_s, 1e-9)
+        share = (math.log(gap) - math.log(PACE_S)) / (math.log(SLOW_PACE_S) - math.log(PACE_S))
+        share = min(1.0, max(0.0, share))
+        return self.commit_rt_us + share * max(0.0, self.commit_slow_rt_us - self.commit_rt_us)
 
 
 STATIC_ENGINE = EngineCost(20.0, 0.03, 100.0, 20.0, 0.0001, 250.0, 0.0001,
-                           200.0, 250.0, 150.0, 150.0, 600.0, "static")
+                           200.0, 250.0, 150.0, 150.0, 600.0, "static", 40.0, 150.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -148,8 +171,8 @@ def feature_rates(stage: StageSpec, cfg: Any, fin: F.Flow, fout: F.Flow) -> dict
 
 def stage_cpu_us(stage: StageSpec, cost: StageCost, fin: F.Flow, fout: F.Flow) -> float:
     """Thread-CPU microseconds per second of a stage at one site, from its cost model."""
-    if cost.source == "declared":
-        return cost.coef["record"] * fin.rate
+    if cost.source == "declared" or stage.function is not None:
+        return cost.coef["record"] * fin.rate + cost.coef.get("call", 0.0) * fin.calls
     return cost.per_second(feature_rates(stage, config_of(stage), fin, fout))
 
 
@@ -157,7 +180,12 @@ def _declared(stage: StageSpec) -> StageCost | None:
     if stage.function is None and stage.cpu_us_per_record is None:
         return None
     per = stage.cpu_us_per_record if stage.cpu_us_per_record is not None else DEFAULT_FUNCTION_US
-    return StageCost(stage.operator or "function", {"record": per}, 0.0, 0.0, 0.0, "declared")
+    coef = {"record": per}
+    wake = 0.0
+    if stage.function is not None:  # its own cost per call and the hand-over to its thread
+        coef["call"] = stage.cpu_us_per_call + PLUGIN_CALL_US
+        wake = PLUGIN_WAKE_US
+    return StageCost(stage.operator or "function", coef, 0.0, 0.0, 0.0, "declared", wake)
 
 
 def static_stage(stage: StageSpec, fin: F.Flow, fout: F.Flow) -> StageCost:

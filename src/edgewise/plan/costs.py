@@ -12,8 +12,12 @@ until its window closes. The node's CPU adds the engine: per source batch and re
 routing, bookkeeping), per group commit (at most one per ``commit_interval``, 20 ms by default:
 the loop's hand-over, every operator's state snapshot, the writer's transaction with the
 checkpoint bytes and one encoded chunk per stream), per engine tick, protocol decoding per
-reading (`INGEST_US`, not calibrated: the simulator stands in for the protocol) and, because
-the engine sleeps between batches, a wake-up cost per call of every stage.
+reading and per batch (`ingest_us`: MQTT calibrated with the real source against a minimal
+broker, `edgewise.plan.ingest_calibration`; Modbus and OPC UA with the real sources against a
+device server in a child process, `edgewise.plan.device_calibration`; other protocols from
+`INGEST_US`) and, because
+the engine sleeps between batches, a wake-up cost per call of every stage. A user function
+costs its declared microseconds per record plus the calibrated hand-over per call.
 
 Calibration (the default). `Calibrator.site` runs the site's own operators (same classes and
 parameters, fed by the same sensors and signal statistics, in the batches of production, with
@@ -49,23 +53,27 @@ with its cache, `Paired`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgewise.common.files import write_atomic
+from edgewise.errors import StorageError
 from edgewise.plan import flows as F
 from edgewise.plan.cost_model import (
     CALIBRATED,
+    INGEST_US,
+    INGEST_WAKE_US,
+    PLUGIN_CALL_US,
+    PLUGIN_WAKE_US,
     START_TS,
     STATIC_ENGINE,
     EngineCost,
@@ -73,15 +81,19 @@ from edgewise.plan.cost_model import (
     StreamCost,
     static_stage,
 )
-from edgewise.plan.engine_calibration import _calibrate_engine
+from edgewise.plan.device_calibration import calibrate_modbus, calibrate_opcua
+from edgewise.plan.encoding import encoded_bytes, synth_chunk
+from edgewise.plan.engine_calibration import _calibrate_engine, calibrate_site_engine
+from edgewise.plan.ingest_calibration import calibrate_mqtt, calibrate_plugin_call
 from edgewise.plan.machine import machine_fingerprint
 from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_site
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
+SITE_ENGINE_S = 3.0  # seconds the engine runs with a site's sources at the real pace
 
 
 # -- the two sources of costs -------------------------------------------------------------------
@@ -100,11 +112,39 @@ class Costs:
 
     def site(self, site: SiteSpec, stages: list[StageSpec],
              flows: dict[str, F.Flow]) -> dict[str, StageCost]:
-        return {st.id: static_stage(st, F.merge([flows[r] for r in st.inputs]), flows[st.id])
-                for st in stages}
+        out = {st.id: static_stage(st, F.merge([flows[r] for r in st.inputs]), flows[st.id])
+               for st in stages}
+        for st in stages:
+            if st.function is not None:
+                c = out[st.id]
+                call = st.cpu_us_per_call + self.plugin_call_us()
+                out[st.id] = replace(c, coef={**c.coef, "call": call},
+                                     wake_us=self.plugin_wake_us())
+        return out
+
+    def site_engine(self, site: SiteSpec) -> dict[str, float] | None:
+        """The engine with the site's sources alone at the real pace (cores, commits per
+        second), calibrated; None: the static table models it part by part."""
+        return None
+
+    def site_engine_now(self, site: SiteSpec, span: float) -> dict[str, float] | None:
+        """`site_engine` measured again now, over ``span`` seconds (beside a measurement)."""
+        return None
+
+    def ingest_us(self, protocol: str) -> tuple[float, float]:
+        """(CPU us per reading, per batch handed over) of decoding a protocol's messages."""
+        return INGEST_US.get(protocol, 10.0), INGEST_WAKE_US.get(protocol, 0.0)
+
+    def plugin_call_us(self) -> float:
+        """Event-loop CPU us of one call of a user function (the hand-over to its thread)."""
+        return PLUGIN_CALL_US
+
+    def plugin_wake_us(self) -> float:
+        """What a user function's call costs on top at the real pace (threads woken up)."""
+        return PLUGIN_WAKE_US
 
     def stream(self, flow: F.Flow, records: float) -> StreamCost:
-        payload = F.encoded_bytes(flow, 1.0).payload_per_chunk * records / max(flow.rate, 1e-9)
+        payload = encoded_bytes(flow, 1.0).payload_per_chunk * records / max(flow.rate, 1e-9)
         return StreamCost(20.0 + 0.3 * records, records, payload)
 
     def paired(self, site: SiteSpec, stages: list[StageSpec],
@@ -157,19 +197,10 @@ class Calibrator(Costs):
         if path is None or not self._dirty:
             return
         data = {"version": CACHE_VERSION, "machine": self.machine, "entries": self._entries}
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".plan-calibration-", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            write_atomic(path, json.dumps(data).encode())
+        except (OSError, StorageError):
             return  # a cache we cannot write only costs time on the next run
         self._dirty = False
 
@@ -204,6 +235,47 @@ class Calibrator(Costs):
         entry = self._cached("engine", _calibrate_engine)
         return EngineCost(**{k: v for k, v in entry.items() if k in EngineCost.__annotations__})
 
+    def site_engine(self, site: SiteSpec) -> dict[str, float] | None:
+        def make() -> dict[str, Any]:
+            self.say(f"calibrating the engine at the real pace: site {site.name}")
+            return calibrate_site_engine(site, SITE_ENGINE_S)
+
+        return self._cached(_site_engine_key(site), make)
+
+    def site_engine_now(self, site: SiteSpec, span: float) -> dict[str, float] | None:
+        t0 = time.perf_counter()
+        entry = calibrate_site_engine(site, span)
+        entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.seconds += time.perf_counter() - t0
+        self.store(_site_engine_key(site), entry)
+        return entry
+
+    def ingest_us(self, protocol: str) -> tuple[float, float]:
+        if protocol == "mqtt":
+            entry = self._cached("ingest:mqtt", calibrate_mqtt)
+            return entry["us_per_message"], entry["us_per_wake"]
+        device = {"modbus": calibrate_modbus, "opcua": calibrate_opcua}.get(protocol)
+        if device is None or not _importable(protocol):
+            return Costs.ingest_us(self, protocol)
+
+        def make() -> dict[str, Any]:
+            self.say(f"calibrating {protocol} decoding on this machine")
+            assert device is not None
+            return device()
+
+        try:
+            entry = self._cached(f"ingest:{protocol}", make)
+        except (RuntimeError, OSError) as exc:  # the device server did not start: not cached
+            self.say(f"{protocol} decoding not calibrated ({exc}); the static table is used")
+            return Costs.ingest_us(self, protocol)
+        return entry["us_per_reading"], entry["us_per_batch"]
+
+    def plugin_call_us(self) -> float:
+        return self._cached("plugin-call", calibrate_plugin_call)["call_us"]
+
+    def plugin_wake_us(self) -> float:
+        return self._cached("plugin-call", calibrate_plugin_call)["wake_us"]
+
     def stream(self, flow: F.Flow, records: float) -> StreamCost:
         n = max(1, round(records))
         key = "stream:" + _digest(repr((flow.fields, flow.keys, flow.windowed,
@@ -213,8 +285,8 @@ class Calibrator(Costs):
             from edgewise.sync import codec
 
             m = min(n, 50_000)
-            cols = F.synth_chunk(flow, m, START_TS, max(1.0, m / max(flow.rate, 1e-9)),
-                                 np.random.default_rng(3))
+            cols = synth_chunk(flow, m, START_TS, max(1.0, m / max(flow.rate, 1e-9)),
+                               np.random.default_rng(3))
             best = math.inf
             size = 0
             for _ in range(5):
@@ -229,14 +301,15 @@ class Calibrator(Costs):
     def site(self, site: SiteSpec, stages: list[StageSpec],
              flows: dict[str, F.Flow]) -> dict[str, StageCost]:
         runnable = _runnable(site, stages)
-        if not runnable:
+        passengers = _passengers(site, stages, runnable)
+        if not runnable and not passengers:
             return Costs.site(self, site, stages, flows)
 
         def make() -> dict[str, Any]:
             self.say(f"calibrating the CPU model on this machine: site {site.name}")
-            return _calibrate_site(site, runnable, flows)
+            return _calibrate_site(site, runnable, flows, passengers)
 
-        entry = self._cached(_site_key(site, runnable), make)
+        entry = self._cached(_site_key(site, runnable + passengers), make)
         return _site_costs(Costs.site(self, site, stages, flows), entry)
 
     def paired(self, site: SiteSpec, stages: list[StageSpec],
@@ -256,10 +329,11 @@ class Paired:
         self.owner = owner
         self.site, self.stages, self.flows = site, stages, flows
         self.runnable = _runnable(site, stages) if owner.calibrated else []
+        self.passengers = _passengers(site, stages, self.runnable) if owner.calibrated else []
         # windows close 3.5 times within a third of the turns (the static table may be off);
         # three times that much data, so that the measurement's end, not the data, stops it
-        self.cal = SiteCalibration(site, self.runnable, flows, PAIRED_CPU_S / 3, 3.0) \
-            if self.runnable else None
+        self.cal = SiteCalibration(site, self.runnable, flows, PAIRED_CPU_S / 3, 3.0,
+                                   self.passengers) if self.runnable or self.passengers else None
         self.turns: Turns | None = None
         self.last_turn: float | None = None
         self.failed: list[BaseException] = []
@@ -311,8 +385,20 @@ class Paired:
         entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         entry["paired"] = True
         if isinstance(self.owner, Calibrator):
-            self.owner.store(_site_key(self.site, self.runnable), entry)
+            self.owner.store(_site_key(self.site, self.runnable + self.passengers), entry)
         return _site_costs(base, entry)
+
+
+def _importable(protocol: str) -> bool:
+    """Whether the client library of a device protocol is installed (the `industrial` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec({"modbus": "pymodbus", "opcua": "asyncua"}[protocol]) \
+        is not None
+
+
+def _site_engine_key(site: SiteSpec) -> str:
+    return "site-engine:" + _digest(repr([s.model_dump_json() for s in site.sources]))
 
 
 def _site_key(site: SiteSpec, runnable: list[StageSpec]) -> str:
@@ -322,6 +408,9 @@ def _site_key(site: SiteSpec, runnable: list[StageSpec]) -> str:
 
 def _site_costs(base: dict[str, StageCost], entry: dict[str, Any]) -> dict[str, StageCost]:
     out = dict(base)
+    for sid, e in entry.get("functions", {}).items():  # user functions, run among the others
+        out[sid] = StageCost("function", {"call": e["call"], "record": e["record"]}, 0.0, 0.0,
+                             0.0, "calibrated", base[sid].wake_us, calls=e["calls"])
     for sid, e in entry["stages"].items():
         out[sid] = StageCost(e["operator"], e["coef"], e["snapshot_us"], e["snapshot_bytes"],
                              e["timer_us"], "calibrated", e["wake_us"], e["snapshot_rt_us"],
@@ -342,6 +431,25 @@ def _runnable(site: SiteSpec, stages: list[StageSpec]) -> list[StageSpec]:
                 st.operator in CALIBRATED and all(r in have for r in st.inputs):
             out.append(st)
             have.add(st.id)
+    return out
+
+
+def _passengers(site: SiteSpec, stages: list[StageSpec],
+                runnable: list[StageSpec]) -> list[StageSpec]:
+    """User functions the calibration runs among the operators it fits (not fitted: they
+    cost what they declare), those whose inputs it produces and whose class imports."""
+    from edgewise.pipeline.operators.plugin import load_user_class
+
+    have = {s.id for s in site.sources} | {st.id for st in runnable}
+    out = []
+    for st in stages:
+        if st.function is None or not all(r in have for r in st.inputs):
+            continue
+        try:
+            load_user_class(st.function)
+        except Exception:  # not importable here (no spec.code.path on sys.path): left out
+            continue
+        out.append(st)
     return out
 
 

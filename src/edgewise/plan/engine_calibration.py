@@ -1,8 +1,10 @@
 """Engine calibration: what the engine itself, its committer and the outbox writer cost.
 
 `_calibrate_engine` times the engine with no stages (back to back, idle and paced), one group
-commit on the event loop (`_committer_costs`) and the writer thread's commits with fsync
-(`_writer_costs`), in a temporary directory. See `edgewise.plan.costs` for the model.
+commit on the event loop (`_group_commit_costs`) and the writer thread's commits with fsync
+(`_writer_costs`), in a temporary directory. `calibrate_site_engine` runs the engine with a
+site's own sources and no stages at the real pace: what the node pays for batches, commits and
+ticks at that site's gaps between batches. See `edgewise.plan.costs` for the model.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import numpy as np
 import yaml
 
 from edgewise.pipeline.batch import Batch
-from edgewise.plan.cost_model import START_TS, TICK_S
-
-PACE_S = 0.01  # a pause, for the engine's own parts measured after one
+from edgewise.plan.cost_model import PACE_S, SLOW_PACE_S, START_TS, TICK_S
+from edgewise.plan.workload import SiteSpec
 
 
 def _engine_doc(batch: int, batches: int, interval: float, realtime: bool,
@@ -45,21 +46,17 @@ def _engine_run(work: Path, batch: int, batches: int, interval: float,
     """Event-loop thread CPU (the synthetic readings excluded) over the middle of a run: the
     CPU, batches, commits and wall seconds in that span. ``rate``: batches per second, paced
     (one tick of ``batch`` sensors per batch); None: back-to-back, ``batches`` batches."""
-    from edgewise.pipeline.engine import Engine
     from edgewise.pipeline.spec import parse_pipeline
-    from edgewise.plan.source import install
+    from edgewise.plan.source import plan_engine
 
     doc = _engine_doc(batch, batches, interval, rate is not None, rate or 10.0)
     spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False), "<calibration>")
-    engine = Engine(spec, work)
-    srcs = install(engine)
+    engine, srcs = plan_engine(spec, work)
     marks: list[tuple[float, float, int, int, float]] = []
 
     def mark() -> None:
-        committer = engine._committer
         marks.append((time.thread_time(), sum(s.generation_s for s in srcs.values()),
-                      engine.counters.batches_in, committer.commits if committer else 0,
-                      time.perf_counter()))
+                      engine.counters.batches_in, engine.commits, time.perf_counter()))
 
     async def main() -> None:
         task = asyncio.create_task(engine.run())
@@ -84,9 +81,10 @@ def _engine_run(work: Path, batch: int, batches: int, interval: float,
 def _writer_costs(work: Path, pause: float) -> dict[str, float]:
     """The writer thread's CPU per commit (fsync on every commit, as on a node): fixed, per
     checkpoint byte, per chunk. Back to back (best of twelve), and after a pause as in real
-    time, where the mean counts (SQLite folds its write-ahead log into the database every so
-    many pages: big checkpoints make that a real cost)."""
-    from edgewise.edge.outbox import Outbox, PendingChunk
+    time (``pause``, and SLOW_PACE_S for the fixed part: the longer the writer sleeps, the
+    colder its caches), where the mean counts (SQLite folds its write-ahead log into the
+    database every so many pages: big checkpoints make that a real cost)."""
+    from edgewise.outbox import Outbox, PendingChunk
     from edgewise.sync import codec
 
     small, big = 1024, 256 * 1024
@@ -115,19 +113,23 @@ def _writer_costs(work: Path, pause: float) -> dict[str, float]:
         hot_small = timed([], small, 0.0, 12)
         hot_chunk = timed([PendingChunk("s", chunk, 200)], small, 0.0, 12)
         rt_small = timed([], small, pause, 16)
+        rt_slow = timed([], small, SLOW_PACE_S, 6)
         rt_big = timed([], big, pause, 16)
         rt_chunk = timed([PendingChunk("s", chunk, 200)], small, pause, 16)
     per_byte = max(0.0, (rt_big - rt_small) / (big - small))
     return {"commit_us": hot_small, "checkpoint_byte_us": per_byte,
             "chunk_us": max(0.0, hot_chunk - hot_small - t_encode),
             "chunk_byte_us": per_byte, "commit_rt_us": max(0.0, rt_small - per_byte * small),
+            "commit_slow_rt_us": max(0.0, rt_slow - per_byte * small),
             "chunk_rt_us": max(0.0, rt_chunk - rt_small - t_encode - per_byte * enc)}
 
 
-def _committer_costs(work: Path, pause: float) -> tuple[float, float]:
+def _group_commit_costs(work: Path, pause: float) -> tuple[float, float, float, float]:
     """Event-loop CPU of one group commit (cut, hand-over to the writer thread, completion and
-    acknowledgements), back-to-back and after a pause."""
-    from edgewise.edge.outbox import Outbox
+    acknowledgements), back-to-back and after a pause; and of its two halves: the cut
+    (``kick``) back to back, and the completion after a pause (the loop sleeps while the writer
+    commits, and wakes up for the result)."""
+    from edgewise.outbox import Outbox
     from edgewise.pipeline.commit import Committer
 
     batch = Batch({"sensor": np.array([f"c/{i:03d}" for i in range(16)], dtype=object),
@@ -138,6 +140,8 @@ def _committer_costs(work: Path, pause: float) -> tuple[float, float]:
         try:
             hot: list[float] = []
             paced: list[float] = []
+            cut: list[float] = []
+            done: list[float] = []
             for i in range(60):
                 if i >= 40:
                     await asyncio.sleep(pause)
@@ -145,9 +149,13 @@ def _committer_costs(work: Path, pause: float) -> tuple[float, float]:
                 committer.position("s", i)
                 c0 = time.thread_time()
                 committer.kick()
+                c1 = time.thread_time()
                 await committer.wait()
-                (hot if i < 40 else paced).append(time.thread_time() - c0)
-            return float(np.min(hot[5:])) * 1e6, float(np.median(paced)) * 1e6
+                c2 = time.thread_time()
+                (hot if i < 40 else paced).append(c2 - c0)
+                (cut if i < 40 else done).append(c1 - c0 if i < 40 else c2 - c1)
+            return (float(np.min(hot[5:])) * 1e6, float(np.median(paced)) * 1e6,
+                    float(np.min(cut[5:])) * 1e6, float(np.median(done)) * 1e6)
         finally:
             committer.close()
 
@@ -171,7 +179,7 @@ def _calibrate_engine() -> dict[str, Any]:
         (n1, y1), (n2, y2) = per_batch
         record_us = max(0.0, (y2 - y1) / (n2 - n1))
         batch_us = max(0.0, y1 - record_us * n1)
-        commit_loop_us, commit_loop_rt = _committer_costs(work, PACE_S)
+        commit_loop_us, commit_loop_rt, cut_us, done_rt = _group_commit_costs(work, PACE_S)
         # at the real pace: an idle engine (ticks only), then 100 batches a second
         cpu, _b, _k, wall = _engine_run(work / "idle", 16, 1, 30.0, 1e-3, 0.3)
         tick_rt = cpu * 1e6 / (wall / TICK_S)
@@ -180,5 +188,76 @@ def _calibrate_engine() -> dict[str, Any]:
         writer = _writer_costs(work, PACE_S)
     return {"batch_us": batch_us, "record_us": record_us, "commit_loop_us": commit_loop_us,
             "batch_rt_us": batch_rt, "commit_loop_rt_us": max(commit_loop_us, commit_loop_rt),
-            "tick_rt_us": tick_rt, **writer, "source": "calibrated",
+            "tick_rt_us": tick_rt, **writer, "commit_cut_us": cut_us,
+            "commit_done_rt_us": done_rt, "source": "calibrated",
             "seconds": time.perf_counter() - t_start}
+
+
+SITE_WARM_S = 0.5  # not measured: start-up, first commits
+SITE_MAX_RATE = 250_000.0  # readings/s at most (the realtime run's sample)
+
+
+def calibrate_site_engine(site: SiteSpec, span: float) -> dict[str, Any]:
+    """The engine with the site's own sources and no stages, at the real pace for ``span``
+    seconds after a warm-up: process CPU per second (the simulator's own work left out) of
+    what the engine pays whatever the stages, its batches and records, its group commits
+    (loop and writer; the checkpoint holds only source positions) and ticks, with every
+    wake-up the site's own gaps between batches cause (the longer the engine sleeps, the
+    colder it wakes up: a pause of 10 ms does not show what one of 250 ms costs). The same
+    sample of sensors as the realtime run of ``--simulate``, scaled back; the sources' batches
+    out of step as unsynchronised devices arrive. Also the group commits per second."""
+    from edgewise.pipeline.spec import parse_pipeline
+    from edgewise.plan import flows as F
+    from edgewise.plan.source import (
+        out_of_step,
+        plan_engine,
+        split_fields,
+        started,
+        value_columns,
+    )
+
+    full = sum(s.count * s.rate_hz for s in site.sources)
+    fraction = min(1.0, SITE_MAX_RATE / max(full, 1e-9))
+    sources = []
+    got = 0.0
+    for src in site.sources:
+        cols = value_columns(src, site.name, fraction)
+        n = sum(g["count"] for g in cols[0][1])
+        got += n * src.rate_hz
+        entry: dict[str, Any] = {
+            "id": src.id, "type": "simulator", "profile": "custom", "seed": 42,
+            "rate_hz": src.rate_hz, "groups": cols[0][1], "realtime": True, "start": "now",
+            "batch": F.batch_records(src.count * src.rate_hz, src.count, src.protocol)}
+        if src.fields:
+            entry["fields"] = [{"name": name, "groups": g} for name, g in cols]
+        sources.append(entry)
+    doc = {"apiVersion": "edgewise.io/v1", "kind": "Pipeline",
+           "metadata": {"name": f"{site.name}-engine"},
+           "spec": {"sources": sources, "outbox": {"sync": "full", "max_bytes": "1GiB"}}}
+    fields = split_fields(doc)
+    with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp:
+        spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False), "<calibration>")
+        engine, srcs = plan_engine(spec, Path(tmp), fields=fields)
+        out_of_step(srcs)
+        marks: list[tuple[float, float, float, int]] = []
+
+        def mark() -> None:
+            marks.append((time.process_time(), time.perf_counter(),
+                          sum(s.generation_s for s in srcs.values()), engine.commits))
+
+        async def main() -> None:
+            task = asyncio.create_task(engine.run())
+            await started(srcs)
+            await asyncio.sleep(SITE_WARM_S)
+            mark()
+            await asyncio.sleep(span)
+            mark()
+            engine.stop()
+            await task
+
+        asyncio.run(main())
+    (c0, w0, g0, k0), (c1, w1, g1, k1) = marks
+    wall = max(w1 - w0, 1e-3)
+    share = got / max(full, 1e-9)
+    return {"cores": max(0.0, (c1 - c0) - (g1 - g0)) / wall / share,
+            "commits_per_s": (k1 - k0) / wall, "span_s": wall, "fraction": share}

@@ -58,27 +58,68 @@ def _topology(plt: Any, plan: Any, path: Path) -> Path:
          if sp.where(st.id) in ("cloud", "split")], "#dbe9f6")
     for i, sp in enumerate(plan.sites):
         y = height - 1.15 - i * 1.1
-        srcs = [f"{s.id}: {s.count:,} x {s.rate_hz:g} Hz ({s.protocol})" for s in sp.site.sources]
-        _box(ax, 0.05, y, 1.15, 0.95, f"Devices ({sp.site.count:,} sites)", srcs, "#f3f3f3")
+        site = sp.site
+        srcs = [f"{s.id}: {s.count:,} x {s.rate_hz:g} Hz ({s.protocol})" for s in site.sources]
+        _box(ax, 0.05, y, 1.15, 0.95, f"Devices ({site.count:,} sites)", srcs, "#f3f3f3")
         fig_ = sp.final
         edge = [f"{st.id} ({sp.where(st.id)})" for st in sp.stages
                 if sp.where(st.id) in ("edge", "split")]
         _box(ax, 1.45, y, 1.25, 0.95,
-             f"Edge: {fig_.sizing.option.name} x {fig_.sizing.nodes}",
-             [*edge, f"outbox {fig_.outbox_bytes / 1024**2:,.0f} MiB"], "#e3f4e1")
+             f"Edge: {fig_.sizing.option.name} x {fig_.sizing.nodes}{_ha(site)}",
+             [*_models(plan, sp), *edge, f"outbox {fig_.outbox_bytes / 1024**2:,.0f} MiB"],
+             "#e3f4e1")
         ax.annotate("", xy=(1.45, y + 0.47), xytext=(1.2, y + 0.47),
                     arrowprops={"arrowstyle": "->", "lw": 1.2})
+        # the tiers the data passes: a gateway between the devices and the node (its hop is
+        # in the latency figures), a region between the node and the cloud
+        if "gateway" in site.tiers:
+            ax.text(1.325, y + 0.52, "via gateway", ha="center", fontsize=6, color="#555")
+        if "region" in site.tiers:
+            ax.text(2.88, y + 0.05, "via region", ha="center", fontsize=6, color="#555")
         ax.annotate("", xy=(3.05, height / 2), xytext=(2.7, y + 0.47),
                     arrowprops={"arrowstyle": "->", "lw": 1.2, "color": "#1f5f99"})
-        link = sp.site.link
+        link = site.link
         ax.text(2.72, y + 0.62, f"{link.kind}\n{link.uplink / 1e6:g} Mbit/s up, RTT p99 "
                 f"{link.rtt.p99 * 1000:,.0f} ms\nmTLS 1.3, "
                 f"{fig_.edge_wire_per_s * 8 / 1e3:,.1f} kbit/s", fontsize=6.5, color="#1f5f99")
+        sl = site.second_link
+        if sl is not None:  # drawn dashed, below the first
+            ax.annotate("", xy=(3.05, height / 2 - 0.1), xytext=(2.7, y + 0.25),
+                        arrowprops={"arrowstyle": "->", "lw": 1.0, "ls": "--",
+                                    "color": "#b5651d"})
+            ax.text(2.72, y + 0.12, f"{sl.role}: {sl.kind}\n{sl.uplink / 1e6:g} Mbit/s up"
+                    + (f", {sl.window.start} UTC" if sl.window is not None else ""),
+                    fontsize=6.5, color="#b5651d")
     ax.set_title(f"Edge topology: {plan.workload.name}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _second_label(sp: Any) -> str:
+    sl = sp.site.second_link
+    if sl is None:
+        return ""
+    if sl.role == "failover":
+        return f" (failover: {sl.kind}, {sl.uplink / 1e6:g} Mbit/s while the first link is down)"
+    return f" (offload: {sl.kind}, {sl.uplink / 1e6:g} Mbit/s from {sl.window.start} UTC)"
+
+
+def _ha(site: Any) -> str:
+    return f", {site.ha}" if site.nodes > 1 and site.ha else ""
+
+
+def _models(plan: Any, sp: Any) -> list[str]:
+    """The models the site's edge stages run, with their size and accelerator."""
+    models = {m.name: m for m in plan.workload.body.models}
+    out = []
+    for st in sp.stages:
+        m = models.get(st.model) if st.model else None
+        if m is not None and sp.where(st.id) in ("edge", "split"):
+            out.append(f"model {m.name}: {m.size / 1024**2:,.0f} MiB"
+                       + (f", {m.accelerator}" if m.accelerator != "none" else ""))
+    return out
 
 
 def _latency(plt: Any, plan: Any, path: Path) -> Path:
@@ -142,13 +183,17 @@ def _backlog(plt: Any, plan: Any, path: Path) -> Path:
             end = longest[0] + 1.3 * max(longest[1], 3600) + min(f.drain_s, 10 * 86400)
             sel = (ls.times >= start) & (ls.times <= end)
             ax.plot((ls.times[sel] - longest[0]) / 3600, ls.backlog[sel] / 1024**2,
-                    label=f"{sp.name}: outbox backlog")
+                    label=f"{sp.name}: outbox backlog" + _second_label(sp))
             ax.axhline(ls.capacity_bytes / 1024**2, ls=":", lw=1, color="gray")
             drew = True
         else:
+            from edgewise.plan.site_figures import failover_backlog_per_s
+
             hours = np.linspace(0, f.outage_s / 3600 * 1.2, 200)
-            backlog = np.minimum(hours, f.outage_s / 3600) * 3600 * f.calibration.stored_per_s
-            ax.plot(hours, backlog / 1024**2, label=f"{sp.name}: backlog (model)")
+            grows = failover_backlog_per_s(sp.site, f.calibration.stored_per_s)
+            backlog = np.minimum(hours, f.outage_s / 3600) * 3600 * grows
+            ax.plot(hours, backlog / 1024**2, label=f"{sp.name}: backlog (model)"
+                    + _second_label(sp))
             ax.axhline(f.outbox_bytes / 1024**2, ls=":", lw=1, color="gray")
             drew = True
     if drew:

@@ -7,11 +7,10 @@ reading with a base level in [40, 80], noise 0.5 at two decimals, 0.1% spikes at
 operator has a transfer function (input flows -> output flow) and a CPU cost model; both are
 the planner's *estimates*, which `--simulate` then checks against the real engine.
 
-Encoded size: `encoded_bytes` builds one representative uplink chunk from the field models
-(seeded random values with the declared statistics) and encodes it with the real wire codec,
-so the per-record cost includes the codec's dictionary, delta and zstd behaviour. A flow also
-says how many batches per second carry its records (``calls``): the CPU model
-(`edgewise.plan.costs`) charges operators per call, per record, per key and per window.
+What a flow costs on the wire (a representative chunk through the real codec) is
+`edgewise.plan.encoding`. A flow also says how many batches per second carry its records
+(``calls``): the CPU model (`edgewise.plan.costs`) charges operators per call, per record, per
+key and per window.
 """
 
 from __future__ import annotations
@@ -25,15 +24,6 @@ import numpy as np
 
 from edgewise.pipeline import registry
 from edgewise.plan.workload import Signal, SourceSpec, StageSpec
-from edgewise.sync import codec
-
-# -- wire overheads (bytes) ----------------------------------------------------------------------
-UPLINK_FRAMING = 32  # uplink session frame per chunk: stream, sequence range, checksum
-TLS_RECORD = 22  # TLS 1.3: 5-byte header, 16-byte tag, 1 content-type byte per record
-TLS_RECORD_MAX = 16384
-TCP_IP_SEGMENT = 40  # IPv4 + TCP headers per segment
-TCP_MSS = 1448
-MAX_SYNTH_RECORDS = 100_000  # larger chunks are encoded at this size and scaled
 
 # -- batching -----------------------------------------------------------------------------------
 LINGER_S = {  # how long a source collects readings before handing a batch over
@@ -68,6 +58,7 @@ class Flow:
     scales_with_keys: bool = True
     assumed: tuple[str, ...] = ()  # notes on figures that are guesses, not derived
     calls: float = 1.0  # batches per second that carry these records to the next stage
+    frame_bytes: float = 0.0  # a binary frame each record carries beside its columns (sources)
 
     @property
     def batch(self) -> float:
@@ -91,15 +82,22 @@ def source_flow(src: SourceSpec, site: str) -> Flow:
     fields = {
         "sensor": FieldModel("key"),
         "ts": FieldModel("time_tick", {"hz": src.rate_hz}),
-        "value": FieldModel("reading", {
-            "groups": [(c, s) for _, c, s in groups], "decimals": src.decimals,
-        }),
     }
+    if src.fields:  # a multi-field record: one reading column per field, its own signal
+        for vf in src.fields:
+            fields[vf.name] = FieldModel("reading", {
+                "groups": [(c, vf.signal) for _, c, _s in groups], "decimals": vf.decimals,
+            })
+    else:
+        fields["value"] = FieldModel("reading", {
+            "groups": [(c, s) for _, c, s in groups], "decimals": src.decimals,
+        })
     rate = src.count * src.rate_hz
     return Flow(
         rate=rate, keys=src.count, fields=fields, tick_hz=src.rate_hz,
         key_prefixes=tuple((p, c) for p, c, _ in groups),
         calls=rate / batch_records(rate, src.count, src.protocol),
+        frame_bytes=float(src.frame_bytes or 0),
     )
 
 
@@ -167,7 +165,7 @@ def merge(flows: list[Flow]) -> Flow:
     )
 
 
-def _decimals_of(step: float) -> int:
+def decimals_of(step: float) -> int:
     for d in range(7):
         if abs(step * 10**d - round(step * 10**d)) < 1e-9:
             return d
@@ -183,7 +181,7 @@ def stage_flow(stage: StageSpec, inputs: list[Flow]) -> Flow:
             f"{stage.id}: output reduction of user function not given; 1.0 assumed",)
         return replace(
             fin, rate=fin.rate * red, windowed=None,
-            bytes_per_record=stage.output_bytes_per_record or 32.0,
+            bytes_per_record=stage.output_bytes_per_record or 32.0, frame_bytes=0.0,
             assumed=fin.assumed + notes, calls=_calls_with_output(fin, red),
         )
     cls = registry.resolve("operator", stage.operator or "")
@@ -216,7 +214,7 @@ def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
         count = fin.rate / keys * float(cfg.size)
         src = fin.fields.get(cfg.field, FieldModel("float"))
         fields: dict[str, FieldModel] = dict(keys_fields)
-        tdec = _decimals_of(slide)
+        tdec = decimals_of(slide)
         for name in ("ts", "window_start"):
             fields[name] = FieldModel("time_window", {"decimals": tdec})
         fields["window_end"] = FieldModel("time_window", {"decimals": tdec, "offset": cfg.size})
@@ -293,7 +291,7 @@ def _operator_flow(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> Flow:
         calls = min(fin.calls, math.ceil(keys / per_call_keys) / block_s)
         windowed = block_s if per_call_keys >= keys else None
         fields = dict(keys_fields)
-        fields["ts"] = FieldModel("time_window", {"decimals": _decimals_of(block_s)}) \
+        fields["ts"] = FieldModel("time_window", {"decimals": decimals_of(block_s)}) \
             if windowed else FieldModel("time_random", {"hz": fin.tick_hz})
         fields["rms"] = FieldModel("float")
         peaks = _spectral_peaks(fin.fields.get(cfg.field), cfg.samples, cfg.sample_rate)
@@ -372,171 +370,3 @@ def _selectivity(op: str, cfg: Any, fin: Flow, stage: StageSpec) -> tuple[float,
         p = 2 * _tail_normal(cfg.limit / step) if step > 0 else 0.0
         return min(1.0, p + 2 * spikes), None
     return 1.0, None
-
-
-# -- encoding ------------------------------------------------------------------------------------
-
-def _key_names(flow: Flow) -> np.ndarray:
-    names: list[str] = []
-    for prefix, count in flow.key_prefixes:
-        names.extend(f"{prefix}/{i:03d}" for i in range(count))
-    if len(names) < flow.keys:
-        names.extend(f"key/{i:05d}" for i in range(len(names), flow.keys))
-    out = np.empty(max(1, flow.keys), dtype=object)
-    out[:] = names[: max(1, flow.keys)] if names else ["all"]
-    return out
-
-
-def _levels(fm: FieldModel | None, n_keys: int, rng: np.random.Generator) -> tuple[np.ndarray,
-                                                                                    float, int]:
-    """Per-key base levels, noise and decimals of the reading a field derives from."""
-    while fm is not None and fm.kind in ("level", "mean", "spike"):
-        fm = fm.params.get("of")
-    if fm is None or fm.kind != "reading":
-        return rng.uniform(0, 100, n_keys), 1.0, 2
-    levels = []
-    noise = []
-    for count, sig in fm.params["groups"]:
-        levels.append(rng.uniform(sig.low, sig.high, count))
-        noise.append(np.full(count, sig.noise))
-    lv = np.concatenate(levels)
-    reps = math.ceil(n_keys / len(lv))
-    return np.tile(lv, reps)[:n_keys], float(np.mean(np.concatenate(noise))), \
-        fm.params["decimals"]
-
-
-def synth_chunk(flow: Flow, n: int, t0: float, span: float,
-                rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A representative chunk of ``n`` records covering ``span`` seconds from ``t0``."""
-    names = _key_names(flow)
-    k = len(names)
-    if flow.windowed is not None:
-        kid = np.tile(np.arange(k), math.ceil(n / k))[:n]
-        windows = np.repeat(np.arange(math.ceil(n / k)), k)[:n]
-    elif flow.rate >= flow.keys * flow.tick_hz * 0.5:  # every key at every tick: stream order
-        kid = np.arange(n) % k
-        windows = np.arange(n) // k
-    else:
-        kid = rng.integers(0, k, n)
-        windows = np.zeros(n, dtype=np.int64)
-    levels, noise, dec = _levels(flow.fields.get("value"), k, rng)
-    cols: dict[str, np.ndarray] = {}
-    for name, fm in flow.fields.items():
-        cols[name] = _synth_field(fm, name, names, kid, windows, n, t0, span, flow, rng,
-                                  levels, noise, dec)
-    return cols
-
-
-def _synth_field(fm: FieldModel, name: str, names: np.ndarray, kid: np.ndarray,
-                 windows: np.ndarray, n: int, t0: float, span: float, flow: Flow,
-                 rng: np.random.Generator, levels: np.ndarray, noise: float,
-                 dec: int) -> np.ndarray:
-    kind = fm.kind
-    if kind == "key" or kind == "const_text":
-        if kind == "key":
-            return names[kid]
-        out = np.empty(n, dtype=object)
-        out[:] = fm.params["value"]
-        return out
-    if kind == "time_tick":
-        hz = fm.params["hz"]
-        return np.round(t0 + windows / hz, 6)
-    if kind == "time_window":
-        step = flow.windowed or 1.0
-        return np.round(t0 + windows * step + fm.params.get("offset", 0.0), 9)
-    if kind == "time_random":
-        hz = fm.params["hz"]
-        ticks = np.sort(rng.integers(0, max(1, int(span * hz)), n))
-        return np.round(t0 + ticks / hz, 6)
-    if kind == "count":
-        return np.full(n, int(fm.params["value"]), dtype=np.int64)
-    if kind == "const_num":
-        return np.full(n, float(fm.params["value"] or 0.0))
-    if kind == "float":  # derived statistics: full float64, similar magnitudes
-        return rng.normal(1.0, 0.15, n)
-    if kind == "grid":
-        return rng.choice(np.asarray(fm.params["values"]), n)
-    lv, nz, dd = _levels(fm, len(names), rng)
-    scale = 10.0**dd  # quantise the way the sensors (and the simulator) do: round(v*s)/s
-    if kind == "reading":
-        v = lv[kid] + rng.normal(0, 1, n) * nz
-        return np.round(v * scale) / scale
-    if kind == "level":
-        v = lv[kid] + rng.normal(0, 1, n) * nz * 2
-        if fm.params.get("half"):
-            return np.round(v * scale * 2) / (scale * 2)
-        return np.round(v * scale) / scale
-    if kind == "mean":
-        c = int(fm.params.get("count", 1))
-        total = np.round((lv[kid] + rng.normal(0, 1, n) * nz / math.sqrt(c)) * c * scale)
-        return total / scale / c
-    if kind == "spike":
-        src = fm.params.get("of")
-        spike = src.params["groups"][0][1].spike_value if src is not None and \
-            src.kind == "reading" else 100.5
-        return np.round((spike + np.abs(rng.normal(0, 5, n))) * scale) / scale
-    return rng.normal(0, 1, n)
-
-
-def wire_overhead(payload: int) -> int:
-    """Bytes on the socket for one chunk of ``payload`` bytes: framing, TLS, TCP/IP."""
-    framed = payload + UPLINK_FRAMING
-    tls = framed + TLS_RECORD * max(1, math.ceil(framed / TLS_RECORD_MAX))
-    return tls + TCP_IP_SEGMENT * max(1, math.ceil(tls / TCP_MSS)) - payload
-
-
-@dataclass(frozen=True)
-class StreamBytes:
-    chunks_per_s: float
-    records_per_chunk: float
-    payload_per_chunk: float  # codec bytes
-    wire_per_s: float  # bytes/s on the socket, all overheads included
-
-    @property
-    def payload_per_s(self) -> float:
-        return self.chunks_per_s * self.payload_per_chunk
-
-
-def encoded_bytes(flow: Flow, interval: float, seed: int = 7) -> StreamBytes:
-    """Uplink bytes of a stream sent as one chunk per ``interval`` seconds."""
-    if flow.rate <= 0:
-        return StreamBytes(0.0, 0.0, 0.0, 0.0)
-    if flow.windowed is not None:
-        per_window = flow.keys
-        windows_per_chunk = max(1.0, interval / flow.windowed)
-        chunks_per_s = 1.0 / max(interval, flow.windowed)
-        n = per_window * windows_per_chunk
-    else:
-        lam = flow.rate * interval
-        chunks_per_s = (1 - math.exp(-lam)) / interval if lam < 50 else 1.0 / interval
-        n = flow.rate / chunks_per_s
-    if flow.bytes_per_record is not None:
-        payload = n * flow.bytes_per_record
-    else:
-        rng = np.random.default_rng(seed)
-        m = int(min(max(1, round(n)), MAX_SYNTH_RECORDS))
-        cols = synth_chunk(flow, m, 1_764_547_200.0, interval, rng)
-        payload = len(codec.encode(cols)) * (n / m)
-    wire = chunks_per_s * (payload + wire_overhead(int(payload)))
-    return StreamBytes(chunks_per_s, n, payload, wire)
-
-
-# -- the naive baseline ---------------------------------------------------------------------------
-
-def json_reading_bytes(src: SourceSpec, site: str) -> float:
-    """Size of ``{"sensor": ..., "ts": ..., "value": ...}`` for a typical reading."""
-    if src.bytes_per_sample is not None:
-        return float(src.bytes_per_sample)
-    prefix = source_groups(src, site)[0][0]
-    sig = src.signal
-    value = f"{(sig.low + sig.high) / 2:.{src.decimals}f}"
-    tdec = max(2, _decimals_of(1.0 / src.rate_hz))
-    ts = f"{1_764_547_200.0:.{min(tdec, 6)}f}"
-    return float(len(f'{{"sensor":"{prefix}/000","ts":{ts},"value":{value}}}'))
-
-
-def mqtt_message_bytes(topic_len: int, payload: float) -> float:
-    """One MQTT PUBLISH (QoS 0) in its own TLS record; TCP/IP headers not counted."""
-    body = 2 + topic_len + payload
-    length_bytes = 1 if body < 128 else 2 if body < 16384 else 3
-    return 1 + length_bytes + body + TLS_RECORD

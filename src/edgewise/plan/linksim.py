@@ -4,9 +4,10 @@ The link is down for the longest outage the workload must survive (starting on d
 shorter outages drawn at random until the downtime matches the availability. Every step the
 edge produces its stored bytes per priority; while the link is up the outbox drains at the
 usable uplink rate, highest priority first, oldest first (like ``Outbox.peek``). When the
-outbox is full, `edgewise.edge.outbox_policy.choose_evictions` (the agent's own rule) decides
+outbox is full, `edgewise.outbox.policy.choose_evictions` (the agent's own rule) decides
 what is compacted or dropped. The same run is repeated with the engine's default outbox size
-and with none, to show what the planned size buys.
+and with none, to show what the planned size buys. A second link (`SecondRoute`: failover while
+the first is down, or an offload window every day) adds its expected rate.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgewise.edge.outbox import PRIORITIES
-from edgewise.edge.outbox_policy import StoredChunk, choose_evictions
+from edgewise.outbox import PRIORITIES
+from edgewise.outbox.policy import StoredChunk, choose_evictions
 
 MAX_STEPS = 10_000
 DAY = 86400.0
@@ -75,10 +76,43 @@ def schedule(availability: float, longest: float, seed: int = 17) -> tuple[float
     return horizon, outages
 
 
+@dataclass(frozen=True)
+class SecondRoute:
+    """A second link the site's router switches to (the node's session reconnects through
+    whichever link is up; the agent itself keeps one uplink): ``failover`` carries the data
+    while the first link is down, ``offload`` adds its rate in a daily window. Its own outages
+    are counted as an expected share: its rate times its availability."""
+
+    role: str  # failover | offload
+    bytes_per_s: float  # usable for data
+    availability: float
+    window_start_s: float = 0.0  # offload: seconds after midnight UTC
+    window_s: float = 0.0  # offload: the window's length
+
+    @property
+    def expected_per_s(self) -> float:
+        return self.bytes_per_s * self.availability
+
+
+def route_rates(t: np.ndarray, up: np.ndarray, uplink_bytes_per_s: float,
+                second: SecondRoute | None) -> np.ndarray:
+    """Bytes per second the site can send at each step: the first link while it is up, a
+    failover link while it is down, plus an offload link in its daily window."""
+    rates = np.where(up, uplink_bytes_per_s, 0.0)
+    if second is None:
+        return rates
+    if second.role == "failover":
+        return np.where(up, rates, second.expected_per_s)
+    into_day = (t - second.window_start_s) % DAY
+    return rates + np.where(into_day < second.window_s, second.expected_per_s, 0.0)
+
+
 def simulate_link(streams: list[StreamLoad], kinds: dict[str, str], uplink_bytes_per_s: float,
                   availability: float, longest: float, capacity: int,
-                  compare: dict[str, int] | None = None) -> LinkResult:
-    """Run the link model. ``kinds`` maps stream name to alarm / data / raw."""
+                  compare: dict[str, int] | None = None,
+                  second: SecondRoute | None = None) -> LinkResult:
+    """Run the link model. ``kinds`` maps stream name to alarm / data / raw; ``second``: a
+    second link (`SecondRoute`), none by default."""
     horizon, outages = schedule(availability, longest)
     step = max(1.0, horizon / MAX_STEPS)
     if longest > 0:
@@ -88,28 +122,28 @@ def simulate_link(streams: list[StreamLoad], kinds: dict[str, str], uplink_bytes
     up = np.ones(steps, dtype=bool)
     for start, dur in outages:
         up[(t >= start) & (t < start + dur)] = False
-    result = _run(streams, kinds, uplink_bytes_per_s, capacity, up, step)
+    rates = route_rates(t, up, uplink_bytes_per_s, second)
+    result = _run(streams, kinds, rates, capacity, step)
     res = LinkResult(
         horizon, step, outages, float(1 - up.mean()), capacity, float(result[0].max()),
         result[1], result[2], _drain_after(result[0], up, t, outages), t, result[0],
     )
     for label, cap in (compare or {}).items():
-        _, lost, _ = _run(streams, kinds, uplink_bytes_per_s, cap, up, step)
+        _, lost, _ = _run(streams, kinds, rates, cap, step)
         res.by_capacity[label] = lost
     return res
 
 
-def _run(streams: list[StreamLoad], kinds: dict[str, str], rate: float, capacity: int,
-         up: np.ndarray, step: float) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
+def _run(streams: list[StreamLoad], kinds: dict[str, str], rates: np.ndarray, capacity: int,
+         step: float) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
     prio = {s.name: PRIORITIES[s.priority] for s in streams}
     queues: dict[int, deque[list]] = {}  # priority -> deque of [id, stream, bytes, compactable]
     used = 0.0
     next_id = 0
     lost: dict[str, float] = {k: 0.0 for k in set(kinds.values())}
     produced: dict[str, float] = {k: 0.0 for k in set(kinds.values())}
-    backlog = np.zeros(len(up))
-    send = rate * step
-    for i in range(len(up)):
+    backlog = np.zeros(len(rates))
+    for i in range(len(rates)):
         for s in streams:
             nbytes = s.stored_per_s * step
             if nbytes <= 0:
@@ -118,7 +152,7 @@ def _run(streams: list[StreamLoad], kinds: dict[str, str], rate: float, capacity
             produced[kind] += nbytes
             p = prio[s.name]
             if capacity <= 0:
-                if not up[i]:
+                if rates[i] <= 0:
                     lost[kind] += nbytes
                     continue
             elif used + nbytes > capacity:
@@ -149,8 +183,8 @@ def _run(streams: list[StreamLoad], kinds: dict[str, str], rate: float, capacity
             queues.setdefault(p, deque()).append([next_id, s.name, nbytes, s.compact])
             next_id += 1
             used += nbytes
-        if up[i]:
-            budget = send
+        if rates[i] > 0:
+            budget = rates[i] * step
             for pr in sorted(queues, reverse=True):
                 q = queues[pr]
                 while q and budget > 0:

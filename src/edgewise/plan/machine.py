@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 _CODE = ("pipeline/operators", "pipeline/engine.py", "pipeline/commit.py", "pipeline/batch.py",
-         "pipeline/checkpoint.py", "edge/outbox.py", "sync/codec.py", "plan/costs.py",
+         "pipeline/checkpoint.py", "outbox", "sync/codec.py", "plan/costs.py",
          "plan/cost_model.py", "plan/site_calibration.py", "plan/engine_calibration.py",
-         "plan/source.py", "plan/flows.py", "sim/signals.py")
+         "plan/source.py", "plan/flows.py", "plan/encoding.py", "sim/signals.py")
 
 
 def machine_fingerprint() -> dict[str, str]:

@@ -33,6 +33,7 @@ from edgewise.plan.cost_model import (
     stage_cpu_us,
     static_stage,
 )
+from edgewise.plan.source import split_fields, value_columns
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 
@@ -110,24 +111,25 @@ def _out_records(result: Any) -> int:
 
 
 def _site_doc(site: SiteSpec, stages: list[StageSpec], seconds: float,
-              compression: float) -> dict[str, Any]:
+              compression: float, passengers: list[StageSpec] | None = None) -> dict[str, Any]:
     """The site's stages fed by simulator sources, back to back, event time ``compression``
-    times faster, ``seconds`` of data (at the sensors' real rate)."""
-    used = {r for st in stages for r in st.inputs}
+    times faster, ``seconds`` of data (at the sensors' real rate). ``passengers``: user
+    functions that run among them (as in production: their calls change their neighbours'
+    costs) but are not fitted."""
+    passengers = passengers or []
+    used = {r for st in [*stages, *passengers] for r in st.inputs}
     sources = []
     for src in site.sources:
         if src.id not in used:
             continue
-        groups = [{"prefix": prefix, "count": count, "base_low": sig.low,
-                   "base_high": sig.high, "drift": sig.drift, "period_s": sig.period,
-                   "noise": sig.noise, "spike_prob": sig.spike_prob,
-                   "spike_value": sig.spike_value, "decimals": src.decimals}
-                  for prefix, count, sig in F.source_groups(src, site.name)]
+        cols = value_columns(src, site.name, 1.0)
         rate = src.count * src.rate_hz
+        extra = {"fields": [{"name": n, "groups": g} for n, g in cols]} if src.fields else {}
         sources.append({
             "id": src.id, "type": "simulator", "profile": "custom", "seed": SEED,
             # fewer ticks per event second: the same batches cover more event time
-            "rate_hz": src.rate_hz / compression, "groups": groups, "realtime": False,
+            "rate_hz": src.rate_hz / compression, "groups": cols[0][1], **extra,
+            "realtime": False,
             "start": START_TS, "batch": F.batch_records(rate, src.count, src.protocol),
             "limit": max(1, round(seconds * src.rate_hz)) * src.count})
     # the sinks production has (they run between the operators' calls, so they count): local
@@ -144,7 +146,10 @@ def _site_doc(site: SiteSpec, stages: list[StageSpec], seconds: float,
             "metadata": {"name": f"{site.name}-calibration"},
             "spec": {"sources": sources,
                      "stages": [{"id": st.id, "type": st.operator, "inputs": list(st.inputs),
-                                 **st.params} for st in stages],
+                                 **st.params} for st in stages] + [
+                                {"id": st.id, "type": "python", "class": st.function,
+                                 "inputs": list(st.inputs), "options": dict(st.params)}
+                                for st in passengers],
                      "sinks": sinks, "outbox": {"sync": "normal", "max_bytes": "1GiB"}}}
 
 
@@ -232,14 +237,19 @@ class SiteCalibration:
     """One calibration run of a site's stages in the engine, instrumented, then the fit."""
 
     def __init__(self, site: SiteSpec, stages: list[StageSpec], flows: dict[str, F.Flow],
-                 budget: float = BUDGET_S, extra: float = 1.0) -> None:
+                 budget: float = BUDGET_S, extra: float = 1.0,
+                 passengers: list[StageSpec] | None = None) -> None:
         from edgewise.pipeline.spec import parse_pipeline
 
         self.t_start = time.perf_counter()
         self.site = site
         self.stages = stages
         self.seconds, self.compression = _run_shape(site, stages, flows, budget)
-        doc = _site_doc(site, stages, self.seconds * extra, self.compression)
+        self.passengers = passengers or []
+        self.pcalls: dict[str, list[tuple[int, float, bool]]] = {
+            st.id: [] for st in self.passengers}  # (records, CPU, after a pause) per call
+        doc = _site_doc(site, stages, self.seconds * extra, self.compression, passengers)
+        self.fields = split_fields(doc)
         self.spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False),
                                    f"<{site.name} calibration>")
         self.cfgs = {st.id: config_of(st) for st in stages}
@@ -260,36 +270,38 @@ class SiteCalibration:
     def run(self, turns: Turns | None = None) -> None:
         """The site's stages in the engine on the synthetic data; with ``turns``, taking turns
         with the caller (and stopping when it says so)."""
-        from edgewise.pipeline.engine import Engine
-        from edgewise.plan.source import install
+        from edgewise.plan.source import plan_engine
+
+        source_ids = {c.id for c in self.spec.sources}
+        paused: set[int] = set()
+        now = [False]  # routing a batch that came after a pause
+
+        def routed() -> None:  # a source's batch has been through the pipeline
+            now[0] = False
+            if turns is not None:
+                turns.maybe_yield()
+                if turns.stopping:
+                    engine.stop()
+
+        def observe(node: str, port: str, batch: Batch) -> Callable[[], None] | None:
+            if node not in source_ids:
+                return None
+            now[0] = id(batch) in paused
+            paused.discard(id(batch))
+            return routed
 
         with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp:
-            engine = Engine(self.spec, Path(tmp))
-            paused: set[int] = set()
-            for sid, src in install(engine).items():
+            engine, srcs = plan_engine(self.spec, Path(tmp), observer=observe,
+                                       fields=self.fields)
+            for sid, src in srcs.items():
                 src.pause_every, src.pause_s, src.paused = self.pause_every[sid], self.pace, \
                     paused
-            now = [False]  # routing a batch that came after a pause
             for st in self.stages:
                 _instrument(engine.stages[st.id], st, self.cfgs[st.id], self.feats[st.id],
                             self.rows[st.id], self.costs[st.id], self.snaps[st.id],
                             self.paced[st.id], now)
-            route = engine._route
-
-            def routed(node: str, port: str, batch: Batch) -> None:
-                if node not in engine.sources:
-                    route(node, port, batch)
-                    return
-                now[0] = id(batch) in paused
-                paused.discard(id(batch))
-                route(node, port, batch)
-                now[0] = False
-                if turns is not None:
-                    turns.maybe_yield()
-                    if turns.stopping:
-                        engine.stop()
-
-            engine._route = routed  # type: ignore[method-assign]
+            for st in self.passengers:
+                _instrument_function(engine.stages[st.id], self.pcalls[st.id], now)
             asyncio.run(engine.run())
         self.last = engine.stages
 
@@ -320,15 +332,53 @@ class SiteCalibration:
                                              if op else 0.0),
                 "timer_us": _timer_us(op) if op is not None else 0.0,
                 "wake_us": wake, "calls": n, "paced_calls": int(np.sum(self.paced[sid]))}
+        out["functions"] = {}
+        for sid, calls in self.pcalls.items():  # user functions: per call and per record
+            rows = [(n, c) for n, c, paced in calls[WARM_CALLS:] if not paced]
+            if len(rows) < 3:
+                continue
+            x = np.array([[1.0, n] for n, _c in rows])
+            y = np.array([c for _n, c in rows]) * 1e6
+            call, record = nnls(x, y).tolist()
+            out["functions"][sid] = {"call": call, "record": record, "calls": len(rows)}
         out["seconds"] = time.perf_counter() - self.t_start
         return out
 
 
-def _calibrate_site(site: SiteSpec, stages: list[StageSpec],
-                    flows: dict[str, F.Flow]) -> dict[str, Any]:
-    cal = SiteCalibration(site, stages, flows)
+def _calibrate_site(site: SiteSpec, stages: list[StageSpec], flows: dict[str, F.Flow],
+                    passengers: list[StageSpec] | None = None) -> dict[str, Any]:
+    cal = SiteCalibration(site, stages, flows, passengers=passengers)
     cal.run()
     return cal.result()
+
+
+def _instrument_function(op: Any, calls: list[tuple[int, float, bool]],
+                         now: list[bool]) -> None:
+    """Time every call of a user function: the event loop's part (the hand-over) and the
+    function's own, in its worker thread."""
+    inner_cpu = [0.0]
+    inner = op.inner
+    fn_inner = inner.process
+
+    def inner_process(batch: Batch) -> Any:
+        t0 = time.thread_time()
+        try:
+            return fn_inner(batch)
+        finally:
+            inner_cpu[0] += time.thread_time() - t0
+
+    inner.process = inner_process
+    fn = op.process
+
+    def timed_process(batch: Batch) -> Any:
+        inner_cpu[0] = 0.0
+        t0 = time.thread_time()
+        try:
+            return fn(batch)
+        finally:
+            calls.append((batch.n, time.thread_time() - t0 + inner_cpu[0], now[0]))
+
+    op.process = timed_process
 
 
 def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],

@@ -8,12 +8,20 @@
       sites:                       where the data is born, and how many such sites
         - name: plant
           count: 1
-          sources: [{id, count, rate_hz, bytes_per_sample, resolution, ...}]   required
+          nodes: 2                 with ha: active-standby | active-active
+          tiers: [device, gateway, site, region]
+          sources: [{id, count, rate_hz, bytes_per_sample, resolution, compliance,
+                     fields, groups, duty_cycle, ...}]                           required
           link: {uplink, downlink, rtt: {p50, p99}, availability, longest_outage, cost_per_gb}
-      stages: [{id, operator | function, inputs, params, latency_budget, needs, ...}]
-      hardware: [{name, cores, ram, disk, price, gpu}]
+          second_link: {..., role: failover | offload, window}
+      stages: [{id, operator | function, inputs, params, latency_budget, needs, model, ...}]
+      models: [{name, size, accelerator, accelerator_memory}]
+      code: {path}                 the user functions' package folder
+      hardware: [{name, cores, ram, disk, price, gpu, gpu_memory}]
       requirements: {max_alarm_latency, offline_autonomy, encryption, fleet_size, retention}
                                    max_alarm_latency and offline_autonomy are required
+
+The newer parts and their cross-field checks are `edgewise.plan.workload_format`.
 
 Only the use case, the sources (counts and rates) and the latency and offline requirements are
 required; everything else gets a stated default (`Workload.inferred` lists each one with its
@@ -25,15 +33,12 @@ value), so the planner can be asked a question before every detail is known.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -43,41 +48,35 @@ from pydantic import (
 from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline import registry
 from edgewise.pipeline.units import ByteSize, Duration
-from edgewise.pipeline.yamlmarks import Path as KeyPath
-from edgewise.pipeline.yamlmarks import line_of
+from edgewise.plan.workload_format import (
+    Bandwidth,
+    CodeLocation,
+    Compliance,
+    DutyCycle,
+    HaMode,
+    ModelArtefact,
+    OffloadWindow,
+    Rtt,
+    Signal,
+    Tier,
+    ValueField,
+    check_extensions,
+    complete_extensions,
+    decimals_of_resolution,
+    field_problems,
+)
+from edgewise.plan.workload_format import (
+    fmt_seconds as _fmt_s,
+)
+from edgewise.plan.workload_format import (
+    parse_bandwidth as parse_bandwidth,  # re-exported
+)
 from edgewise.specfile import Problem, find_cycle, load_document, problems_from, read_text
+from edgewise.specfile.marks import Path as KeyPath
+from edgewise.specfile.marks import line_of
 
 ID_PATTERN = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
 NEEDS = ("global_context", "gpu", "large_model", "privacy")
-
-_BANDWIDTH = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(bit/s|bps|b/s|B/s)\s*$")
-_BW_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_bandwidth(value: Any) -> float:
-    """Bits per second from a number or a string such as '20Mbit/s', '512kbps', '1MB/s'."""
-    if isinstance(value, bool):
-        raise ValueError("expected a bandwidth such as '20Mbit/s'")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError("a bandwidth must be positive")
-        return float(value)
-    if isinstance(value, str):
-        m = _BANDWIDTH.match(value)
-        if m:
-            bits = float(m.group(1)) * _BW_PREFIX[m.group(2).lower()]
-            if m.group(3) == "B/s":
-                bits *= 8
-            if bits <= 0:
-                raise ValueError("a bandwidth must be positive")
-            return bits
-    raise ValueError(
-        f"{value!r} is not a bandwidth; write e.g. '20Mbit/s', '512kbps' or bits per second"
-    )
-
-
-Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth)]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -89,31 +88,15 @@ class Metadata(_Strict):
     description: str = ""
 
 
-class Signal(_Strict):
-    """What the readings look like: a base level per sensor in [low, high], a slow drift, noise
-    and rare spikes. Used for the estimates (alarm rates, compression) and to generate data."""
-
-    low: float = 40.0
-    high: float = 80.0
-    drift: float = Field(default=5.0, ge=0)
-    period: Duration = Field(default=600.0, gt=0)
-    noise: float = Field(default=0.5, ge=0)
-    spike_prob: float = Field(default=0.001, ge=0, le=1)
-    spike_value: float = 100.5
-
-    @model_validator(mode="after")
-    def _range(self) -> Signal:
-        if self.high < self.low:
-            raise ValueError("signal.high must not be below signal.low")
-        return self
-
-
 class SourceGroup(_Strict):
     """A named group of the source's sensors (keys are ``{prefix}/{i:03d}``)."""
 
     prefix: str = Field(min_length=1)
     count: int = Field(ge=1, le=1_000_000)
     signal: Signal | None = None
+    rate_hz: float | None = Field(default=None, gt=0, le=1_000_000)
+    """This group's rate if it differs from the source's (the source is then planned as one
+    source per rate: ``<id>``, ``<id>-r2``, ...; stages reading it read all of them)."""
 
 
 class AlarmLimits(_Strict):
@@ -130,10 +113,27 @@ class SourceSpec(_Strict):
     bytes_per_sample: int | None = Field(default=None, ge=1, le=64 * 1024 * 1024)
     resolution: float = Field(default=0.01, gt=0, le=1000)
     personal_data: bool = False
+    compliance: list[Compliance] = []
     signal: Signal = Signal()
+    fields: list[ValueField] = []
     groups: list[SourceGroup] = []
     alarm: AlarmLimits | None = None
+    duty_cycle: DutyCycle | None = None
+    frame_bytes: ByteSize | None = Field(default=None, ge=1, le=64 * 1024 * 1024)
+    """A binary frame (image, waveform block) each reading carries, bytes; see flows."""
+    peak_rate_hz: float | None = None
+    """Set by the loader for a duty-cycled source: the declared rate while it reports."""
     connection: dict[str, Any] = {}
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """Compliance tags; ``personal_data: true`` counts as ``personal``."""
+        return frozenset(self.compliance) | ({"personal"} if self.personal_data else set())
+
+    @property
+    def value_fields(self) -> list[str]:
+        """The value columns of a reading: the fields' names, or ``value``."""
+        return [f.name for f in self.fields] or ["value"]
 
     @model_validator(mode="after")
     def _groups(self) -> SourceSpec:
@@ -147,19 +147,7 @@ class SourceSpec(_Strict):
     @property
     def decimals(self) -> int:
         """Decimal places of a reading at this resolution (0 for whole units)."""
-        d = -math.floor(math.log10(self.resolution) + 1e-9)
-        return max(0, min(6, d))
-
-
-class Rtt(_Strict):
-    p50: Duration = Field(gt=0)
-    p99: Duration = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _order(self) -> Rtt:
-        if self.p99 < self.p50:
-            raise ValueError("p99 must not be below p50")
-        return self
+        return decimals_of_resolution(self.resolution)
 
 
 class LinkSpec(_Strict):
@@ -174,12 +162,27 @@ class LinkSpec(_Strict):
     """How often the uplink sends one chunk per stream (seconds)."""
 
 
+class SecondLink(LinkSpec):
+    """A second link: ``failover`` carries everything while the first is down; ``offload``
+    carries bulk data only in its daily ``window``."""
+
+    role: Literal["failover", "offload"] = "failover"
+    window: OffloadWindow | None = None
+
+
 class SiteSpec(_Strict):
     name: str = Field(pattern=ID_PATTERN)
     count: int = Field(default=1, ge=1, le=1_000_000)
     nodes: int = Field(default=1, ge=1, le=64)
+    ha: HaMode | None = None
+    """How the nodes of a site share the work: one active and the rest standing by, or all
+    active; every node is sized to carry the whole site (what a failover needs)."""
+    tiers: list[Tier] = []
+    """The tiers the data passes from its birth to the cloud, e.g. [device, gateway, site]."""
+    region: str | None = None
     sources: list[SourceSpec] = Field(min_length=1)
     link: LinkSpec = LinkSpec()
+    second_link: SecondLink | None = None
     lan: Rtt = Rtt(p50=0.0005, p99=0.002)
 
 
@@ -201,6 +204,8 @@ class StageSpec(_Strict):
     inputs: list[str] = Field(min_length=1)
     params: dict[str, Any] = {}
     cpu_us_per_record: float | None = Field(default=None, gt=0)
+    cpu_us_per_call: float = Field(default=0.0, ge=0)
+    """A user function's own CPU per call (per batch), beside its cost per record."""
     reduction: float | None = Field(default=None, ge=0)
     output_bytes_per_record: float | None = Field(default=None, gt=0)
     memory: ByteSize | None = None
@@ -210,6 +215,8 @@ class StageSpec(_Strict):
     to_cloud: bool = True
     local: LocalAction | None = None
     placement: Literal["auto", "edge", "cloud"] = "auto"
+    model: str | None = None
+    """The name of a model in ``spec.models`` this stage runs."""
 
     @model_validator(mode="after")
     def _kind(self) -> StageSpec:
@@ -227,6 +234,7 @@ class HardwareOption(_Strict):
     disk: ByteSize
     price: float = Field(ge=0)
     gpu: bool = False
+    gpu_memory: ByteSize | None = None
     tpm: bool = True
 
 
@@ -254,6 +262,8 @@ class Body(_Strict):
     hardware: list[HardwareOption] = []
     requirements: Requirements
     costs: Costs = Costs()
+    models: list[ModelArtefact] = []
+    code: CodeLocation | None = None
 
 
 class Document(_Strict):
@@ -321,13 +331,17 @@ class Workload:
         return sum(s.count * s.nodes for s in self.sites)
 
     @property
+    def code_dir(self) -> Path | None:
+        """The folder of the user functions' package (``spec.code.path``), if given."""
+        code = self.document.spec.code
+        return (self.path.parent / code.path).resolve() if code is not None else None
+
+    @property
     def fleet_size(self) -> int:
         return max(self.requirements.fleet_size or 0, self.total_nodes)
 
 
 # -- loading -----------------------------------------------------------------------------------
-
-
 
 def load_workload(path: str | Path) -> Workload:
     """Read and validate a workload file. Raises `SpecError` (or `ConfigError` if unreadable)."""
@@ -385,6 +399,8 @@ def parse_workload(text: str, source: str = "<workload>") -> Workload:
                 cls.Config.model_validate(st.params)
             except ValidationError as exc:
                 problems.extend(problems_from(exc, (*where, "params"), lines))
+                continue
+            problems.extend(field_problems(st, cls, body, (*where, "params"), lines))
     for i, st in enumerate(body.stages):
         for j, ref in enumerate(st.inputs):
             if ref not in source_ids and ref not in stage_ids:
@@ -401,23 +417,17 @@ def parse_workload(text: str, source: str = "<workload>") -> Workload:
         if cycle:
             problems.append((line_of(lines, ("spec", "stages")), "spec.stages",
                              f"stages form a cycle: {' -> '.join(cycle)}; break it"))
+    problems.extend(check_extensions(body, lines, Path(source).parent))
     if problems:
         raise SpecError(source, problems)
     return _complete(doc, Path(source))
 
 
-def _fmt_s(seconds: float) -> str:
-    if seconds >= 86400 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 1:
-        return f"{seconds:g} s"
-    return f"{seconds * 1000:g} ms"
-
-
 def _complete(doc: Document, path: Path) -> Workload:
     """Fill in the defaults and say which ones were used."""
-    body = doc.spec
-    inferred: list[Inferred] = []
+    body, notes = complete_extensions(doc.spec)
+    doc = doc.model_copy(update={"spec": body})
+    inferred = [Inferred(n.field, n.value, n.why) for n in notes]
     for i, site in enumerate(body.sites):
         if "link" not in site.model_fields_set:
             ln = site.link
@@ -461,9 +471,11 @@ def default_stages(body: Body, inferred: list[Inferred]) -> list[StageSpec]:
                 continue
             seen.add(src.id)
             size = "1s" if src.rate_hz >= 1 else "60s"
+            params = {"size": size, "aggregates": ["count", "mean", "min", "max"]}
+            if src.fields:
+                params["field"] = src.fields[0].name
             out.append(StageSpec(
-                id=f"{src.id}-aggregates", operator="window", inputs=[src.id],
-                params={"size": size, "aggregates": ["count", "mean", "min", "max"]},
+                id=f"{src.id}-aggregates", operator="window", inputs=[src.id], params=params,
             ))
             inferred.append(Inferred(f"stages.{src.id}-aggregates",
                                      f"window {size}: count, mean, min, max per sensor",

@@ -32,7 +32,8 @@ from typing import Protocol
 from cryptography import x509
 
 from edgewise.errors import ConfigError, PeerError
-from edgewise.security.pki import IdentityError, node_id_from_cert, public_key_fingerprint
+from edgewise.security.pki.certs import IdentityError, node_id_from_cert
+from edgewise.security.pki.keys import public_key_fingerprint
 
 
 class CertificateRevoked(PeerError):

@@ -2,8 +2,8 @@
 
 Every value depends only on (seed, group, block of ticks), never on wall time or on how the
 caller slices the stream, so a run can be replayed exactly and a restart continues the same
-sequence. The reference "factory line" (DESIGN.md) is `FACTORY_LINE`: 200 sensors at 50 Hz,
-values with two decimals, about 0.1% of readings above 100.0.
+sequence. The reference "factory line" (docs/architecture.md) is `FACTORY_LINE`: 200 sensors at
+50 Hz, values with two decimals, about 0.1% of readings above 100.0.
 """
 
 from __future__ import annotations

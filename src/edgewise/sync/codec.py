@@ -13,10 +13,29 @@ Encoding, per column:
   with zstd.
 
 `decode` gives back exactly the columns that went in (floats at their detected resolution).
+
+Chunks come from peers, so reading one is bounded whatever it holds (`edgewise.sync.bounded`):
+the zstd frame is inflated as a stream with a running cap, the msgpack document is walked
+item by item (never unpacked whole), every binary is checked against the record count before
+it is read, and the Python objects that text tables and ``any`` columns make are counted
+against `MAX_VALUES`. `check` validates a chunk exactly as `decode` reads it but keeps
+nothing, so its memory stays small (a few MiB plus one value) for any input; `decode` then
+needs memory in proportion to the records, as the columns it returns do.
+
+Limits a chunk must keep (the edge's chunks keep them: at most 8 x ``batching.max_records``
+= 8,000,000 records, one frame of 4 MiB):
+
+* `MAX_RECORDS` records, `MAX_COLUMNS` columns;
+* `MAX_VALUES` Python objects in text tables and ``any`` columns together (a value each, plus
+  one per list or map and its items), i.e. two such columns of 8,000,000 plain values;
+* `MAX_VALUE_BYTES` for one text value or one packed ``any`` value, `MAX_VALUE_OBJECTS`
+  lists, maps and items in one ``any`` value;
+* a zstd window of at most 8 MiB (compression levels 1-19).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -24,13 +43,26 @@ import numpy as np
 import zstandard
 
 from edgewise.errors import PeerError
+from edgewise.sync.bounded import (
+    READ_SIZE,
+    BinStream,
+    Budget,
+    Inflater,
+    pieces,
+    read_bin_header,
+)
 
 VERSION = 1
 _MAX_DECIMALS = 4
 _LIMIT = 2**52
 ZSTD_LEVEL = 3
-MAX_DECODED_BYTES = 256 * 1024 * 1024
+MAX_DECODED_BYTES = 256 * 1024 * 1024  # decompressed, for `decode`; ingest checks 64 MiB
 MAX_RECORDS = 10_000_000  # per chunk; bounds what a peer can make us allocate
+MAX_COLUMNS = 4096
+MAX_VALUES = 1 << 24  # objects of text tables and `any` columns in one chunk (16,777,216)
+MAX_VALUE_BYTES = 1 << 20  # one text value, or one packed `any` value
+MAX_VALUE_OBJECTS = 1 << 16  # lists, maps and their items in one `any` value
+_INT_DTYPES = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
 
 def _small_int(a: np.ndarray) -> np.ndarray:
@@ -147,50 +179,234 @@ def encode(columns: dict[str, np.ndarray], level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(packed)
 
 
-def decode(data: bytes) -> dict[str, np.ndarray]:
-    """Inverse of `encode`. Raises `PeerError` on bytes that are not a valid chunk."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_DECODED_BYTES)
-        doc = msgpack.unpackb(raw, raw=False)
-        n = int(doc["n"])
-        items = doc["c"]
-        if not 0 <= n <= MAX_RECORDS:
-            raise ValueError(f"{n} records in one chunk; at most {MAX_RECORDS} are allowed")
-        key = doc.get("k")
-    except Exception as exc:  # zstd, msgpack and key errors all mean the same: not a chunk
-        raise PeerError(f"not a valid Edgewise chunk: {exc}") from None
-    cols: dict[str, np.ndarray] = {}
-    try:
-        key_codes = None
-        for name, kind, _meta, blob, dtype in items:
-            if name == key and kind == "dict":
-                key_codes = np.frombuffer(blob, dtype=dtype).astype(np.int64)
-        order, starts = _group_order(key_codes, n)
-        for name, kind, meta, blob, dtype in items:
-            if kind == "dict":
-                codes = np.frombuffer(blob, dtype=dtype)
-                table = np.array(meta, dtype=object)
-                cols[name] = table[codes] if n else np.empty(0, dtype=object)
-            elif kind == "bool":
-                cols[name] = np.unpackbits(np.frombuffer(blob, dtype=np.uint8))[:n].astype(bool)
-            elif kind == "int":
-                d = np.frombuffer(blob, dtype=dtype).astype(np.int64)
-                cols[name] = _undelta(d, order, starts)
-            elif kind == "dec":
-                d = np.frombuffer(blob, dtype=dtype).astype(np.int64)
-                cols[name] = np.round(_undelta(d, order, starts) / 10.0**meta, int(meta))
-            elif kind == "f8":
-                cols[name] = np.frombuffer(blob, dtype="<f8").astype(np.float64)
-            elif kind == "any":
-                arr = np.empty(n, dtype=object)
-                arr[:] = msgpack.unpackb(blob, raw=False)
-                cols[name] = arr
+class CountMismatch(PeerError):
+    """The chunk holds another number of records than the caller expected."""
+
+    def __init__(self, found: int, expected: int) -> None:
+        super().__init__(f"chunk holds {found} records, expected {expected}")
+        self.found = found
+        self.expected = expected
+
+
+@dataclass
+class _Column:
+    name: str
+    kind: str
+    meta: Any  # dict: the table (np object array, or its length when not kept); dec: decimals
+    data: Any  # bytes of the column, the values of an `any` column, or None when not kept
+    dtype: str
+
+
+def _itemsize(size: int, n: int) -> int:
+    """The integer width a binary of ``size`` bytes has for ``n`` records (0 when n is 0)."""
+    if n == 0:
+        if size:
+            raise ValueError(f"{size} bytes of data for 0 records")
+        return 0
+    width = size // n
+    if size % n or width not in _INT_DTYPES:
+        raise ValueError(f"{size} bytes of data do not fit {n} integers")
+    return width
+
+
+class _Reader:
+    """Walks one chunk item by item (see the module docstring); ``keep`` says whether to
+    return the columns' data (`decode`) or only to check it (`check`)."""
+
+    def __init__(self, data: bytes, limit: int, keep: bool) -> None:
+        self.keep = keep
+        self.budget = Budget(MAX_VALUES, "text or `any` values in one chunk",
+                             item_limit=MAX_VALUE_OBJECTS)
+        # scalars only: containers are walked through their headers, binaries in pieces
+        self.u = msgpack.Unpacker(
+            Inflater(data, limit), read_size=READ_SIZE, raw=False,
+            max_buffer_size=MAX_VALUE_BYTES + READ_SIZE, max_str_len=MAX_VALUE_BYTES,
+            max_bin_len=0, max_array_len=0, max_map_len=0, max_ext_len=0)
+
+    def read(self, records: int | None) -> tuple[int, str | None, list[_Column]]:
+        u = self.u
+        fields = u.read_map_header()
+        if fields > 16:
+            raise ValueError(f"{fields} fields in the chunk header")
+        n: int | None = None
+        key: str | None = None
+        cols: list[_Column] | None = None
+        seen: set[str] = set()
+        for _ in range(fields):
+            name = u.unpack()
+            if type(name) is not str or name in seen:
+                raise ValueError(f"bad or repeated field {name!r:.40}")
+            seen.add(name)
+            if name == "n":
+                n = u.unpack()
+                if type(n) is not int or not 0 <= n <= MAX_RECORDS:
+                    raise ValueError(f"{n!r:.40} records in one chunk; at most {MAX_RECORDS} "
+                                     "are allowed")
+                if records is not None and n != records:
+                    raise CountMismatch(n, records)
+            elif name == "k":
+                key = u.unpack()
+                if key is not None and type(key) is not str:
+                    raise ValueError("the key column must be named by a string")
+            elif name == "c":
+                if n is None:
+                    raise ValueError("columns before the record count")
+                cols = self._columns(n)
             else:
-                raise ValueError(f"unknown column kind {kind!r}")
-            if len(cols[name]) != n:
-                raise ValueError(f"column {name!r} has {len(cols[name])} values, expected {n}")
+                u.skip()  # "v", and fields a newer encoder may add
+        if n is None or cols is None:
+            raise ValueError("no record count or no columns")
+        try:  # the frame ends here (reading to its end also verifies the checksum)
+            u.skip()
+        except msgpack.OutOfData:
+            return n, key, cols
+        raise ValueError("data after the chunk")
+
+    def _columns(self, n: int) -> list[_Column]:
+        u = self.u
+        count = u.read_array_header()
+        if count > MAX_COLUMNS:
+            raise ValueError(f"{count} columns; at most {MAX_COLUMNS} are allowed")
+        cols = []
+        for _ in range(count):
+            if u.read_array_header() != 5:
+                raise ValueError("a column is [name, kind, meta, data, dtype]")
+            name, kind = u.unpack(), u.unpack()
+            if type(name) is not str or type(kind) is not str:
+                raise ValueError("column name and kind must be strings")
+            meta = self._table(n) if kind == "dict" else u.unpack()
+            size = read_bin_header(u)
+            if kind == "any":
+                data = self._values(n, size)
+                width = 0
+            elif kind in ("dict", "int", "dec"):
+                width = _itemsize(size, n)
+                data = self._blob(size, width, meta if kind == "dict" else None)
+                if kind == "dec" and (type(meta) is not int or not 0 <= meta <= _MAX_DECIMALS):
+                    raise ValueError(f"bad decimals {meta!r:.40} in column {name!r}")
+            elif kind in ("f8", "bool"):
+                want = 8 * n if kind == "f8" else (n + 7) // 8
+                if size != want:
+                    raise ValueError(f"column {name!r} has {size} bytes, expected {want}")
+                data = self._blob(size, 0, None)
+            else:
+                raise ValueError(f"unknown column kind {kind!r:.40}")
+            dtype = u.unpack()
+            if type(dtype) is not str:
+                raise ValueError(f"column {name!r}: dtype must be a string")
+            if kind in ("dict", "int", "dec") and (
+                    dtype not in _INT_DTYPES.values() or (width and dtype != _INT_DTYPES[width])):
+                raise ValueError(f"column {name!r}: dtype {dtype!r:.40} does not fit its data")
+            cols.append(_Column(name, kind, meta, data, dtype))
+        return cols
+
+    def _table(self, n: int) -> Any:
+        """The distinct values of a text column, one string at a time."""
+        u = self.u
+        size = u.read_array_header()
+        if size > n:
+            raise ValueError(f"{size} distinct text values for {n} records")
+        self.budget.charge(size)
+        table = np.empty(size, dtype=object) if self.keep else None
+        for i in range(size):
+            s = u.unpack()
+            if type(s) is not str:
+                raise ValueError("text values must be strings")
+            if table is not None:
+                table[i] = s
+        return size if table is None else table
+
+    def _blob(self, size: int, width: int, table: Any) -> bytes | None:
+        """A column's bytes, read in pieces; dictionary codes are checked against the table."""
+        kept: list[bytes] = []
+        entries = table if isinstance(table, int) else None if table is None else len(table)
+        for piece in pieces(self.u, size):
+            if entries is not None:
+                codes = np.frombuffer(piece, dtype=_INT_DTYPES[width])
+                if codes.min() < 0 or codes.max() >= entries:
+                    raise ValueError(f"text codes outside a table of {entries} values")
+            if self.keep:
+                kept.append(piece)
+        return b"".join(kept) if self.keep else None
+
+    def _values(self, n: int, size: int) -> np.ndarray | None:
+        """An `any` column: msgpack nested in the binary, unpacked one value at a time."""
+        budget = self.budget
+        stream = BinStream(self.u, size, MAX_VALUE_BYTES)
+        inner = msgpack.Unpacker(
+            stream, read_size=READ_SIZE, raw=False, max_buffer_size=MAX_VALUE_BYTES + READ_SIZE,
+            max_str_len=MAX_VALUE_BYTES, max_bin_len=MAX_VALUE_BYTES, max_ext_len=0,
+            max_array_len=MAX_VALUE_OBJECTS, max_map_len=MAX_VALUE_OBJECTS,
+            list_hook=budget.list_hook, object_hook=budget.map_hook)
+        if inner.read_array_header() != n:
+            raise ValueError(f"an `any` column without exactly {n} values")
+        budget.charge(n)
+        unpack = inner.unpack
+        if not self.keep:
+            for _ in range(n):
+                stream.mark = stream.pulled  # stream.start_item(), inline: this loop is hot
+                budget.item = 0
+                unpack()
+            out = None
+        else:
+            out = np.empty(n, dtype=object)
+            for i in range(n):
+                stream.mark = stream.pulled
+                budget.item = 0
+                out[i] = unpack()
+        try:
+            inner.skip()
+        except msgpack.OutOfData:
+            return out
+        raise ValueError("data after the last value of an `any` column")
+
+
+def _read(data: bytes, limit: int, keep: bool,
+          records: int | None) -> tuple[int, str | None, list[_Column]]:
+    try:
+        return _Reader(data, limit, keep).read(records)
     except PeerError:
         raise
+    except Exception as exc:  # zstd, msgpack and our own checks all mean: not a chunk
+        raise PeerError(f"not a valid Edgewise chunk: {exc}") from None
+
+
+def check(data: bytes, *, records: int | None = None, limit: int = MAX_DECODED_BYTES) -> int:
+    """Check ``data`` exactly as `decode` reads it, keeping nothing; its record count.
+
+    At most ``limit`` bytes are inflated. Raises `CountMismatch` as soon as the header says
+    another count than ``records`` (when given), `PeerError` for anything `decode` refuses.
+    """
+    return _read(data, limit, False, records)[0]
+
+
+def decode(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of `encode`. Raises `PeerError` on bytes that are not a valid chunk."""
+    n, key, items = _read(data, MAX_DECODED_BYTES, True, None)
+    try:
+        key_codes = None
+        for c in items:
+            if c.name == key and c.kind == "dict":
+                key_codes = np.frombuffer(c.data, dtype=c.dtype).astype(np.int64)
+        order, starts = _group_order(key_codes, n)
+        cols: dict[str, np.ndarray] = {}
+        for c in items:
+            if c.kind == "dict":
+                codes = np.frombuffer(c.data, dtype=c.dtype)
+                cols[c.name] = c.meta[codes] if n else np.empty(0, dtype=object)
+            elif c.kind == "bool":
+                bits = np.unpackbits(np.frombuffer(c.data, dtype=np.uint8))
+                cols[c.name] = bits[:n].astype(bool)
+            elif c.kind == "int":
+                d = np.frombuffer(c.data, dtype=c.dtype).astype(np.int64)
+                cols[c.name] = _undelta(d, order, starts)
+            elif c.kind == "dec":
+                d = np.frombuffer(c.data, dtype=c.dtype).astype(np.int64)
+                cols[c.name] = np.round(_undelta(d, order, starts) / 10.0**c.meta, c.meta)
+            elif c.kind == "f8":
+                cols[c.name] = np.frombuffer(c.data, dtype="<f8").astype(np.float64)
+            else:  # any
+                cols[c.name] = c.data
     except Exception as exc:
         raise PeerError(f"not a valid Edgewise chunk: {exc}") from None
     return cols

@@ -1,4 +1,4 @@
-"""Last-writer-wins maps for keys both edge and cloud may write (DESIGN principle 3).
+"""Last-writer-wins maps for keys both edge and cloud may write (docs/architecture.md, principle 3).
 
 A setpoint changed on site during an outage and the same setpoint changed by an operator in the
 cloud must merge the same way on every replica. Each key holds one `Entry`: the value, the

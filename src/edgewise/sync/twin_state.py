@@ -1,27 +1,36 @@
-"""The twin as pure data: versioned desired state down, reported state up (DESIGN principles 3, 8).
+"""The twin as pure data: versioned desired state down, reported state up.
+
+Principles 3 and 8 of docs/architecture.md: the cloud owns intent, the node owns what happened;
+intent survives absence, but not forever.
 
 The cloud owns intent: a `DesiredState` (pipelines by name as YAML text, config, labels) with a
-version that only grows and an optional expiry. A node keeps the newest version it has
-validated and applied, and persists it so it can start with no network. When it hears of new
-versions, `choose_newest` decides what to do: apply only the newest one (a node back after days
-skips every intermediate version), never an expired one, never go backwards. Expiry gates
-*applying* an intent, not running it: a node keeps running what it applied.
+version that only grows and an optional expiry. ``pipelines`` is None when the cloud has never
+named pipelines for the node (only config, setpoints or labels): the node then keeps running
+its own pipeline (``edgewise agent run --pipeline``). An empty map is an explicit "no
+pipeline": the node runs none. A node keeps the newest version it has validated and applied,
+and persists it so it can start with no network. When it hears of new versions,
+`choose_newest` decides what to do: apply only the newest one (a node back after days skips
+every intermediate version), never an expired one, never go backwards. Expiry gates *applying*
+an intent, not running it: a node keeps running what it applied.
+
+``release`` names the release (`edgewise.sync.release`) the node should run, or None (no
+release assigned: the pipelines above run as they are). It is sent only when set, so an agent
+from before releases still reads every state that assigns none.
 
 The edge owns what happened: a `ReportedState` (applied version, status, counters, and the
 setpoints both sides may write, as an `LwwMap`).
 
 Both convert to and from msgpack-able dicts (``to_wire`` / ``from_wire``; the latter raises
 `PeerError` on malformed input and rejects unknown fields, so an agent too old for a new kind
-of intent says so instead of ignoring it). `save_atomic` / `load` are the persistence helpers
-the agent uses for every file it must never find half-written.
+of intent says so instead of ignoring it: an agent from before ``pipelines`` could be None
+refuses such a state as malformed). `edgewise.common.files.write_atomic` and `load`
+are the persistence helpers the agent uses for every file it must never find half-written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,8 +39,10 @@ from typing import Any
 
 import msgpack
 
+from edgewise.common.files import write_atomic
 from edgewise.errors import PeerError, StorageError
 from edgewise.sync.merge import LwwMap, canonical_bytes
+from edgewise.sync.release import check_version
 
 MAX_VERSION = 2**63 - 1
 PERSIST_FORMAT = 1
@@ -76,13 +87,17 @@ def _fields(kind: str, data: Any, names: tuple[str, ...]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DesiredState:
-    """What the cloud wants a node to run. ``expires_at`` is Unix seconds, or None."""
+    """What the cloud wants a node to run. ``expires_at`` is Unix seconds, or None.
+
+    ``pipelines`` None: none named, the node runs its own ``--pipeline``; ``{}``: none to run.
+    """
 
     version: int
-    pipelines: dict[str, str] = field(default_factory=dict)  # name -> pipeline YAML text
+    pipelines: dict[str, str] | None = None  # name -> pipeline YAML text; None: none named
     config: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     expires_at: float | None = None
+    release: str | None = None  # the release version to run; None: none assigned
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -92,7 +107,7 @@ class DesiredState:
     def _problem(self) -> str | None:
         problem = (
             _version("version", self.version)
-            or _str_map("pipelines", self.pipelines)
+            or (None if self.pipelines is None else _str_map("pipelines", self.pipelines))
             or _str_map("config", self.config, values=None)
             or _str_map("labels", self.labels)
         )
@@ -107,27 +122,44 @@ class DesiredState:
             isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e)
         ):
             return f"expires_at must be a finite number of Unix seconds or null, got {e!r:.40}"
+        if self.release is not None:
+            try:
+                check_version(self.release)
+            except ValueError as exc:
+                return f"release: {exc}"
         return None
+
+    @property
+    def names_pipelines(self) -> bool:
+        """True if the cloud has said which pipelines to run (maybe none); False leaves the
+        node's own ``--pipeline`` running."""
+        return self.pipelines is not None
 
     def expired(self, now: float) -> bool:
         """True once ``now`` (Unix seconds) has reached ``expires_at``."""
         return self.expires_at is not None and now >= self.expires_at
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "version": self.version,
-            "pipelines": dict(self.pipelines),
+            "pipelines": None if self.pipelines is None else dict(self.pipelines),
             "config": dict(self.config),
             "labels": dict(self.labels),
             "expires_at": self.expires_at,
         }
+        if self.release is not None:  # only when set: older agents read the rest as before
+            wire["release"] = self.release
+        return wire
 
     @classmethod
     def from_wire(cls, data: Any) -> DesiredState:
         """Inverse of `to_wire`. Raises `PeerError` naming the bad field."""
+        release = data.get("release") if isinstance(data, dict) else None
+        if isinstance(data, dict) and "release" in data:
+            data = {k: v for k, v in data.items() if k != "release"}
         d = _fields("desired state", data, _DESIRED_FIELDS)
         try:
-            return cls(**{n: d[n] for n in _DESIRED_FIELDS})
+            return cls(**{n: d[n] for n in _DESIRED_FIELDS}, release=release)
         except ValueError as exc:
             raise PeerError(str(exc)) from exc
 
@@ -239,43 +271,6 @@ class ReportedState:
 # -- persistence ------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole.
-
-    Writes a temp file in the same directory, fsyncs it, ``os.replace``s it over ``path`` and
-    fsyncs the directory. The file is created with mode 0600. Raises `StorageError`.
-    """
-    path = Path(path)
-    directory = path.parent
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
-
-
 def load(path: str | os.PathLike[str]) -> bytes | None:
     """The bytes of ``path``, or None if it does not exist. Raises `StorageError`."""
     try:
@@ -289,7 +284,7 @@ def load(path: str | os.PathLike[str]) -> bytes | None:
 def save_desired(path: str | os.PathLike[str], state: DesiredState) -> None:
     """Persist the applied desired state atomically (msgpack)."""
     envelope = {"format": PERSIST_FORMAT, "desired": state.to_wire()}
-    save_atomic(path, msgpack.packb(envelope, use_bin_type=True))
+    write_atomic(path, msgpack.packb(envelope, use_bin_type=True), mode=0o600)
 
 
 def load_desired(path: str | os.PathLike[str]) -> DesiredState | None:

@@ -7,17 +7,23 @@ turns ``--db`` / ``--data`` into an async SQLAlchemy URL. Every method is one tr
 database failures raise `StorageError`. Times are timezone-aware UTC datetimes; every ``now=``
 parameter defaults to the current time. Records are frozen dataclasses from `records`.
 
+`store.Store` is one class made of one module per concern: `identity` (enrolment tokens, nodes,
+revocations), `chunks` (ingest and data), `twin` (desired and reported state), `audit` (operator
+tokens, audit log), `releases` (releases and their TUF metadata), over `db` (engines,
+migrations, transactions).
+
 Store methods (all ``async``):
 
-enrolment tokens
+enrolment tokens                                    (identity)
     add_enrolment_token(token: EnrolmentToken)
     use_enrolment_token(hash) -> labels             atomic conditional UPDATE; raises
                                                     TokenInvalid / TokenExpired / TokenUsedUp
     list_enrolment_tokens(include_spent=False) -> [EnrolmentTokenInfo]
     purge_enrolment_tokens() -> int
-nodes
+nodes                                               (identity)
     enrol_node(token_hash, node_id, issued: IssuedCert) -> NodeInfo
-                                                    token use + node + audit in one transaction
+                                                    token use + node + audit in one transaction;
+                                                    KeyInUse (409) if the key has a node already
     get_node(node_id) -> NodeInfo | None
     list_nodes(labels=None, limit=1000, after=None) -> [NodeInfo]   keyset paging by id
     count_nodes() -> int
@@ -26,16 +32,21 @@ nodes
     set_node_status(node_id, status)                "online" / "offline" and last_seen
     touch_nodes({node_id: datetime})                batched last_seen
     revoke_node(node_id, reason=, actor=) -> NodeInfo   revokes serial and key; audited
-revocations
+    decommission_node(node_id, wipe=, reason=, actor=) -> NodeInfo
+                                                    revoke + status decommissioned (when, by
+                                                    whom, wipe); the record stays; audited
+revocations                                         (identity)
     add_revocation(serial=None, fingerprint=None, node_id=None, reason="")
     load_revocations() -> security.tls.RevocationList
     list_revocations() -> ([serial], [fingerprint])
-operator tokens
+operator tokens                                     (audit)
     add_operator_token(token: OperatorToken, actor="system")        audited
     get_operator_token(hash) -> OperatorToken | None                None if unknown or revoked
     list_operator_tokens() -> [OperatorTokenInfo]
     revoke_operator_token(hash, actor=) -> bool                     audited
-ingest and data
+    replace_operator_tokens(token, actor=, reason=) -> int          revoke those of its name
+                                                    and role, add it; one transaction, audited
+ingest and data                                     (chunks)
     load_streams(node_id) -> {stream: StreamInfo}
     settled_above(node_id, stream, from_seq) -> [SeqRange]          chunks and gaps above a mark
     commit_ingest(chunks: [ChunkWrite], gaps: [GapWrite], marks: [MarkWrite]) -> IngestResult
@@ -43,27 +54,64 @@ ingest and data
     stream_stats(node_id=None) -> [StreamInfo]       records stored, contiguous mark, lost
     read_chunks(node_id, stream, from_seq=0, since=None, limit=100) -> [StoredChunk]
                                                     payload: edgewise.sync.codec.decode
+    chunk_start(node_id, stream, seq) -> int        first seq of the chunk holding seq
     list_gaps(node_id, stream=None) -> [GapInfo]
     purge_chunks(received_before, limit=10000) -> int               retention
-desired state (versions per node grow by one)
-    put_desired_state(node_id, pipelines=, config=, labels=, expires_at=, actor=) -> DesiredState
-                                                    audited; then call the app's session
+desired state (versions per node grow by one)       (twin)
+    update_desired_state(node_id, change, setpoints=None, labels=, expires_at=, actor=,
+                         release=None)           release: None keeps the assigned one, ""
+                                                    assigns none
+                                                    -> DesiredState: read the newest, apply
+                                                    change(previous) -> (pipelines, config),
+                                                    merge setpoints, store, audit: ONE
+                                                    transaction; then call the app's session
                                                     registry: notify_desired(node_id, version)
+    update_desired_states([(node_id, labels)], change, setpoints=None, expires_at=, actor=)
+                                                    -> {node_id: DesiredState}: the same for
+                                                    many nodes as one bulk operation (one
+                                                    transaction per 1,000 nodes; a selector
+                                                    push); KeyError names an unknown node
+    put_desired_state(node_id, pipelines=, config=, labels=, expires_at=, actor=) -> DesiredState
+                                                    the same with the next state as given
     get_desired_state(node_id, version=None) -> DesiredState | None  newest by default
     desired_version(node_id) -> int                 0 if none
-reported state
+reported state                                      (twin)
     get_reported_state(node_id) -> ReportedInfo | None
     merge_reported_state(node_id, reported: ReportedState, at=None) -> [AuditRecord]
                                                     setpoints merge by HLC LWW; losses audited
+    write_node_batch({node: (status, when)}, {node: NodeReport}, {node: [AuditRecord]})
+                                                    statuses and coalesced reports of many
+                                                    nodes in ONE transaction (node_writes)
     merge_setpoints(node_id, setpoints: LwwMap, actor=, at=None) -> [AuditRecord]
                                                     cloud-side setpoint writes, same rule
-audit log
+releases and TUF metadata                           (releases)
+    tuf_top() -> TopMetadata | None                 the newest signed bytes of each role
+    tuf_metadata(role, version=None) -> bytes | None
+    update_tuf(change, actor=, action=) -> TopMetadata | None
+                                                    newest -> change(newest) -> stored, audited:
+                                                    ONE transaction (sign, rotate, re-sign)
+    publish_release(version, manifest, digest, files, total, sign, actor=) -> (ReleaseInfo, new)
+                                                    the release row and the metadata sign()
+                                                    makes, ONE transaction; ReleaseExists (409)
+                                                    for another manifest under its version
+    get_release(version) -> (ReleaseInfo, manifest bytes) | None
+    list_releases(limit=1000) -> [ReleaseInfo]      newest first
+    count_releases() -> int
+cloud pipelines                                     (cloud_pipelines)
+    put_cloud_pipeline(name, text, actor=) -> (CloudPipelineInfo, changed)   audited
+    get_cloud_pipeline(name) -> CloudPipelineInfo | None
+    list_cloud_pipelines() -> [CloudPipelineInfo]
+    delete_cloud_pipeline(name, actor=) -> bool     audited; stored results stay
+    stream_marks(stream) -> {node: contiguous}      what a cloud pipeline may read
+audit log                                           (audit)
     audit(actor, action, target, detail=None)
     list_audit(target=None, actor=None, limit=100, before_id=None) -> [AuditEntry]  newest first
-other
+other                                               (db)
     schema_revision() -> str | None
 """
 
+from edgewise.cloud.store.db import DB_FILE, database_url
+from edgewise.cloud.store.identity import KeyInUse, new_node_id
 from edgewise.cloud.store.records import (
     AuditEntry,
     ChunkWrite,
@@ -73,13 +121,14 @@ from edgewise.cloud.store.records import (
     IngestResult,
     MarkWrite,
     NodeInfo,
+    NodeReport,
     OperatorTokenInfo,
     ReportedInfo,
     SeqRange,
     StoredChunk,
     StreamInfo,
 )
-from edgewise.cloud.store.store import DB_FILE, Store, database_url, new_node_id
+from edgewise.cloud.store.store import Store
 
 __all__ = [
     "DB_FILE",
@@ -89,8 +138,10 @@ __all__ = [
     "GapInfo",
     "GapWrite",
     "IngestResult",
+    "KeyInUse",
     "MarkWrite",
     "NodeInfo",
+    "NodeReport",
     "OperatorTokenInfo",
     "ReportedInfo",
     "SeqRange",

@@ -70,6 +70,11 @@ class Node(Base):
     created: Mapped[datetime]
     last_seen: Mapped[datetime | None]
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    enrol_token: Mapped[str | None] = mapped_column(String(64), default=None)  # its hash
+    # decommissioned (`revoked` is set too): when, by whom, and whether the node must wipe itself
+    decommissioned_at: Mapped[datetime | None] = mapped_column(default=None)
+    decommissioned_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    wipe: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class EnrolmentTokenRow(Base):
@@ -170,3 +175,46 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(256))
     detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+
+
+class ConfigLayerRow(Base):
+    """One layer of config (`cloud.layers`): ``fleet``, ``group:NAME`` or ``node:ID``."""
+
+    __tablename__ = "config_layers"
+
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # fleet | group | node
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    selector: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    values: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    version: Mapped[int] = mapped_column(BigInteger)
+    updated: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(128))
+
+
+class NodeHealthRow(Base):
+    """The newest health a node's heartbeat carried (`sync.health`), and its quarantine."""
+
+    __tablename__ = "node_health"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    body: Mapped[dict[str, Any] | None] = mapped_column(JsonType, default=None)
+    received: Mapped[datetime | None] = mapped_column(default=None)
+    quarantine: Mapped[str | None] = mapped_column(Text, default=None)
+    quarantined_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    quarantined_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class NodeTpmRow(Base):
+    """A node's TPM (docs/security.md, "Hardware-rooted trust"): its EK fingerprint (one TPM,
+    one node), the public areas of its AK and node key, and its newest attestation verdict."""
+
+    __tablename__ = "node_tpm"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ek_fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    node_key_public: Mapped[bytes] = mapped_column(LargeBinary)
+    created: Mapped[datetime]
+    attested_at: Mapped[datetime | None] = mapped_column(default=None)
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JsonType, default=None)

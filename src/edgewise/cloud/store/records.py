@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from edgewise.sync.hlc import HLC
+from edgewise.sync.merge import LwwMap
 from edgewise.sync.twin_state import ReportedState
 
 
@@ -17,10 +19,17 @@ class NodeInfo:
     key_fingerprint: str
     cert_serial: int
     cert_expiry: datetime
-    status: str  # enrolled | online | offline | revoked
+    status: str  # enrolled | online | offline | revoked | decommissioned
     created: datetime
     last_seen: datetime | None
     revoked: bool
+    decommissioned_at: datetime | None = None  # set with status "decommissioned" (revoked too)
+    decommissioned_by: str | None = None  # the operator, as in the audit log
+    wipe: bool = False  # the node must delete its keys and data when it hears it
+
+    @property
+    def decommissioned(self) -> bool:
+        return self.decommissioned_at is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,6 +42,10 @@ class NodeInfo:
             "created": self.created.isoformat(),
             "last_seen": self.last_seen.isoformat() if self.last_seen else None,
             "revoked": self.revoked,
+            "decommissioned_at": (self.decommissioned_at.isoformat()
+                                  if self.decommissioned_at else None),
+            "decommissioned_by": self.decommissioned_by,
+            "wipe": self.wipe,
         }
 
 
@@ -149,8 +162,11 @@ class GapInfo:
 
 @dataclass(frozen=True)
 class ReportedInfo:
-    state: ReportedState
+    state: ReportedState  # setpoints: the node's reports merged with the cloud's writes (LWW)
     updated: datetime
+    # keys whose winning value the node has not reported having yet (a cloud write it has not
+    # applied: not pulled yet, or held because its clock is behind)
+    pending: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,3 +181,14 @@ class AuditEntry:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "ts": self.ts.isoformat(), "actor": self.actor,
                 "action": self.action, "target": self.target, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A node's report waiting for `Store.write_node_batch`: ``state`` (its setpoints maybe
+    merged with earlier reports'), ``at`` (the cloud's clock when it arrived) and ``own`` (the
+    setpoints the node itself held in its newest report)."""
+
+    state: ReportedState
+    at: HLC
+    own: LwwMap

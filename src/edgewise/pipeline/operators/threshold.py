@@ -24,14 +24,24 @@ from edgewise.pipeline.operators.keys import KeyIndex
 
 class ThresholdConfig(ComponentConfig):
     field: str = "value"
+    """Field compared with the limits."""
     high: float | None = None
+    """Alarm when the value is above this; none: no upper limit (set high, low or both)."""
     low: float | None = None
+    """Alarm when the value is below this; none: no lower limit."""
     mode: Literal["every", "state"] = "every"
+    """every: one alarm per reading beyond a limit; state: raise once per key, clear when back
+    inside."""
     hysteresis: float = Field(default=0.0, ge=0)
+    """mode: state: how far back inside the limit the value must be to clear."""
     debounce: int = Field(default=1, ge=1)
+    """mode: state: consecutive readings beyond the limit before the alarm is raised."""
     key_by: list[str] = ["sensor"]
+    """mode: state: fields whose values make a key; each key has its own alarm state."""
     time_field: str = "ts"
+    """Field holding the event time, copied to the alarm's ts."""
     severity: str = "alarm"
+    """Text put in each alarm record's severity field."""
 
     @model_validator(mode="after")
     def _limits(self) -> ThresholdConfig:

@@ -37,13 +37,23 @@ C, S, SQ, MN, MX, FT, FV, LT, LV, VALS = range(10)
 
 class WindowConfig(ComponentConfig):
     size: Duration = Field(gt=0)
+    """Length of each window in event time."""
     slide: Duration | None = None
+    """Distance between window starts (sliding windows; size must be a whole multiple of it);
+    none: tumbling windows."""
     key_by: list[str] = ["sensor"]
+    """Fields whose values make a key; each key has its own windows."""
     time_field: str = "ts"
+    """Field holding the event time (Unix seconds)."""
     field: str = "value"
+    """Field the aggregates read unless they name one, as in max(pressure)."""
     aggregates: list[str] = ["count", "mean", "min", "max"]
+    """What each window emits: count, sum, mean, min, max, stddev, rms, first, last, p50, p95,
+    p99, optionally of a field: max(pressure)."""
     allowed_lateness: Duration = 0.0
+    """How long after its end a window stays open for late records."""
     idle_timeout: Duration = 5.0
+    """With no input for this long, the watermark advances with wall time so open windows close."""
 
     @field_validator("aggregates")
     @classmethod

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
 from edgewise.pipeline.batch import Batch
-from edgewise.pipeline.component import ComponentConfig, RunContext, Sink
+from edgewise.pipeline.component import ComponentConfig, FilePath, RunContext, Sink
 from edgewise.pipeline.latency import LatencyRecorder
 
 
 class FileSinkConfig(ComponentConfig):
-    path: str
+    path: FilePath
+    """The file to append to; relative to the run's data directory. From the control plane: it
+    must lie in the node's DATA/pipelines (relative paths are taken from there) or in a folder
+    allowed with --allow-path (docs/security.md)."""
     fsync: bool = False
+    """true: fsync after each batch (durable against power loss, slower); false: flush only."""
 
 
 class FileSink(Sink):
@@ -23,8 +26,7 @@ class FileSink(Sink):
 
     def __init__(self, id: str, config: FileSinkConfig, ctx: RunContext) -> None:
         super().__init__(id, config, ctx)
-        path = Path(config.path)
-        self.path = path if path.is_absolute() else ctx.data_dir / path
+        self.path = config.file_path("path", ctx.data_dir)
         self._f: IO[bytes] | None = None
         self.latency = LatencyRecorder()
 

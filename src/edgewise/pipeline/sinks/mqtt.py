@@ -6,14 +6,15 @@ and payload, appends them to a bounded queue of the sink's own and, when the bro
 connected, publishes them at once with gmqtt, whose ``publish()`` is synchronous and writes the
 packet to the asyncio transport (no thread, no hand-over).
 
-While the broker is unreachable messages wait in that queue, at most ``max_queue`` of them;
-beyond that the oldest are dropped and counted (the newest alarms matter most). The connection
-is kept by `MqttLink` (see the MQTT source): it reconnects in the background with exponential
-backoff, and a broker that is down at start is a warning, not an error, so the pipeline keeps
-running and the queue drains once the broker is back. QoS 1 messages in flight (published, no
-PUBACK yet) when a connection breaks go back to the front of the queue and are sent again on the
-next connection (at-least-once). The broker's Receive Maximum bounds how many are in flight
-(Mosquitto: 20); the rest wait in the queue and go out as PUBACKs come back.
+While the broker is unreachable messages wait in that queue, at most ``max_queue`` of them; beyond
+that the oldest are dropped and counted (the newest alarms matter most). The connection is kept by
+`MqttLink` (`edgewise.pipeline.sources.mqtt_link`): it reconnects in the background, paced by the
+shared reconnect policy (`edgewise.common.backoff.Retry`, ceilings ``reconnect_min`` doubling up to
+``reconnect_max``, full jitter), and a broker that is down at start is a warning, not an error, so
+the pipeline keeps running and the queue drains once the broker is back. QoS 1 messages in flight
+(published, no PUBACK yet) when a connection breaks go back to the front of the queue and are sent
+again on the next connection (at-least-once). The broker's Receive Maximum bounds how many are in
+flight (Mosquitto: 20); the rest wait in the queue and go out as PUBACKs come back.
 
 Counters (``stats()``): ``written`` records given to the sink, ``published`` messages handed to
 the client (once per message, resends not counted), ``delivered`` messages confirmed (written to
@@ -50,10 +51,16 @@ from gmqtt.mqtt.handler import MQTTConnectError
 from gmqtt.storage import PersistentStorage
 from pydantic import Field, field_validator, model_validator
 
+from edgewise.common.backoff import Backoff, Retry
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, RunContext, Sink
 from edgewise.pipeline.latency import LatencyRecorder
-from edgewise.pipeline.sources.mqtt import GmqttClient, MqttLink, gmqtt_handler
+from edgewise.pipeline.sources.mqtt_link import (
+    RESET_AFTER_S,
+    GmqttClient,
+    MqttLink,
+    gmqtt_handler,
+)
 from edgewise.pipeline.units import Duration
 
 log = logging.getLogger(__name__)
@@ -98,24 +105,33 @@ def _topic_fields(template: str) -> tuple[str, ...]:
 
 class MqttConfig(ComponentConfig):
     host: str = Field(default="127.0.0.1", min_length=1)
+    """The broker's host name or address."""
     port: int = Field(default=1883, ge=1, le=65535)
+    """The broker's TCP port."""
     username: str | None = None
+    """User name to log in to the broker with; none: no login."""
     password: str | None = None
+    """Password to log in to the broker with (needs username)."""
     client_id: str | None = Field(default=None, max_length=64)
     """Default: ``edgewise-<pipeline>-<sink id>-<random>``."""
     topic: str = Field(min_length=1, max_length=1024)
     """Topic template; ``{field}`` is replaced by the record's value of that field."""
     qos: Literal[0, 1] = 1
+    """Publish QoS: 0 at most once, 1 at least once."""
     retain: bool = False
+    """true: the broker keeps the last message of each topic for new subscribers."""
     payload: Literal["json"] = "json"
+    """Message format: json, one record object per message."""
     max_queue: int = Field(default=10_000, ge=1)
     """Messages kept while the broker is unreachable; beyond this the oldest are dropped."""
     keepalive: int = Field(default=30, ge=5, le=65535)  # seconds
+    """Seconds between keep-alive pings to the broker."""
     connect_timeout: Duration = 2.0
     """How long one connection attempt (TCP connect until the broker's answer) may take; start()
     waits at most this long."""
     reconnect_min: Duration = 1.0
-    """Wait before the first reconnection attempt; doubled after each failed one."""
+    """Longest wait before the first reconnection attempt (the wait is random up to it); doubled
+    after each failed one."""
     reconnect_max: Duration = 30.0
     """Longest wait between reconnection attempts."""
     flush_timeout: Duration = 2.0
@@ -217,6 +233,8 @@ class MqttSink(Sink):
         self._outage_dropped = 0
         self._warned: set[str] = set()
         self._stopping = False
+        # reconnect pacing; a test may replace it (e.g. with a fixed rng) before start()
+        self.retry = Retry(Backoff(config.reconnect_min, config.reconnect_max), RESET_AFTER_S)
 
     @property
     def where(self) -> str:
@@ -230,8 +248,7 @@ class MqttSink(Sink):
         link = MqttLink(
             self._new_client, self,
             host=cfg.host, port=cfg.port, keepalive=cfg.keepalive, protocol=MQTTv50,
-            connect_timeout=cfg.connect_timeout, reconnect_min=cfg.reconnect_min,
-            reconnect_max=cfg.reconnect_max,
+            connect_timeout=cfg.connect_timeout, retry=self.retry,
         )
         self._task = task = asyncio.create_task(link.run(), name=f"mqtt sink {self.id}: connection")
         task.add_done_callback(self._link_ended)

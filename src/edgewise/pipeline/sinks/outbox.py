@@ -17,8 +17,14 @@ from edgewise.pipeline.component import ComponentConfig, Sink
 
 class OutboxConfig(ComponentConfig):
     stream: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    """Name of the stream the records go to (lower case, digits, '_', '.', '-'); none: the
+    sink's id."""
     priority: Literal["alarm", "critical", "high", "normal", "low", "bulk"] | int = "normal"
+    """Order of sending and of eviction when the outbox is full (alarm highest, bulk lowest), or
+    a number."""
     compact: bool = False
+    """true: when the outbox is full, raw records of this stream may be compacted to per-key
+    aggregates instead of dropped."""
 
 
 class OutboxSink(Sink):

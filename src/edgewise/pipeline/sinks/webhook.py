@@ -4,9 +4,11 @@
 request body, a JSON array; or one body per record, a JSON object, with ``batch: false``) and
 appends it to a bounded queue. One background sender task, owned by the sink (started in
 `start()`, cancelled and awaited in `stop()`), posts the bodies in order with httpx. A 5xx, 408
-or 429 answer or a connection error is retried with exponential backoff (``backoff``, doubled
-each time, at most ``backoff_max``; a numeric Retry-After is honoured within that bound); other
-4xx answers are the endpoint rejecting the data and are not retried.
+or 429 answer or a connection error is retried up to ``retries`` times, paced by the shared
+reconnect policy (`edgewise.common.backoff.Retry`: full jitter under a ceiling that starts at
+``backoff`` and doubles for each further retry of the request, at most ``backoff_max``; a numeric
+Retry-After is honoured within that bound); other 4xx answers are the endpoint rejecting the data
+and are not retried.
 
 The queue holds at most ``max_queue`` requests; beyond that the oldest are dropped and counted.
 `stop()` gives the sender ``flush_timeout`` to empty the queue, then cancels it; what was left is
@@ -40,6 +42,7 @@ import numpy as np
 import orjson
 from pydantic import Field, field_validator, model_validator
 
+from edgewise.common.backoff import Backoff, Retry
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, RunContext, Sink
 from edgewise.pipeline.latency import LatencyRecorder
@@ -53,14 +56,21 @@ _RETRY_STATUS = frozenset({408, 429})
 
 class WebhookConfig(ComponentConfig):
     url: str
+    """The http:// or https:// URL records are POSTed to."""
     headers: dict[str, str] = {}
+    """Extra HTTP headers sent with every request."""
     bearer_token: str | None = Field(default=None, min_length=1)
+    """Sent as Authorization: Bearer <token>; none: no such header."""
     timeout: Duration = 5.0
     """Per request: connect, write, and wait for the answer."""
     retries: int = Field(default=3, ge=0, le=100)
+    """Attempts after a failed request (connection error, timeout, 5xx, 408 or 429) before the
+    request is dropped and counted."""
     backoff: Duration = 0.2
-    """Wait before the first retry; doubled for each further retry."""
+    """Longest wait before the first retry (the wait is random up to it); doubled for each further
+    retry."""
     backoff_max: Duration = 10.0
+    """Longest wait between retries."""
     batch: bool = True
     """One request per batch (a JSON array); false: one request per record (a JSON object)."""
     max_queue: int = Field(default=1000, ge=1)
@@ -68,6 +78,7 @@ class WebhookConfig(ComponentConfig):
     flush_timeout: Duration = 2.0
     """On stop, how long the sender may keep going to empty the queue."""
     verify_tls: bool = True
+    """false: accept any server certificate (test setups only)."""
 
     @field_validator("url")
     @classmethod
@@ -93,6 +104,8 @@ class WebhookConfig(ComponentConfig):
             k.lower() == "authorization" for k in self.headers
         ):
             raise ValueError("set either bearer_token or an Authorization header, not both")
+        if self.backoff <= 0:
+            raise ValueError("backoff must be more than 0")
         if self.backoff_max < self.backoff:
             raise ValueError("backoff_max must be at least backoff")
         return self
@@ -126,6 +139,9 @@ class WebhookSink(Sink):
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._failing_since: float | None = None
+        # retry pacing, per request (reset for each); a test may replace it (e.g. with a fixed
+        # rng) before start()
+        self.retry = Retry(Backoff(config.backoff, config.backoff_max))
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -235,7 +251,8 @@ class WebhookSink(Sink):
         cfg = self.config
         if len(req.accepted):
             self.handoff_latency.add(time.perf_counter() - req.accepted)
-        attempt = 0
+        retry = self.retry
+        retry.reset()  # retries are counted per request
         while True:
             delay: float | None = None
             try:
@@ -261,11 +278,11 @@ class WebhookSink(Sink):
                 retryable = code >= 500 or code in _RETRY_STATUS
                 problem = f"HTTP {code} {resp.reason_phrase}: {resp.text[:200]!r}"
                 delay = _retry_after(resp)
-            if not retryable or attempt >= cfg.retries:
+            if not retryable or retry.attempts >= cfg.retries:
                 self.failed += req.n
                 log.warning(
                     "webhook sink %s: giving up on %d record(s) for %s after %d attempt(s): %s",
-                    self.id, req.n, cfg.url, attempt + 1, problem,
+                    self.id, req.n, cfg.url, retry.attempts + 1, problem,
                 )
                 return
             if self._failing_since is None:
@@ -274,12 +291,11 @@ class WebhookSink(Sink):
                     "webhook sink %s: %s failed (%s); retrying with backoff",
                     self.id, cfg.url, problem,
                 )
-            backoff = min(cfg.backoff * 2**attempt, cfg.backoff_max)
-            attempt += 1
+            wait = retry.failed()
+            if delay is not None:  # Retry-After: at least that long, within backoff_max
+                wait = min(max(delay, wait), cfg.backoff_max)
             self.retries += 1
-            await asyncio.sleep(
-                min(max(delay, backoff), cfg.backoff_max) if delay is not None else backoff
-            )
+            await asyncio.sleep(wait)
 
     # -- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -12,26 +12,39 @@ import asyncio
 import bisect
 import csv
 import io
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from edgewise.errors import ConfigError
 from edgewise.pipeline.batch import Batch
-from edgewise.pipeline.component import ComponentConfig, RunContext, Source, SourceOutput
+from edgewise.pipeline.component import (
+    ComponentConfig,
+    FilePath,
+    RunContext,
+    Source,
+    SourceOutput,
+)
 from edgewise.pipeline.sources.parse import parse_json_lines, readings_from_dicts
 
 READ_SIZE = 1 << 20
 
 
 class FileConfig(ComponentConfig):
-    path: str
+    path: FilePath
+    """The file to read; relative to the pipeline file's folder. From the control plane: it
+    must lie in the node's DATA/pipelines (relative paths are taken from there) or in a folder
+    allowed with --allow-path (docs/security.md)."""
     format: Literal["auto", "ndjson", "csv"] = "auto"
+    """ndjson or csv; auto: csv for a .csv file name, else ndjson."""
     batch: int = Field(default=8192, ge=1, le=1_000_000)
+    """Lines per emitted batch, at most."""
     max_line_bytes: int = Field(default=1 << 20, ge=64)
+    """A longer line is skipped (a dead letter) without being held in memory."""
     follow: bool = False
+    """true: keep reading as the file grows (the source never ends); false: stop at its end."""
     poll_interval: float = Field(default=0.2, gt=0)
+    """With follow: seconds between looks for new lines at the end of the file."""
 
 
 class FileSource(Source):
@@ -39,8 +52,7 @@ class FileSource(Source):
 
     def __init__(self, id: str, config: FileConfig, ctx: RunContext) -> None:
         super().__init__(id, config, ctx)
-        path = Path(config.path)
-        self.path = path if path.is_absolute() else (ctx.spec_dir / path)
+        self.path = config.file_path("path", ctx.spec_dir)
         fmt = config.format
         if fmt == "auto":
             fmt = "csv" if self.path.suffix.lower() == ".csv" else "ndjson"

@@ -50,12 +50,18 @@ MAX_ERRORS_IN_REPLY = 20
 
 class HttpConfig(ComponentConfig):
     host: str = "127.0.0.1"
+    """Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)."""
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (see `HttpSource.port`)
+    """TCP port to listen on; 0: any free port."""
     path: str = "/ingest"
+    """URL path that accepts readings (POST); must start with '/'."""
     token: str | None = Field(default=None, min_length=8)
     """Bearer token required in ``Authorization: Bearer <token>``; none: no authentication."""
     max_body_bytes: ByteSize = 8 * 1024 * 1024
+    """A larger request body is refused (413) before it is read whole."""
     respond_after: Literal["queued", "committed"] = "queued"
+    """queued: answer 202 once the readings are in the engine's queue; committed: once they are
+    durably in the outbox."""
     commit_timeout: Duration = 30.0
     """respond_after: committed: reply 503 when the commit takes longer than this (seconds)."""
 

@@ -15,9 +15,13 @@ one so that one bad address costs only its own reading. A register that cannot b
 response, e.g. an illegal address) or decodes to NaN/infinity becomes a dead letter with the
 reason and is counted in ``read_errors``; the other registers of the poll are still emitted.
 
-The connection is opened lazily and re-opened with exponential backoff (``reconnect_min`` ..
-``reconnect_max``) after a connection error or a timeout; an unreachable device is logged once per
-outage and never stops the pipeline. Polls missed while disconnected are not made up for.
+The connection is opened lazily and re-opened after a connection error or a timeout, paced by
+the shared reconnect policy (`edgewise.common.backoff.Retry`: full jitter under a ceiling that
+starts at ``reconnect_min`` and doubles up to ``reconnect_max``; failures are forgotten once a
+connection has stayed up for ``RESET_AFTER_S``); an unreachable device is logged once per outage
+and never stops the pipeline. Polls missed while disconnected are not made up for. A stop that
+pymodbus swallowed (Python 3.11's ``asyncio.wait_for``, see `sources.cancel`) is raised again
+after the attempt, so a stopped source never goes on reconnecting.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from edgewise.common.backoff import Backoff, Retry
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, RunContext, Source, SourceOutput
+from edgewise.pipeline.sources.cancel import stop_if_cancelled
 from edgewise.pipeline.units import Duration
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ WIDTH = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
 FORMAT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f"}
 MAX_REGISTERS = 125  # per read request (Modbus limit)
 MAX_BITS = 2000
+RESET_AFTER_S = 30.0  # connected this long: earlier connection failures are forgotten
 
 
 class RegisterConfig(ComponentConfig):
@@ -80,13 +87,22 @@ class RegisterConfig(ComponentConfig):
 
 class ModbusConfig(ComponentConfig):
     host: str
+    """The Modbus TCP device's host name or address."""
     port: int = Field(default=502, ge=1, le=65535)
+    """The device's TCP port."""
     unit: int = Field(default=1, ge=0, le=255)
+    """Modbus unit (slave) id of the device."""
     interval: Duration = 1.0
+    """Time between polls of all registers."""
     timeout: Duration = 1.0
+    """How long one request may take before the connection is re-opened."""
     registers: list[RegisterConfig] = Field(min_length=1)
+    """The registers to read: name, address, kind, type, scale, offset, word_order."""
     reconnect_min: Duration = 0.5
+    """Longest wait before the first reconnection attempt (random up to it); doubled after each
+    failed one."""
     reconnect_max: Duration = 30.0
+    """Longest wait between reconnection attempts."""
 
     @model_validator(mode="after")
     def _checks(self) -> ModbusConfig:
@@ -94,6 +110,8 @@ class ModbusConfig(ComponentConfig):
             raise ValueError("interval must be more than 0")
         if self.timeout <= 0:
             raise ValueError("timeout must be more than 0")
+        if self.reconnect_min <= 0:
+            raise ValueError("reconnect_min must be more than 0")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max must be at least reconnect_min")
         return self
@@ -159,6 +177,8 @@ class ModbusSource(Source):
         self.connect_failures = 0
         self.connected = False
         self._unit_kw = "device_id"
+        # reconnect pacing; a test may replace it (e.g. with a fixed rng) before run()
+        self.retry = Retry(Backoff(config.reconnect_min, config.reconnect_max), RESET_AFTER_S)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -179,8 +199,9 @@ class ModbusSource(Source):
         cfg = self.config
         params = inspect.signature(AsyncModbusTcpClient.read_holding_registers).parameters
         self._unit_kw = "device_id" if "device_id" in params else "slave"  # pymodbus < 3.10
-        delay = cfg.reconnect_min
+        retry = self.retry
         ever_connected = False
+        outage_logged = False  # the current outage has been logged (once per outage)
         loop = asyncio.get_running_loop()
         while True:
             client = AsyncModbusTcpClient(
@@ -188,24 +209,27 @@ class ModbusSource(Source):
             )
             try:
                 if not await client.connect():
+                    stop_if_cancelled()  # pymodbus's wait_for may have swallowed a stop
                     self.connect_failures += 1
-                    if delay == cfg.reconnect_min:  # once per outage
+                    if not outage_logged:
+                        outage_logged = True
                         log.warning("source %s: cannot connect to %s; retrying with backoff "
                                     "(up to every %gs)", self.id, self._where(), cfg.reconnect_max)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, cfg.reconnect_max)
+                    await asyncio.sleep(retry.failed())
                     continue
                 self.connected = True
+                retry.connected()
                 if ever_connected:
                     self.reconnects += 1
                     log.warning("source %s: reconnected to %s", self.id, self._where())
                 else:
                     log.info("source %s: connected to %s", self.id, self._where())
                 ever_connected = True
-                delay = cfg.reconnect_min
+                outage_logged = False
                 next_poll = loop.time()
                 while True:
                     batch = await self._poll(client, out)
+                    stop_if_cancelled()  # as may a request's
                     if batch.n:
                         await out.emit(batch, None)
                     next_poll += cfg.interval
@@ -214,12 +238,13 @@ class ModbusSource(Source):
                         next_poll = now + cfg.interval
                     await asyncio.sleep(next_poll - now)
             except (ConnectionError, TimeoutError, OSError, _ConnectionLost) as exc:
+                stop_if_cancelled()
                 if self.connected:
+                    outage_logged = True
                     log.warning("source %s: lost %s (%s); reconnecting", self.id, self._where(),
                                 exc or type(exc).__name__)
                 self.connected = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, cfg.reconnect_max)
+                await asyncio.sleep(retry.failed())
             finally:
                 self.connected = False
                 client.close()

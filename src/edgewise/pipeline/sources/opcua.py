@@ -12,10 +12,14 @@ timestamp falls back to the next one in that order. Values must be numbers or bo
 with a status other than Good, a value of another type, or a node the server does not know
 becomes a dead letter naming the node.
 
-Connection: connect failures are retried with exponential backoff and logged once per outage; a
-lost connection (a failed keep-alive probe every ``watchdog_interval`` with no data, or a
-subscription status change) tears the session down and builds a new one, subscriptions included.
-Credentials the server rejects before the first successful connection are a configuration error.
+Connection: connect failures are retried, paced by the shared reconnect policy
+(`edgewise.common.backoff.Retry`: full jitter under a ceiling that starts at ``reconnect_min`` and
+doubles up to ``reconnect_max``; failures are forgotten once a session has stayed up for
+``RESET_AFTER_S``), and logged once per outage; a lost connection (a failed keep-alive probe every
+``watchdog_interval`` with no data, or a subscription status change) tears the session down and
+builds a new one, subscriptions included. Credentials the server rejects before the first successful
+connection are a configuration error. Waits use ``asyncio.timeout``, not ``asyncio.wait_for``,
+which on Python 3.11 can swallow a stop that arrives as an attempt fails (see `sources.cancel`).
 
 asyncua is imported only when the source runs (or when a spec with this source is validated):
 importing it takes about half a second, which pipelines without OPC UA should not pay.
@@ -34,12 +38,16 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from edgewise.common.backoff import Backoff, Retry
 from edgewise.errors import ConfigError
 from edgewise.pipeline.batch import ACCEPTED, Batch
 from edgewise.pipeline.component import ComponentConfig, RunContext, Source, SourceOutput
+from edgewise.pipeline.sources.cancel import stop_if_cancelled
 from edgewise.pipeline.units import Duration
 
 log = logging.getLogger(__name__)
+
+RESET_AFTER_S = 30.0  # connected this long: earlier connection failures are forgotten
 
 
 class NodeConfig(ComponentConfig):
@@ -62,24 +70,42 @@ class NodeConfig(ComponentConfig):
 
 class OpcUaConfig(ComponentConfig):
     endpoint: str = Field(pattern=r"^opc\.tcp://")
+    """The server's URL, opc.tcp://host:port/path."""
     nodes: list[NodeConfig] = Field(min_length=1)
+    """The variables to read: node_id (e.g. ns=2;i=2) and the sensor name of its readings."""
     mode: Literal["subscribe", "poll"] = "subscribe"
+    """subscribe: data-change notifications; poll: one Read request each interval."""
     publishing_interval: Duration = 0.1
+    """mode: subscribe: how often the server sends notifications."""
     sampling_interval: Duration = 0.0  # 0: as fast as the server samples
+    """mode: subscribe: how often the server samples each value; 0: as fast as it samples."""
     queue_size: int = Field(default=100, ge=1, le=100_000)
+    """mode: subscribe: changes kept per node between notifications."""
     interval: Duration = 1.0  # mode: poll
+    """mode: poll: time between Read requests."""
     timestamp: Literal["source", "server", "receive"] = "source"
+    """Which time becomes ts: the value's source timestamp, the server's, or the time it was
+    received."""
     username: str | None = None
+    """User name to log in with; none: anonymous."""
     password: str | None = None
+    """Password to log in with (needs username)."""
     timeout: Duration = 4.0
+    """How long one request to the server may take."""
     watchdog_interval: Duration = 1.0
+    """Time between keep-alive probes when no data arrives; a failed probe rebuilds the session."""
     reconnect_min: Duration = 0.5
+    """Longest wait before the first reconnection attempt (random up to it); doubled after each
+    failed one."""
     reconnect_max: Duration = 30.0
+    """Longest wait between reconnection attempts."""
 
     @model_validator(mode="after")
     def _checks(self) -> OpcUaConfig:
         if self.publishing_interval <= 0 or self.interval <= 0 or self.timeout <= 0:
             raise ValueError("publishing_interval, interval and timeout must be more than 0")
+        if self.reconnect_min <= 0:
+            raise ValueError("reconnect_min must be more than 0")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max must be at least reconnect_min")
         if self.password is not None and self.username is None:
@@ -130,6 +156,8 @@ class OpcUaSource(Source):
         self.reconnects = 0
         self.connect_failures = 0
         self.connected = False
+        # reconnect pacing; a test may replace it (e.g. with a fixed rng) before run()
+        self.retry = Retry(Backoff(config.reconnect_min, config.reconnect_max), RESET_AFTER_S)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -148,8 +176,9 @@ class OpcUaSource(Source):
         self._wake = asyncio.Event()
         self._sensor_of = {ua.NodeId.from_string(n.node_id): (n.sensor, n.node_id)
                            for n in cfg.nodes}
-        delay = cfg.reconnect_min
+        retry = self.retry
         ever_connected = False
+        outage_logged = False  # connect failures since the last session have been logged
         while True:
             client = Client(url=cfg.endpoint, timeout=cfg.timeout)
             if cfg.username is not None:
@@ -158,7 +187,8 @@ class OpcUaSource(Source):
                     client.set_password(cfg.password)
             try:
                 try:
-                    await asyncio.wait_for(client.connect(), cfg.timeout + 1.0)
+                    async with asyncio.timeout(cfg.timeout + 1.0):
+                        await client.connect()
                 except (ua.uaerrors.BadUserAccessDenied,
                         ua.uaerrors.BadIdentityTokenRejected,
                         ua.uaerrors.BadIdentityTokenInvalid) as exc:
@@ -169,15 +199,17 @@ class OpcUaSource(Source):
                         ) from None
                     raise
                 except (OSError, TimeoutError, ua.UaError) as exc:
+                    stop_if_cancelled()  # a stop that came as the attempt failed wins
                     self.connect_failures += 1
-                    if delay == cfg.reconnect_min:  # once per outage
+                    if not outage_logged:  # once per outage
+                        outage_logged = True
                         log.warning("source %s: cannot connect to OPC UA server %s (%s); "
                                     "retrying with backoff (up to every %gs)",
                                     self.id, cfg.endpoint, _describe(exc), cfg.reconnect_max)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, cfg.reconnect_max)
+                    await asyncio.sleep(retry.failed())
                     continue
                 self.connected = True
+                retry.connected()
                 self._lost = False
                 if ever_connected:
                     self.reconnects += 1
@@ -185,17 +217,18 @@ class OpcUaSource(Source):
                 else:
                     log.info("source %s: connected to OPC UA server %s", self.id, cfg.endpoint)
                 ever_connected = True
-                delay = cfg.reconnect_min
+                outage_logged = False
                 try:
                     if cfg.mode == "subscribe":
                         await self._subscribed(client, out)
                     else:
                         await self._polled(client, out)
                 except (_Lost, ConnectionError, OSError, TimeoutError, ua.UaError) as exc:
+                    stop_if_cancelled()
                     log.warning("source %s: lost the OPC UA server %s (%s); reconnecting",
                                 self.id, cfg.endpoint, _describe(exc))
                     self.connected = False
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(retry.failed())
             finally:
                 self.connected = False
                 await _close(client)
@@ -219,7 +252,8 @@ class OpcUaSource(Source):
                 self._dead(out, text, sensor, f"cannot monitor: {res.name}", "")
         while True:
             try:
-                await asyncio.wait_for(wake.wait(), cfg.watchdog_interval)
+                async with asyncio.timeout(cfg.watchdog_interval):
+                    await wake.wait()
             except TimeoutError:  # quiet: make sure the server is still there
                 await self._probe(client)
                 continue
@@ -235,7 +269,8 @@ class OpcUaSource(Source):
 
     async def _probe(self, client: Any) -> None:
         try:
-            await asyncio.wait_for(client.nodes.server_state.read_value(), self.config.timeout)
+            async with asyncio.timeout(self.config.timeout):
+                await client.nodes.server_state.read_value()
         except (OSError, TimeoutError, ConnectionError) as exc:
             raise _Lost(f"keep-alive probe failed: {_describe(exc)}") from None
 
@@ -254,7 +289,8 @@ class OpcUaSource(Source):
         loop = asyncio.get_running_loop()
         next_poll = loop.time()
         while True:
-            values = await asyncio.wait_for(client.uaclient.read(params), cfg.timeout)
+            async with asyncio.timeout(cfg.timeout):
+                values = await client.uaclient.read(params)
             now = time.perf_counter()
             self.notifications += len(values)
             batch = self._build(
@@ -329,4 +365,5 @@ def _describe(exc: BaseException) -> str:
 async def _close(client: Any) -> None:
     """Disconnect without letting a dead connection hold up the shutdown."""
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.disconnect(), 2.0)
+        async with asyncio.timeout(2.0):
+            await client.disconnect()

@@ -34,14 +34,27 @@ class GroupConfig(ComponentConfig):
 
 class SimulatorConfig(ComponentConfig):
     profile: Literal["factory-line", "custom"] = "factory-line"
+    """factory-line: the reference workload (200 sensors); custom: the signal groups listed in
+    groups."""
     seed: int = 42
+    """Seed of the generated values: the same seed gives the same readings."""
     rate_hz: float = Field(default=FACTORY_RATE_HZ, gt=0, le=100_000)
+    """Readings per second of each sensor (its sample rate)."""
     groups: list[GroupConfig] = []
+    """profile: custom: the signal groups (prefix, count, base_low, base_high, drift, period_s,
+    noise, spike_prob, spike_value, decimals)."""
     realtime: bool = True
+    """true: readings appear at their sample rate; false: as fast as the engine takes them."""
     speed: float = Field(default=1.0, gt=0)
+    """With realtime: a multiple of the sample rate to produce at (2: twice as fast)."""
     limit: int | None = Field(default=None, ge=0)
+    """Stop after this many readings in all (the source is then finite); none: run until
+    stopped."""
     start: float | Literal["now"] = "now"
+    """Event time of the first reading, in Unix seconds; now: the wall-clock time the source
+    starts."""
     batch: int = Field(default=4096, ge=1)
+    """Readings per emitted batch, at most."""
 
 
 class SimulatorSource(Source):

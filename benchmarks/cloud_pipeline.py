@@ -1,0 +1,210 @@
+"""Cloud pipeline throughput over ingested streams, and what it does to ingest latency (issue 13).
+
+Part 1, throughput: ``--nodes`` nodes' chunks (``--chunks`` per node of ``--records`` readings,
+50 sensors each) are put in a fresh SQLite store; a cloud pipeline (the `stream` source over
+all nodes, a 10 s tumbling window per sensor with count, mean, min, max, its outbox, the
+shipper into the store) runs until every record is consumed and every result is stored.
+Our figure: records/s end to end. Baseline from the same run: the same window operator fed
+the same decoded batches in memory (no store reads, merge, outbox or shipping): the ceiling.
+
+Part 2, ingest latency: the control plane's group commit (`GroupCommitter`, as sessions use
+it) stores one 200-record chunk every 10 ms for ``--seconds`` while the cloud pipeline worker
+(its own thread, loop and store; results through the same group commit, as in the app) is
+idle, then again while it consumes a fresh backlog of part 1's size. Figures: submit-to-durable
+latency p50/p99 and the event loop's lag (a 1 ms sleep's overshoot) p99, idle vs busy.
+
+Run: python benchmarks/cloud_pipeline.py [--nodes 3 --chunks 100 --records 5000 --seconds 10]
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import emit_json, print_table
+
+from edgewise.cloud.ingest import GroupCommitter
+from edgewise.cloud.metrics import Metrics
+from edgewise.cloud.pipelines.runner import PipelineRun, direct_ship
+from edgewise.cloud.pipelines.spec import parse_cloud_pipeline
+from edgewise.cloud.pipelines.worker import CloudPipelineWorker, app_ship
+from edgewise.cloud.store import ChunkWrite, MarkWrite, Store, database_url
+from edgewise.pipeline.batch import Batch
+from edgewise.pipeline.component import RunContext
+from edgewise.pipeline.operators.window import Window, WindowConfig
+from edgewise.security.pki import CertificateAuthority, make_csr
+from edgewise.security.tokens import EnrolmentToken
+from edgewise.sync import codec
+
+T0 = 1_764_547_200.0
+SENSORS = 50
+
+
+def pipeline(name: str) -> str:
+    return f"""\
+apiVersion: edgewise.io/v1
+kind: Pipeline
+metadata: {{name: {name}}}
+spec:
+  sources:
+    - {{id: raw, type: stream, stream: raw, max_wait: 2s, poll: 0.05}}
+  stages:
+    - {{id: tens, type: window, inputs: [raw], size: 10s, idle_timeout: 100000s,
+       aggregates: [count, mean, min, max]}}
+  sinks:
+    - {{id: tens-store, type: outbox, inputs: [tens], stream: tens}}
+"""
+
+
+def chunk_cols(node: int, c: int, records: int) -> dict[str, np.ndarray]:
+    per = records // SENSORS
+    ts = T0 + c * per / 10 + np.repeat(np.arange(per) / 10, SENSORS)
+    rng = np.random.default_rng(node * 1_000_003 + c)
+    return {"sensor": np.tile(np.array([f"s{i:03d}" for i in range(SENSORS)], dtype=object),
+                              per),
+            "ts": ts, "value": np.round(rng.normal(50, 5, per * SENSORS), 2)}
+
+
+async def fill(store: Store, nodes: list[str], chunks: int, records: int, base: int = 0
+               ) -> list[dict[str, np.ndarray]]:
+    now = datetime.now(UTC)
+    cols_all = []
+    for c in range(base, base + chunks):
+        writes, marks = [], []
+        for i, n in enumerate(nodes):
+            cols = chunk_cols(i, c, records)
+            cols_all.append(cols)
+            k = len(cols["ts"])
+            writes.append(ChunkWrite(n, "raw", c * k, k, k, False, codec.encode(cols), now))
+            marks.append(MarkWrite(n, "raw", (c + 1) * k, now))
+        await store.commit_ingest(writes, (), marks)
+    return cols_all
+
+
+async def enrol(store: Store, n: int) -> list[str]:
+    ca = CertificateAuthority.create(Path(tempfile.mkdtemp()) / "ca")
+    ids = []
+    for i in range(n):
+        _p, tok = EnrolmentToken.issue({"site": "b"}, timedelta(hours=1), 1)
+        await store.add_enrolment_token(tok)
+        key = ec.generate_private_key(ec.SECP256R1())
+        await store.enrol_node(tok.hash, f"node-{i}", ca.sign_node_csr(make_csr(key), f"node-{i}"))
+        ids.append(f"node-{i}")
+    return ids
+
+
+async def stored(store: Store, node: str, stream: str) -> int:
+    return sum(s.stored_records for s in await store.stream_stats(node) if s.stream == stream)
+
+
+async def throughput(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    async with Store(database_url(None, tmp)) as store:
+        nodes = await enrol(store, args.nodes)
+        cols = await fill(store, nodes, args.chunks, args.records)
+        total = sum(len(c["ts"]) for c in cols)
+        # baseline: the window alone over the same batches, in memory, in event-time order
+        batches = [Batch(c) for c in cols]
+        op = Window("w", WindowConfig(size=10, idle_timeout=100000,
+                                      aggregates=["count", "mean", "min", "max"]),
+                    RunContext("b", tmp))
+        t = time.perf_counter()
+        for b in batches:
+            op.process(b)
+        base_s = time.perf_counter() - t
+        run = PipelineRun(parse_cloud_pipeline(pipeline("bench"), "bench"), tmp, store,
+                          direct_ship(store))
+        src = run.sources["raw"]
+        t = time.perf_counter()
+        task = asyncio.create_task(run.run())
+        while src.records < total:
+            await asyncio.sleep(0.01)
+        consumed_s = time.perf_counter() - t
+        out = run.engine.counters.out.get("tens", 0)
+        while await stored(store, "cloud:bench", "tens") < out:
+            await asyncio.sleep(0.01)
+        stored_s = time.perf_counter() - t
+        run.stop()
+        await task
+    return {"records": total, "cloud_records_per_s": round(total / stored_s),
+            "cloud_consumed_per_s": round(total / consumed_s),
+            "window_alone_records_per_s": round(total / base_s), "results": out}
+
+
+async def ingest_latency(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    url = database_url(None, tmp)
+    async with Store(url) as store:
+        nodes = await enrol(store, args.nodes)
+        metrics = Metrics()
+        async with GroupCommitter(store, metrics) as committer:
+            loop = asyncio.get_running_loop()
+            worker = CloudPipelineWorker(url, tmp, poll=0.2, ship=app_ship(
+                loop, lambda c, m: committer.submit(c, (), m)))
+            await asyncio.to_thread(worker.start)
+            await store.put_cloud_pipeline("lat", pipeline("lat"), actor="bench")
+            figures = {}
+            seq = 0
+            for phase in ("idle", "busy"):
+                if phase == "busy":
+                    await fill(store, nodes, args.chunks, args.records, base=0)
+                lat: list[float] = []
+                lag: list[float] = []
+                end = time.perf_counter() + args.seconds
+                cols = chunk_cols(0, 0, 200)
+                payload = codec.encode(cols)
+                while time.perf_counter() < end:
+                    now = datetime.now(UTC)
+                    t = time.perf_counter()
+                    await committer.submit([ChunkWrite("node-0", "lat", seq, 200, 200, False,
+                                                       payload, now)], (),
+                                           [MarkWrite("node-0", "lat", seq + 200, now)])
+                    lat.append(time.perf_counter() - t)
+                    seq += 200
+                    t = time.perf_counter()
+                    await asyncio.sleep(0.001)
+                    lag.append(time.perf_counter() - t - 0.001)
+                    await asyncio.sleep(0.009)
+                consumed = worker.status().get("lat", {}).get("readings_in", 0)
+                figures[phase] = {"ingest_p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
+                                  "ingest_p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
+                                  "loop_lag_p99_ms": round(1000 * float(np.percentile(lag, 99)),
+                                                           2),
+                                  "commits": len(lat), "pipeline_records_in": consumed}
+            await asyncio.to_thread(worker.stop)
+    return figures
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--chunks", type=int, default=100)
+    p.add_argument("--records", type=int, default=5000)
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        tp = await throughput(Path(a), args)
+        lat = await ingest_latency(Path(b), args)
+    print_table("cloud pipeline throughput", [
+        ("cloud pipeline, end to end (records/s)", f"{tp['cloud_records_per_s']:,}",
+         f"{tp['records']:,} records, {tp['results']:,} results"),
+        ("  consumed by the engine (records/s)", f"{tp['cloud_consumed_per_s']:,}", ""),
+        ("baseline: the window alone in memory", f"{tp['window_alone_records_per_s']:,}", ""),
+    ])
+    print_table("ingest latency (group commit, 1 chunk / 10 ms)", [
+        (f"{k}: {phase}", str(v), "") for phase, f in lat.items() for k, v in f.items()])
+    emit_json({"throughput": tp, "ingest": lat, "nodes": args.nodes, "chunks": args.chunks,
+               "records_per_chunk": args.records})
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,118 @@
+"""Steady-state CPU of one control plane under N simulated nodes (issue 11), for comparing
+revisions: the control plane and the simulator run from ``--src`` (a checkout's ``src``, e.g. a
+``git worktree`` of the revision before a change), so two runs back to back give a figure and
+its baseline on the same machine.
+
+    .venv/bin/python benchmarks/fleet_steady.py --nodes 300 [--src /tmp/old/src] [--window 30]
+
+Starts ``edgewise cloud serve`` (SQLite) and ``edgewise sim fleet --processes 2``, waits until
+every node has a session and 15 s more, then reads the server's CPU time from /proc over
+``--window`` seconds; ack latencies are the simulator's in that window. Last line: one JSON
+object (``server_cpu_us_per_node_s``, ack p50/p99, RSS, how many pool timeouts the server
+logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", type=int, default=300)
+    ap.add_argument("--src", type=Path, default=SRC)
+    ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    n, work = args.nodes, args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-steady-"))
+    env = dict(os.environ, PYTHONPATH=str(args.src))
+    cli = [sys.executable, "-m", "edgewise.cli"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = work / "serve.log"
+    with open(log, "w") as out:
+        srv = subprocess.Popen([*cli, "cloud", "serve", "--data", str(work / "cloud"),
+                                "--port", str(port)], env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+    cfg = work / "cloud" / "cli.json"
+    for _ in range(1200):
+        if cfg.exists() and "listening" in log.read_text():
+            break
+        time.sleep(0.1)
+    token = subprocess.run([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from edgewise.cloud.client import OperatorClient;"
+        f"print(OperatorClient.from_file(Path({str(cfg)!r})).create_enrolment_token("
+        f"{{'fleet': 'steady'}}, 86400, {n}).token)")], env=env, capture_output=True,
+        text=True, check=True).stdout.strip()
+    events = work / "events.jsonl"
+    with open(work / "sim.out", "w") as out:
+        sim = subprocess.Popen([*cli, "sim", "fleet", "--nodes", str(n), "--cloud",
+                                f"https://127.0.0.1:{port}", "--token", token, "--ca",
+                                str(work / "cloud" / "pki" / "ca.pem"), "--processes", "2",
+                                "--duration", "3600", "--events", str(events), "--no-verify",
+                                "--json"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def ups() -> int:
+        if not events.exists():
+            return 0
+        with open(events) as f:
+            return sum(1 for line in f if '"e": "up"' in line)
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{srv.pid}/stat").read_text().split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+    started = time.time()
+    try:
+        while ups() < n and time.time() - started < 600:
+            time.sleep(2)
+        all_up = time.time() - started
+        time.sleep(15)
+        c0, w0 = cpu(), time.time()
+        time.sleep(args.window)
+        c1, w1 = cpu(), time.time()
+        acks: list[float] = []
+        with open(events) as f:
+            for line in f:
+                if '"e": "acks"' in line:
+                    ev = json.loads(line)
+                    if w0 <= ev["t"] <= w1 + 5:  # each covers the 5 s before it
+                        acks += ev["ms"]
+        acks.sort()
+        rss_kb = int(Path(f"/proc/{srv.pid}/status").read_text()
+                     .split("VmRSS:")[1].split()[0])
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        srv.send_signal(signal.SIGTERM)
+        for p in (sim, srv):
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def pct(q: float) -> float | None:
+        return round(acks[min(len(acks) - 1, int(q * len(acks)))], 1) if acks else None
+
+    print(json.dumps({
+        "src": str(args.src), "nodes": n, "up": ups(), "all_up_s": round(all_up, 1),
+        "server_cpu_us_per_node_s": round((c1 - c0) / (w1 - w0) / n * 1e6, 1),
+        "server_cpu_pct": round((c1 - c0) / (w1 - w0) * 100, 1),
+        "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "rss_mb": round(rss_kb / 1024),
+        "pool_timeouts_logged": log.read_text().count("QueuePool"),
+        "load_average": round(os.getloadavg()[0], 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""The listening port: TLS handshakes under a deadline and a cap, then aiohttp.
+
+aiohttp's `web.TCPSite` hands the TLS context to ``loop.create_server``, which neither limits
+how many handshakes run at once nor lets us see a handshake that fails. `GatedSite` listens on
+plain TCP instead and upgrades each accepted connection itself with ``loop.start_tls``
+(``ssl_handshake_timeout``), so it knows every connection from accept to close:
+
+* **admission.** A token bucket (``handshake_rate`` per s, ``handshake_burst``) paces the
+  handshakes: a connection accepted when the bucket is empty waits in a FIFO (at most
+  ``handshake_queue``; beyond it, closed at once) with its ClientHello unread, and its handshake
+  starts when a token is back, so a reconnect storm becomes a queue instead of handshake
+  timeouts and retries. The handshake timeout runs from the start of the handshake.
+* **cap.** A connection is *unauthenticated* from accept until its handshake ends with a
+  verified client certificate (a node); connections without one (operators, enrolment,
+  health checks) stay counted until they close. Beyond ``max_unauthenticated`` a new connection
+  is closed at once, before the handshake costs anything (about 230 KB of TLS buffers each).
+* **handshake timeout.** A handshake not finished within ``handshake_timeout`` is aborted.
+* **read timeout.** After the handshake, and again from the first byte after an idle spell,
+  a request head must be complete within ``read_timeout`` (slowloris; a TLS connection that
+  sends nothing). `track_requests` (a middleware) tells the connection when a request has
+  reached the application; while one runs (a WebSocket session runs for its whole life) the
+  timer is off. Bodies are read under the same timeout by `request_body`.
+* **idle timeout** between requests is aiohttp's own ``keepalive_timeout`` (`app.start`).
+
+The counters (`Gate.refused`, ``queued``, ``handshake_failures``, ``read_timeouts``,
+``unauthenticated``)
+are exported as metrics by `app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from edgewise.cloud.ratelimit import TokenBucket
+from edgewise.common.tls import lean_read_buffer
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Gate:
+    """Admits connections, runs their TLS handshakes and hands them to aiohttp."""
+
+    def __init__(self, server: web.Server, ssl_context: ssl.SSLContext, *,
+                 handshake_timeout: float, read_timeout: float,
+                 max_unauthenticated: int, handshake_rate: float = 300.0,
+                 handshake_burst: int = 100, handshake_queue: int = 4096) -> None:
+        self.server = server
+        # admission: a token bucket paces handshakes; connections beyond it wait in a FIFO
+        # (their ClientHello unread in the socket) instead of timing out
+        self.bucket = TokenBucket(handshake_rate, handshake_burst)
+        self.handshake_queue = handshake_queue
+        self.queued = 0  # connections that waited for a token (in all)
+        self._waiting: deque[tuple[asyncio.Transport, _Accepted]] = deque()
+        self._drain_at: asyncio.TimerHandle | None = None
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.read_timeout = read_timeout
+        self.max_unauthenticated = max_unauthenticated
+        self.unauthenticated = 0  # connections counted against the cap now
+        self.refused = 0  # closed at accept: the cap was reached
+        self.handshake_failures = 0  # handshakes that failed or timed out
+        self.read_timeouts = 0  # connections closed because a request head was too slow
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> asyncio.Protocol:
+        """The protocol factory for ``loop.create_server`` (plain TCP)."""
+        return _Accepted(self)
+
+    def admit(self, transport: asyncio.BaseTransport, accepted: _Accepted) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        # the ClientHello waits in the socket until start_tls reads it
+        transport.pause_reading()
+        if self.unauthenticated >= self.max_unauthenticated:  # the cap: closed at once
+            self.refused += 1
+            transport.abort()
+            return
+        if not self._waiting and self.bucket.take() == 0.0:
+            self._start(transport)
+            return
+        if len(self._waiting) >= self.handshake_queue:
+            self.refused += 1
+            transport.abort()
+            return
+        self.queued += 1
+        self._waiting.append((transport, accepted))
+        self._schedule()
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        self.unauthenticated += 1
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _schedule(self) -> None:
+        if self._drain_at is None and self._waiting:
+            delay = max(self.bucket.wait(), 0.001)
+            self._drain_at = asyncio.get_running_loop().call_later(delay, self._drain)
+
+    def _drain(self) -> None:
+        """Start waiting handshakes as tokens and the cap allow, oldest first."""
+        self._drain_at = None
+        while self._waiting:
+            transport, accepted = self._waiting[0]
+            if accepted.lost:  # the peer gave up while waiting
+                self._waiting.popleft()
+                continue
+            if self.unauthenticated >= self.max_unauthenticated:
+                return  # `release` drains again when a slot frees
+            if self.bucket.take() > 0.0:
+                break
+            self._waiting.popleft()
+            self._start(transport)
+        self._schedule()
+
+    def release(self) -> None:
+        self.unauthenticated -= 1
+        if self._waiting and self._drain_at is None:
+            self._schedule()
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        conn = _Connection(self)
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(transport, conn, self.ssl_context, server_side=True,
+                                       ssl_handshake_timeout=self.handshake_timeout)
+        except asyncio.CancelledError:
+            self.release()
+            transport.abort()
+            raise
+        except Exception as exc:  # any failed handshake ends the same way
+            self.release()
+            self.handshake_failures += 1
+            transport.abort()
+            log.debug("TLS handshake failed: %r", exc)
+            return
+        if tls is None:  # pragma: no cover - start_tls returns the transport or raises
+            self.release()
+            transport.abort()
+            return
+        ssl_object = tls.get_extra_info("ssl_object")
+        has_cert = ssl_object is not None and ssl_object.getpeercert(binary_form=True)
+        if has_cert:  # verified by the TLS layer against our CA: a node, not counted
+            self.release()
+        conn.start(tls, counted=not has_cert)
+
+    def close(self) -> None:
+        """Abort the handshakes still running and those waiting (the server is stopping)."""
+        if self._drain_at is not None:
+            self._drain_at.cancel()
+            self._drain_at = None
+        while self._waiting:
+            self._waiting.popleft()[0].abort()
+        for task in list(self._handshakes):
+            task.cancel()
+
+
+class _Accepted(asyncio.Protocol):
+    """A freshly accepted TCP connection, until `Gate._handshake` takes it over."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gate.admit(transport, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class _Connection(asyncio.Protocol):
+    """The application protocol of one TLS connection: aiohttp's request handler behind the
+    read timeout and the cap's bookkeeping."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.handler: RequestHandler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.counted = False
+        self.busy = 0  # requests the application is handling now
+        self._early: list[bytes] = []  # data that came with the end of the handshake
+        self._lost = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, transport: asyncio.Transport, *, counted: bool) -> None:
+        if self._lost:  # gone before the handshake's end was processed
+            if counted:
+                self.gate.release()
+            return
+        self.transport, self.counted = transport, counted
+        handler = self.gate.server()
+        self.handler = handler
+        handler.connection_made(transport)
+        self._arm()
+        early, self._early = self._early, []
+        for data in early:
+            handler.data_received(data)
+
+    # -- the read timeout -----------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._timer is None and not self._lost:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.gate.read_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.busy == 0 and self.transport is not None and not self._lost:
+            self.gate.read_timeouts += 1
+            self.transport.abort()
+
+    def request_started(self) -> None:
+        self.busy += 1
+        self._disarm()
+
+    def request_finished(self) -> None:
+        self.busy -= 1  # the next request's first byte starts the timer again
+
+    # -- asyncio.Protocol, passed on to aiohttp -------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.handler is None:
+            self._early.append(data)
+            return
+        if self.busy == 0:
+            self._arm()
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received() if self.handler is not None else None
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._disarm()
+        if self.counted:
+            self.counted = False
+            self.gate.release()
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the connection a request is being handled (no read timeout meanwhile)."""
+    transport = request.transport
+    conn = transport.get_protocol() if transport is not None else None
+    if not isinstance(conn, _Connection):  # e.g. a test server without the gate
+        return await handler(request)
+    conn.request_started()
+    try:
+        return await handler(request)
+    finally:
+        conn.request_finished()
+
+
+class GatedSite(web.BaseSite):
+    """Like `web.TCPSite` with TLS, with the handshake done by a `Gate` (see above)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 ssl_context: ssl.SSLContext, handshake_timeout: float, read_timeout: float,
+                 max_unauthenticated: int, backlog: int = 4096,
+                 **admission: Any) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host, self._port = host, port
+        self._tls = ssl_context
+        self._limits: dict[str, Any] = {"handshake_timeout": handshake_timeout,
+                                        "read_timeout": read_timeout,
+                                        "max_unauthenticated": max_unauthenticated,
+                                        **admission}
+        self.gate: Gate | None = None
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        lean_read_buffer()  # 16 KiB TLS reads: 256 KiB less per session (edgewise.common.tls)
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self.gate = Gate(server, self._tls, **self._limits)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.gate, self._host, self._port,
+                                                backlog=self._backlog, reuse_address=True)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.gate is not None:
+            self.gate.close()

@@ -1,0 +1,236 @@
+"""The live device sessions of this process: `SessionRegistry` and `handle_session`.
+
+`SessionRegistry` knows the live session of each node (at most one: a new session closes the
+old one and waits for its commits first, not for its socket's close handshake), pokes a session
+when a new desired version is stored (`notify_desired`), closes it when its node is revoked
+(`revoke`), and runs the one maintenance
+task of the application (batched last-seen writes, revocation reload, closing sessions whose
+certificate expired or was revoked elsewhere; a node decommissioned elsewhere hears it with the
+decommission order). There are no timers per node.
+
+`handle_session` upgrades an authenticated device request to the WebSocket and runs its
+`session.Session` to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+from cryptography import x509
+
+from edgewise.cloud.ingest import GroupCommitter
+from edgewise.cloud.metrics import Metrics
+from edgewise.cloud.node_writes import NodeWrites
+from edgewise.cloud.session import Session, SessionLimits
+from edgewise.cloud.store import Store
+from edgewise.errors import PeerError, StorageError
+from edgewise.security.tls import RevocationList
+from edgewise.sync import protocol
+from edgewise.sync.health import clean as clean_health
+from edgewise.sync.hlc import Clock
+
+log = logging.getLogger(__name__)
+
+
+class SessionRegistry:
+    """The live sessions of this process, one per node; see the module docstring."""
+
+    def __init__(self, store: Store, committer: GroupCommitter, metrics: Metrics,
+                 revocations: RevocationList, *, limits: SessionLimits | None = None,
+                 maintenance_interval: float = 10.0, replace_timeout: float = 2.0,
+                 node_write_interval: float = 1.0) -> None:
+        self.store = store
+        self.committer = committer
+        self.metrics = metrics
+        self.revocations = revocations
+        self.limits = limits or SessionLimits()
+        self.maintenance_interval = maintenance_interval
+        # s to wait for a replaced session's commits: well under the agent's welcome timeout
+        # (10 s, `edge.uplink.UplinkConfig`), or a node whose welcome was late would give up on
+        # each new session too while it waits for the one before (issue 11, the storm)
+        self.replace_timeout = replace_timeout
+        self.clock = Clock("cloud")
+        # status and report writes, grouped (the app runs its task: ``async with``)
+        self.node_writes = NodeWrites(store, interval=node_write_interval)
+        self.checks = asyncio.Semaphore(self.limits.check_threads)  # payload checks at once
+        self._sessions: dict[str, Session] = {}
+        self._seen: dict[str, datetime] = {}
+        self._health: dict[str, tuple[dict[str, Any], datetime]] = {}  # one per node
+        self.health_refused = 0  # heartbeats whose health was malformed
+        self._wire = [0, 0]
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, node_id: str) -> Session | None:
+        return self._sessions.get(node_id)
+
+    async def notify_desired(self, node_id: str, version: int) -> bool:
+        """Poke the node's live session: desired version ``version`` is stored. True if the
+        node is connected here (otherwise it learns the version from ``welcome``)."""
+        session = self._sessions.get(node_id)
+        if session is None:
+            return False
+        session.poke_desired(version)
+        return True
+
+    async def revoke(self, node_id: str, reason: str = "the node has been revoked", *,
+                     decommissioned: bool = False, wipe: bool = False) -> bool:
+        """Send ``revoked`` (with the decommission fields if ``decommissioned``) to the node's
+        live session and close it. True if there was one."""
+        session = self._sessions.get(node_id)
+        if session is None:
+            return False
+        session.revoke(reason, decommissioned=decommissioned, wipe=wipe)
+        return True
+
+    def mark_seen(self, node_id: str) -> None:
+        self._seen[node_id] = datetime.now(UTC)
+
+    def node_health(self, node_id: str, heartbeat: dict[str, Any]) -> None:
+        """Keep the health a heartbeat carried (checked and bounded: `sync.health`) with the
+        node's clock offset (our time minus the heartbeat's ``ts``, one-way latency
+        included), the newest per node; written with the last-seen times. Malformed health
+        is counted (`health_refused`) and dropped; the session goes on."""
+        now = datetime.now(UTC)
+        try:
+            body = clean_health(heartbeat["health"])
+        except PeerError as exc:
+            self.health_refused += 1
+            log.debug("health of %s dropped: %s", node_id, exc)
+            return
+        body["clock_offset_s"] = round(now.timestamp() - float(heartbeat["ts"]), 3)
+        self._health[node_id] = (body, now)
+
+    async def attach(self, session: Session) -> None:
+        """Make ``session`` the node's live one: close the old one and wait until it is
+        settled (``Session.settled``: its reader stopped and its submitted commits ended; at
+        once if it had not read its hello), at most ``replace_timeout`` seconds (after that
+        the old one is logged and left to end by itself: its late commits are harmless, stored
+        chunks are skipped by primary key). The old socket's close handshake (aiohttp waits up
+        to 10 s for a peer that went away) is not waited for.
+        Nothing is written to the store here: the session queues ``online`` once it has read
+        the node's hello (`node_writes`). Raises StorageError; the caller
+        (`handle_session`) runs this inside the try/finally that finishes and detaches the
+        session, so a failure here never leaves an entry that later sessions of the node
+        would wait for."""
+        old = self._sessions.get(session.node_id)
+        self._sessions[session.node_id] = session
+        self.metrics.sessions.set(len(self._sessions))
+        self.metrics.sessions_opened.inc()
+        if old is not None:
+            old.replace()
+            try:
+                await asyncio.wait_for(old.settled.wait(), self.replace_timeout)
+            except TimeoutError:
+                log.warning("session of %s: the session it replaces did not settle its commits "
+                            "within %g s; going on without it", session.node_id,
+                            self.replace_timeout)
+
+    async def detach(self, session: Session) -> None:
+        counts = session.wire
+        if counts is not None:
+            self.metrics.wire_bytes.labels("out").inc(counts[0])
+            self.metrics.wire_bytes.labels("in").inc(counts[1])
+        if self._sessions.get(session.node_id) is session:
+            del self._sessions[session.node_id]
+            self.metrics.sessions.set(len(self._sessions))
+            if not session.replaced:
+                self.node_writes.status(session.node_id, "offline")
+
+    async def flush_seen(self) -> None:
+        seen, self._seen = self._seen, {}
+        if seen:
+            await self.store.touch_nodes(seen)
+        health, self._health = self._health, {}
+        if health:
+            await self.store.write_health(health)
+
+    def enforce(self, now: datetime | None = None) -> int:
+        """Close live sessions whose certificate is revoked or has expired; how many."""
+        t = now or datetime.now(UTC)
+        closed = 0
+        for session in list(self._sessions.values()):
+            if self.revocations.is_revoked(session.cert):
+                session.revoke("the node's certificate has been revoked")
+                closed += 1
+            elif session.cert.not_valid_after_utc < t:
+                session.fail("certificate expired: renew it and reconnect")
+                closed += 1
+        return closed
+
+    async def tell_decommissioned(self) -> int:
+        """Close the live sessions of nodes decommissioned elsewhere (another replica) with the
+        decommission order, before `enforce` would close them with a plain ``revoked``; how
+        many. Looks up only sessions whose certificate is revoked."""
+        told = 0
+        for session in list(self._sessions.values()):
+            if not self.revocations.is_revoked(session.cert):
+                continue
+            node = await self.store.get_node(session.node_id)
+            if node is not None and node.decommissioned:
+                what = "decommissioned, wipe" if node.wipe else "decommissioned"
+                session.revoke(what, decommissioned=True, wipe=node.wipe)
+                told += 1
+        return told
+
+    async def maintenance(self) -> None:
+        """The application's one periodic task (not one per node)."""
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.maintenance_interval)
+            rounds += 1
+            try:
+                await self.flush_seen()
+                if rounds % 3 == 0:  # other replicas may have revoked nodes
+                    serials, fingerprints = await self.store.list_revocations()
+                    for serial in serials:
+                        self.revocations.revoke_serial(serial)
+                    for fp in fingerprints:
+                        self.revocations.revoke_key(fp)
+                await self.tell_decommissioned()
+                self.enforce()
+            except StorageError as exc:
+                log.warning("maintenance: %s", exc)
+
+    async def close_all(self) -> None:
+        sessions = list(self._sessions.values())
+        for s in sessions:
+            s.fail("the control plane is shutting down")
+        for s in sessions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.finished.wait(), 5)
+        with contextlib.suppress(StorageError):
+            await self.flush_seen()
+
+
+async def handle_session(request: web.Request, registry: SessionRegistry, node_id: str,
+                         cert: x509.Certificate) -> web.WebSocketResponse:
+    """Upgrade an authenticated request to the session and run it to its end."""
+    ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME_BYTES,
+                               heartbeat=registry.limits.heartbeat, compress=False)
+    await ws.prepare(request)
+    session = Session(node_id, cert, ws, registry, request)
+    try:
+        try:
+            await registry.attach(session)
+        except StorageError as exc:
+            log.warning("session of %s refused: storage failure while attaching: %s",
+                        node_id, exc)
+            registry.metrics.session_errors.labels("storage failure").inc()
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
+                               message=b"storage failure: try again later")
+            return ws
+        if not session.replaced:
+            await session.run()
+    finally:
+        session.settled.set()
+        session.finished.set()
+        await registry.detach(session)
+    return ws

@@ -1,0 +1,203 @@
+"""The store's connection to its database: engines, migrations, one transaction at a time.
+
+`Database` is the base of `Store` (`store.Store`): it owns the async SQLAlchemy engines (aiosqlite
+by default, asyncpg by URL) and `_tx`, the one way into a transaction, which the concern modules
+(`identity`, `chunks`, `twin`, `audit`) use and nothing outside the store does. The schema is
+brought to the newest Alembic revision by `open` (under an advisory lock on PostgreSQL, under
+SQLite's write lock otherwise), so several processes may open the same store at once.
+
+SQLite: WAL, ``synchronous=FULL`` (an acknowledged batch survives power loss), one writer
+connection in this process taking the write lock up front (``BEGIN IMMEDIATE``, so two writers
+never deadlock on a lock upgrade), and separate reader connections. The database file is
+created 0600 (SQLite gives its ``-wal`` and ``-shm`` files the same mode) in a directory made
+0700; existing files with wider modes are tightened to 0600.
+
+Database failures surface as `StorageError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self
+
+import alembic.command
+import alembic.config
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from edgewise.errors import ConfigError, StorageError
+
+DB_FILE = "edgewise.db"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_PG_MIGRATION_LOCK = 0x65646777  # "edgw": advisory lock id held while migrating
+
+
+def database_url(db: str | None, data_dir: str | Path | None) -> str:
+    """The async SQLAlchemy URL for ``--db`` (or SQLite in ``data_dir`` when not given).
+
+    Accepts ``postgresql://…`` / ``postgres://…`` (asyncpg is added), ``sqlite:///path``
+    (aiosqlite is added) and URLs that already name an async driver. Raises `ConfigError`.
+    """
+    if not db:
+        if data_dir is None:
+            raise ConfigError("give --data DIR (SQLite in DIR) or --db URL")
+        return f"sqlite+aiosqlite:///{Path(data_dir).resolve() / DB_FILE}"
+    try:
+        url = make_url(db)
+    except ArgumentError:
+        raise ConfigError(
+            f"--db {db!r} is not a database URL (e.g. postgresql://user@host/db)"
+        ) from None
+    driver = url.drivername
+    if driver in ("postgresql", "postgres", "postgresql+asyncpg"):
+        url = url.set(drivername="postgresql+asyncpg")
+    elif driver in ("sqlite", "sqlite+aiosqlite"):
+        url = url.set(drivername="sqlite+aiosqlite")
+    else:
+        raise ConfigError(f"--db: unsupported database {driver!r}; use postgresql:// or sqlite://")
+    return url.render_as_string(hide_password=False)
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would use the umask, often 0644),
+    in a directory made 0700; tighten an existing file and its ``-wal`` / ``-shm`` to 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def utc_now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
+
+
+class Database:
+    """Engines and transactions of one store; see the module docstring."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._write: AsyncEngine | None = None
+        self._read: AsyncEngine | None = None
+        self.dialect = ""
+
+    def __repr__(self) -> str:
+        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def describe(self) -> str:
+        """The store as its operator knows it: ``SQLite file PATH`` or ``PostgreSQL database
+        NAME on HOST:PORT as USER`` (never the password)."""
+        url = make_url(self.url)
+        if url.get_backend_name() == "sqlite":
+            return ("SQLite in memory" if url.database in (None, "", ":memory:")
+                    else f"SQLite file {url.database}")
+        where = f"{url.host or 'localhost'}{f':{url.port}' if url.port else ''}"
+        user = f" as {url.username}" if url.username else ""
+        return f"{url.get_backend_name()} database {url.database or '?'} on {where}{user}" \
+            .replace("postgresql database", "PostgreSQL database", 1)
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str | Path, db: str | None = None) -> Self:
+        return cls(database_url(db, data_dir))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> Self:
+        """Connect and migrate to the newest schema. Raises `StorageError`."""
+        if self._write is not None:
+            raise StorageError("store is already open")
+        url = make_url(self.url)
+        self.dialect = url.get_backend_name()
+        try:
+            if self.dialect == "sqlite":
+                if url.database and url.database != ":memory:":
+                    private_sqlite_file(Path(url.database))
+                self._write = self._sqlite_engine(immediate=True, pool_size=1)
+                self._read = self._sqlite_engine(immediate=False, pool_size=4)
+            else:
+                self._write = create_async_engine(self.url, pool_size=10, max_overflow=10,
+                                                  pool_pre_ping=True)
+                self._read = self._write
+            async with self._write.begin() as conn:
+                await conn.run_sync(self._migrate)
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, (SQLAlchemyError, OSError)):
+                raise StorageError(f"cannot open the store ({self.describe()}): {exc}") from None
+            raise
+        return self
+
+    def _sqlite_engine(self, *, immediate: bool, pool_size: int) -> AsyncEngine:
+        engine = create_async_engine(self.url, pool_size=pool_size, max_overflow=0,
+                                     connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_connection.cursor()
+            for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000",
+                           "foreign_keys=ON"):
+                cur.execute(f"PRAGMA {pragma}")
+            cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def _migrate(self, conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+        cfg = alembic.config.Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        alembic.command.upgrade(cfg, "head")
+
+    async def close(self) -> None:
+        for engine in {id(e): e for e in (self._write, self._read) if e is not None}.values():
+            await engine.dispose()
+        self._write = self._read = None
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _tx(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
+        engine = self._write if write else self._read
+        if engine is None:
+            raise StorageError("store is not open")
+        try:
+            async with engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {exc}") from None
+
+    def _insert(self, model: Any) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(model)
+
+    async def schema_revision(self) -> str | None:
+        async with self._tx(write=False) as conn:
+            row = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).first()
+        return row[0] if row else None

@@ -1,0 +1,77 @@
+"""Nodes' TPMs and their attestation verdicts (part of `Store`; docs/security.md,
+"Hardware-rooted trust").
+
+``node_tpm`` holds, per TPM node, the EK fingerprint (unique: a TPM enrols one node, Keylime's
+lesson about one identity reused from another TPM), the AK and node-key public areas every
+later quote and binding is checked against, and the newest verdict of the verifier
+(`edgewise.cloud.attestation.verifier.Verdict.to_json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from edgewise.cloud.store.db import Database, utc_now
+from edgewise.cloud.store.models import NodeTpmRow
+from edgewise.errors import PeerError
+
+
+class TpmInUse(PeerError):
+    """The TPM (its EK) is already enrolled as another node."""
+
+    status = 409
+
+
+@dataclass(frozen=True)
+class TpmRecord:
+    node_id: str
+    ek_fingerprint: str
+    ak_public: bytes
+    node_key_public: bytes
+    verdict: dict[str, Any] | None
+
+
+class TpmStore(Database):
+    """Nodes' TPMs (part of `Store`)."""
+
+    async def register_tpm(self, node_id: str, ek_fingerprint: str, ak_public: bytes,
+                           node_key_public: bytes, *, now: datetime | None = None) -> None:
+        """Record the TPM a node enrolled with; the same node again replaces its keys (a retry
+        of the enrolment); `TpmInUse` when the EK belongs to another node."""
+        async with self._tx() as conn:
+            row = (await conn.execute(select(NodeTpmRow.node_id).where(
+                NodeTpmRow.ek_fingerprint == ek_fingerprint))).first()
+            if row is not None and row.node_id != node_id:
+                raise TpmInUse("this TPM is already enrolled as another node; revoke that "
+                               "node first")
+            values = {"ek_fingerprint": ek_fingerprint, "ak_public": ak_public,
+                      "node_key_public": node_key_public}
+            ins = self._insert(NodeTpmRow).values(node_id=node_id, created=utc_now(now),
+                                                  **values)
+            try:
+                await conn.execute(ins.on_conflict_do_update(
+                    index_elements=[NodeTpmRow.node_id], set_=values))
+            except IntegrityError:  # a concurrent enrolment took the EK
+                raise TpmInUse("this TPM is already enrolled as another node") from None
+
+    async def tpm_of(self, node_id: str) -> TpmRecord | None:
+        async with self._tx() as conn:
+            r = (await conn.execute(select(
+                NodeTpmRow.node_id, NodeTpmRow.ek_fingerprint, NodeTpmRow.ak_public,
+                NodeTpmRow.node_key_public, NodeTpmRow.verdict,
+            ).where(NodeTpmRow.node_id == node_id))).first()
+        if r is None:
+            return None
+        return TpmRecord(r.node_id, r.ek_fingerprint, r.ak_public, r.node_key_public,
+                         r.verdict)
+
+    async def record_verdict(self, node_id: str, verdict: dict[str, Any], *,
+                             now: datetime | None = None) -> None:
+        async with self._tx() as conn:
+            await conn.execute(update(NodeTpmRow).where(NodeTpmRow.node_id == node_id)
+                               .values(verdict=verdict, attested_at=utc_now(now)))

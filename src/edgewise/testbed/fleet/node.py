@@ -1,0 +1,469 @@
+"""One virtual node: enrolment, one mutual-TLS session, heartbeats, reports, telemetry, acks and
+desired-state fetches, with the agent's reconnect policy; many of them share one process.
+
+A `VirtualNode` speaks the real device protocol (docs/decisions/0004-device-protocol.md)
+through the project's own client code: its key and CSR from `edgewise.security.pki`, its TLS
+context from `edgewise.security.tls.client_context`, enrolment and desired-state fetches through
+`edgewise.edge.device_http.device_request` (the agent's HTTPS path), frames through
+`edgewise.sync.protocol`, payloads encoded by `edgewise.sync.codec`, the reported state built as
+`edgewise.sync.twin_state.ReportedState`, and pacing from the agent's own `UplinkConfig`
+(heartbeat, report and ping intervals, welcome timeout, full-jitter `Backoff` with its reset
+after a healthy period).
+
+What is lighter than the agent, so one process holds thousands: no outbox file (the chunks not
+acknowledged yet stay in memory, in order), no pipeline (a small telemetry batch of
+``records`` readings every ``telemetry_every`` seconds), one task per node (the session loop
+waits on the socket until the next thing is due), one aiohttp `ClientSession` per process for
+the WebSockets (the node's TLS context goes with its request). A chunk is sent again on the next
+session unless the welcome's mark says it is settled, as the agent does: at least once on the
+wire, exactly once in the store. A poke that carries its desired state inline is applied from
+the poke without a fetch (validated as `DesiredState`); ``fetch_only`` ignores it and fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import ssl
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from edgewise.common.backoff import Retry
+from edgewise.edge.device_http import CloudRefusal, describe_network_error, device_request
+from edgewise.edge.uplink import UplinkConfig
+from edgewise.errors import ConfigError, PeerError, TransportError
+from edgewise.security import pki
+from edgewise.security.tls import client_context
+from edgewise.sync import codec, protocol
+from edgewise.sync.health import NodeHealth, OutboxLevel, PipelineHealth
+from edgewise.sync.merge import LwwMap
+from edgewise.sync.twin_state import DesiredState, ReportedState
+from edgewise.testbed.fleet.stats import NodeResult, Recorder
+
+STREAM = "telemetry"
+PRIORITY = 5
+AGENT = "edgewise-sim/1"
+MAX_JITTER_S = 60.0  # s: the most of a poke's jitter hint a node waits (as the agent)
+SEND_TIMEOUT_S = 30.0  # s a frame may wait for room in the socket
+RTO_S = 0.2  # Linux's minimum TCP retransmission timeout: what one lost segment costs
+
+
+class LinkDown(Exception):
+    """The session ended (closed, refused, timed out); the node reconnects."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What every virtual node of a run shares."""
+
+    cloud: str  # https://HOST:PORT the nodes connect to (a link proxy, or the control plane)
+    ca: Path
+    token: str  # a multi-use enrolment token
+    telemetry_every: float = 10.0  # s between telemetry batches
+    records: int = 5  # readings per batch
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    loss: float = 0.0  # probability that a frame waits one RTO (a lost TCP segment)
+    drain_s: float = 30.0  # at the end: time to wait for the last acknowledgements
+    fetch_only: bool = False  # ignore a poke's inline state and fetch (as the agent does today)
+
+
+class Shared:
+    """Per process: the settings, the one WebSocket client session, the recorder, the stop
+    signal and the events file."""
+
+    def __init__(self, settings: NodeSettings, state_dir: Path, recorder: Recorder,
+                 events: Path | None = None) -> None:
+        self.settings = settings
+        self.state_dir = state_dir
+        self.recorder = recorder
+        self.stop = asyncio.Event()
+        self.drain_deadline = float("inf")  # loop time after which nodes stop draining
+        self.enrol_ctx = client_context(settings.ca)
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None,
+                                          connect=settings.uplink.connect_timeout_s,
+                                          sock_connect=settings.uplink.connect_timeout_s))
+        self._events = (os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                        if events is not None else None)
+        self.recent_acks: list[float] = []  # ack latencies (ms) since the last acks event
+        self.wss = "wss://" + settings.cloud.removeprefix("https://") + protocol.SESSION_PATH
+
+    def event(self, kind: str, index: int, node_id: str | None, **extra: Any) -> None:
+        """One line of the events file (one write, O_APPEND: lines of processes never mix)."""
+        if self._events is not None:
+            line = json.dumps({"t": time.time(), "e": kind, "i": index, "node": node_id,
+                               **extra}) + "\n"
+            os.write(self._events, line.encode())
+
+    async def ack_events(self, every: float = 5.0) -> None:
+        """Every ``every`` s one ``acks`` event with this process's ack latencies since the
+        last one (ms, 0.1 ms steps), so a reader can take percentiles over any window."""
+        while True:
+            await asyncio.sleep(every)
+            acks, self.recent_acks = self.recent_acks, []
+            if acks:
+                self.event("acks", -1, None, ms=[round(a, 1) for a in acks])
+
+    async def close(self) -> None:
+        await self.http.close()
+        if self._events is not None:
+            os.close(self._events)
+            self._events = None
+
+
+@dataclass
+class _Chunk:
+    seq: int
+    count: int
+    payload: bytes
+    sent_at: float | None = None  # monotonic time of the last send
+
+
+class VirtualNode:
+    """One node; `run` until the shared stop signal, then drain and report (`result`)."""
+
+    def __init__(self, index: int, shared: Shared) -> None:
+        self.index = index
+        self.shared = shared
+        self.node_id: str | None = None
+        self.ctx: ssl.SSLContext | None = None
+        self.next_seq = 0
+        self.next_id = 1
+        self.buf: OrderedDict[int, _Chunk] = OrderedDict()  # chunk id -> not acknowledged yet
+        self.sent_upto = 0
+        self.acked = 0
+        self.applied_version = 0
+        self.connected = False
+        self.problem: str | None = None
+        self._next_batch = 0.0
+        self._fetching: asyncio.Task[None] | None = None
+        self._wanted = 0
+        self._retry: Retry | None = None
+        self._drain_tries = 0  # sessions tried after the stop to hear the last acks
+
+    # -- enrolment ----------------------------------------------------------------------------
+    async def enrol(self) -> None:
+        s = self.shared.settings
+        rec = self.shared.recorder
+        folder = self.shared.state_dir / f"n{self.index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        key_path = folder / "node.key"
+        key = pki.load_key(key_path) if key_path.exists() else pki.generate_key(key_path)
+        body = {"token": s.token, "csr": pki.make_csr(key).decode()}
+        started = time.monotonic()
+        retry = Retry(s.uplink.backoff, s.uplink.healthy_s)
+        while True:
+            try:
+                answer = await device_request(s.cloud, self.shared.enrol_ctx, "POST",
+                                              "/v1/device/enrol", body, ca_path=s.ca)
+                break
+            except CloudRefusal as exc:
+                if exc.status in (400, 401, 403, 404, 409, 410):
+                    raise ConfigError(f"enrolment refused: {exc.status} {exc.reason}") from None
+                rec.failure(f"enrol: {exc.status}")
+            except (TransportError, PeerError) as exc:
+                rec.failure(f"enrol: {_short(exc)}")
+            rec.count("enrol_retries")
+            await self._sleep(retry.failed())
+            if self.shared.stop.is_set():
+                raise LinkDown("stopped before enrolment")
+        rec.sample("enrol_s", time.monotonic() - started)
+        rec.enrolled(time.time())
+        self.node_id = str(answer["node_id"])
+        cert_path = folder / "node.pem"
+        cert_path.write_text(answer["certificate"])
+        self.ctx = client_context(s.ca, cert_path, key_path)
+        self.shared.event("enrolled", self.index, self.node_id)
+
+    # -- telemetry ----------------------------------------------------------------------------
+    def _produce_due(self, now: float) -> None:
+        """Make the batches due by ``now`` (also those of a time offline: the agent's outbox
+        keeps what its pipeline made while the link was down)."""
+        s = self.shared.settings
+        while self._next_batch <= now:
+            n = s.records
+            t0 = time.time() - (now - self._next_batch)
+            cols = {
+                "sensor": np.array([f"sim/{self.index}/{k}" for k in range(n)], dtype=object),
+                "ts": np.round(t0 + np.arange(n) * 0.01, 2),
+                "value": np.round(20.0 + np.arange(n) * 0.25 + (self.next_seq % 7), 2),
+            }
+            self.buf[self.next_id] = _Chunk(self.next_seq, n, codec.encode(cols))
+            self.next_id += 1
+            self.next_seq += n
+            self._next_batch += s.telemetry_every
+            self.shared.recorder.count("batches_made")
+
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse, msg: dict[str, Any]) -> None:
+        if self.shared.settings.loss and random.random() < self.shared.settings.loss:
+            await asyncio.sleep(RTO_S)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):  # a peer that stopped reading
+                await ws.send_bytes(protocol.encode(msg))
+        except TimeoutError:
+            raise LinkDown("send timed out: the control plane is not reading") from None
+
+    async def _send_chunk(self, ws: aiohttp.ClientWebSocketResponse, cid: int,
+                          c: _Chunk) -> None:
+        c.sent_at = time.monotonic()
+        await self._send(ws, {"t": protocol.BATCH, "id": cid, "stream": STREAM, "seq": c.seq,
+                              "count": c.count, "records": c.count, "compacted": False,
+                              "payload": c.payload})
+        self.sent_upto = max(self.sent_upto, c.seq + c.count)
+        self.shared.recorder.count("batches_sent")
+
+    def _report(self) -> dict[str, Any]:
+        return {"t": protocol.REPORT, "report": ReportedState(
+            self.applied_version or None, "running", {"records": self.next_seq},
+            LwwMap()).to_wire()}
+
+    # -- the session --------------------------------------------------------------------------
+    async def _session(self) -> None:
+        s = self.shared.settings
+        cfg = s.uplink
+        rec = self.shared.recorder
+        started = time.monotonic()
+        try:
+            # bounded as a whole: the session's connect timeout does not cover the wait for
+            # the upgrade's answer, and a control plane may accept and never answer
+            async with asyncio.timeout(cfg.connect_timeout_s + cfg.welcome_timeout_s):
+                ws = await self.shared.http.ws_connect(
+                    self.shared.wss, ssl=self.ctx, heartbeat=cfg.ping_s, autoping=True,
+                    max_msg_size=protocol.MAX_FRAME_BYTES,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0))
+        except aiohttp.WSServerHandshakeError as exc:
+            raise LinkDown(f"upgrade refused: {exc.status}") from None
+        except TimeoutError:
+            raise LinkDown("no answer to the session upgrade") from None
+        async with ws:
+            await self._send(ws, {"t": protocol.HELLO, "agent": AGENT,
+                                  "streams": {STREAM: PRIORITY},
+                                  "applied_version": self.applied_version})
+            welcome = await _receive(ws, cfg.welcome_timeout_s)
+            if welcome is None or welcome["t"] != protocol.WELCOME:
+                what = "no welcome" if welcome is None else f"{welcome['t']}: " \
+                    f"{welcome.get('reason', '')}"
+                raise LinkDown(f"{what}"[:80])
+            rec.sample("connect_s", time.monotonic() - started)
+            mark = int(welcome["streams"].get(STREAM, 0))
+            for cid in [cid for cid, c in self.buf.items() if c.seq + c.count <= mark]:
+                self.acked += self.buf.pop(cid).count  # stored by an earlier session
+            self.connected = True
+            if self._retry is not None:
+                self._retry.connected()
+            self.shared.event("up", self.index, self.node_id)
+            try:
+                await self._run_session(ws, int(welcome["desired_version"]))
+            finally:
+                self.connected = False
+                self.shared.event("down", self.index, self.node_id)
+
+    def _health(self) -> dict[str, Any]:
+        """A health map of the size an agent sends (`edge.health`): one pipeline, the
+        chunks not acknowledged yet as the outbox of one priority."""
+        return NodeHealth(
+            cpu_percent=1.5, memory_bytes=60 * 2**20, disk_free_bytes=20 * 2**30,
+            disk_total_bytes=32 * 2**30, outbox={5: OutboxLevel(len(self.buf), 0.0)},
+            pipelines={"telemetry": PipelineHealth("running")},
+            cert_expires=time.time() + 86400.0).to_wire()
+
+    async def _run_session(self, ws: aiohttp.ClientWebSocketResponse, desired: int) -> None:
+        s = self.shared.settings
+        cfg = s.uplink
+        loop = asyncio.get_running_loop()
+        self._poke(desired, 0.0, loop.time())
+        for cid, c in list(self.buf.items()):
+            await self._send_chunk(ws, cid, c)
+        await self._send(ws, self._report())
+        now = loop.time()
+        next_hb, next_report = now + cfg.heartbeat_s, now + cfg.report_s
+        draining_until: float | None = None
+        while True:
+            now = loop.time()
+            if self.shared.stop.is_set():
+                if draining_until is None:
+                    draining_until = min(now + s.drain_s, self.shared.drain_deadline)
+                if not self.buf or now >= draining_until:
+                    return
+            else:
+                before = self.next_id
+                self._produce_due(now)
+                for cid in range(before, self.next_id):
+                    await self._send_chunk(ws, cid, self.buf[cid])
+            if now >= next_hb:
+                next_hb = now + cfg.heartbeat_s
+                await self._send(ws, {"t": protocol.HEARTBEAT, "health": self._health(),
+                                      "ts": time.time()})
+            if now >= next_report:
+                next_report = now + cfg.report_s
+                await self._send(ws, self._report())
+            due = min(next_hb, next_report, self._next_batch)
+            if draining_until is not None:
+                due = min(due, draining_until, now + 0.2)
+            wait = max(0.0, due - loop.time())
+            if not self.shared.stop.is_set():
+                wait = min(wait, 1.0)  # look at the stop signal now and then
+            msg = await _receive(ws, wait)
+            if msg is None:
+                continue
+            self._on_message(msg, loop.time())
+
+    def _on_message(self, msg: dict[str, Any], now: float) -> None:
+        kind = msg["t"]
+        rec = self.shared.recorder
+        if kind == protocol.ACK:
+            t = time.monotonic()
+            for cid in msg["ids"]:
+                c = self.buf.pop(cid, None)
+                if c is not None:
+                    self.acked += c.count
+                    if c.sent_at is not None:
+                        ms = (t - c.sent_at) * 1000.0
+                        rec.sample("ack_ms", ms)
+                        self.shared.recent_acks.append(ms)
+        elif kind == protocol.DESIRED:
+            self._poke(int(msg["version"]), float(msg.get("jitter_s", 0.0)), now,
+                       msg.get("state"))
+        elif kind == protocol.REFUSE:
+            rec.failure(f"refused: {msg['reason']}")
+            raise LinkDown(f"chunk refused: {msg['reason']}"[:80])
+        elif kind in (protocol.ERROR, protocol.REVOKED):
+            raise LinkDown(f"{kind}: {msg['reason']}"[:80])
+
+    def _poke(self, version: int, jitter: float, now: float,
+              inline: dict[str, Any] | None = None) -> None:
+        if version <= max(self.applied_version, self._wanted):
+            return
+        self._wanted = version
+        if inline is not None and not self.shared.settings.fetch_only:
+            try:  # the state in the poke itself (`protocol`, inline desired state)
+                state: DesiredState | None = DesiredState.from_wire(inline)
+            except PeerError:
+                state = None  # fetched instead
+            if state is not None and state.version == version:
+                self.applied_version = version
+                self.shared.recorder.sample("fetch_s", 0.0)
+                self.shared.recorder.count("inline_states")
+                self.shared.event("desired", self.index, self.node_id, version=version)
+                return
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.get_running_loop().create_task(
+                self._fetch(jitter, time.monotonic()))
+
+    async def _fetch(self, jitter: float, poked: float) -> None:
+        """GET the newest desired state (after a random part of the cloud's jitter hint, as
+        the agent's twin does) and take its version as applied."""
+        s = self.shared.settings
+        rec = self.shared.recorder
+        if jitter > 0:
+            await asyncio.sleep(random.random() * min(jitter, MAX_JITTER_S))
+        assert self.ctx is not None
+        while self._wanted > self.applied_version and not self.shared.stop.is_set():
+            try:
+                answer = await device_request(s.cloud, self.ctx, "GET", "/v1/device/desired",
+                                              ca_path=s.ca)
+            except (TransportError, PeerError) as exc:
+                rec.failure(f"desired: {_short(exc)}")
+                await asyncio.sleep(1.0)
+                continue
+            version = int(answer.get("version", 0))
+            if version < self._wanted:
+                await asyncio.sleep(0.5)  # a replica not caught up yet
+                continue
+            self.applied_version = version
+            rec.sample("fetch_s", time.monotonic() - poked)
+            rec.count("fetches")
+            self.shared.event("desired", self.index, self.node_id, version=version)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.shared.stop.wait(), seconds)
+
+    async def run(self, start_delay: float = 0.0) -> NodeResult:
+        rec = self.shared.recorder
+        try:
+            await self._sleep(start_delay)
+            if self.shared.stop.is_set():
+                return self.result()
+            await self.enrol()
+            self._next_batch = asyncio.get_running_loop().time() + \
+                random.random() * self.shared.settings.telemetry_every
+            retry = self._retry = Retry(self.shared.settings.uplink.backoff,
+                                        self.shared.settings.uplink.healthy_s)
+            first = True
+            while True:
+                if not first:
+                    rec.count("reconnects")
+                first = False
+                try:
+                    await self._session()
+                    if self.shared.stop.is_set():
+                        break
+                    rec.failure("session closed")
+                except LinkDown as exc:
+                    rec.failure(str(exc))
+                except (aiohttp.ClientError, OSError, TimeoutError, PeerError) as exc:
+                    rec.failure(_short(exc))
+                if self.shared.stop.is_set() and not self.buf:
+                    break
+                if self.shared.stop.is_set():  # stopped while away: try again to drain
+                    left = self.shared.drain_deadline - asyncio.get_running_loop().time()
+                    if self._drain_tries >= 3 or left <= 0:
+                        break
+                    self._drain_tries += 1
+                    await asyncio.sleep(min(retry.failed(), left))
+                    continue
+                await self._sleep(retry.failed())
+        except ConfigError as exc:
+            self.problem = str(exc)
+            rec.failure(str(exc))
+        except LinkDown as exc:
+            self.problem = str(exc)
+        if self._fetching is not None:
+            self._fetching.cancel()
+            with contextlib.suppress(BaseException):
+                await self._fetching
+        return self.result()
+
+    def result(self) -> NodeResult:
+        unacked = [(c.seq, c.count) for c in self.buf.values() if c.sent_at is not None]
+        return NodeResult(self.index, self.node_id, self.next_seq, self.sent_upto, self.acked,
+                          unacked, self.connected, self.applied_version, self.problem)
+
+
+async def _receive(ws: aiohttp.ClientWebSocketResponse, timeout: float
+                   ) -> dict[str, Any] | None:
+    """The next message; None when ``timeout`` passed first. Raises `LinkDown` when the
+    session is over, `PeerError` for a malformed frame."""
+    try:
+        msg = await ws.receive(timeout=timeout)
+    except TimeoutError:
+        return None
+    if msg.type == aiohttp.WSMsgType.BINARY:
+        return protocol.decode(msg.data)
+    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.CLOSING):
+        raise LinkDown(f"closed by the control plane ({ws.close_code})")
+    if msg.type == aiohttp.WSMsgType.ERROR:
+        raise LinkDown(f"transport: {type(ws.exception()).__name__}")
+    raise LinkDown(f"unexpected {msg.type.name} frame")
+
+
+def _short(exc: BaseException) -> str:
+    """One stable line (no object addresses, so equal failures count together)."""
+    if isinstance(exc, TransportError | PeerError | ConfigError):
+        text = str(exc) or type(exc).__name__
+    else:
+        text = describe_network_error(exc)
+    return text[:100]

@@ -1,0 +1,190 @@
+"""The planner's node figures beyond the stages: a second link in the link model, a gateway tier
+in the latency path, models in node sizing, the realtime run's sources out of step and its
+event time anchored, the engine at the site's own pace, and the device decoding calibrations
+(Modbus against pymodbus's simulator in a child process; OPC UA in the long suite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import LONG_ONLY
+from edgewise.plan.costs import Calibrator
+from edgewise.plan.linksim import DAY, SecondRoute, StreamLoad, route_rates, simulate_link
+from edgewise.plan.model import build_plan
+from edgewise.plan.site_figures import (
+    failover_backlog_per_s,
+    lan_path,
+    node_cpu_model,
+    second_route,
+)
+from edgewise.plan.source import PHASE_STEP, batch_gap, out_of_step, plan_sources
+from edgewise.plan.workload import load_workload, parse_workload
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = ROOT / "examples" / "workloads"
+
+LOADS = [StreamLoad("agg", "normal", False, 1000.0)]
+KINDS = {"agg": "data"}
+
+
+def test_a_failover_link_carries_the_data_while_the_first_is_down() -> None:
+    alone = simulate_link(LOADS, KINDS, 10_000.0, 0.99, 6 * 3600.0, 64 * 1024**2)
+    assert alone.max_backlog == pytest.approx(1000.0 * 6 * 3600, rel=0.01)
+    # 800 B/s usable at 50% availability: the outbox grows by 600 B/s while the first is down
+    half = SecondRoute("failover", 800.0, 0.5)
+    res = simulate_link(LOADS, KINDS, 10_000.0, 0.99, 6 * 3600.0, 64 * 1024**2, second=half)
+    assert res.max_backlog == pytest.approx(600.0 * 6 * 3600, rel=0.01)
+    full = SecondRoute("failover", 2000.0, 1.0)
+    res = simulate_link(LOADS, KINDS, 10_000.0, 0.99, 6 * 3600.0, 64 * 1024**2, second=full)
+    assert res.max_backlog <= 1000.0 * res.step_s  # at most one step's production waits
+
+
+def test_an_offload_link_adds_its_rate_in_its_daily_window() -> None:
+    t = np.array([0.0, 3600.0, 7200.0, DAY + 3600.0, DAY + 3 * 3600.0])
+    up = np.array([True, False, True, True, True])
+    second = SecondRoute("offload", 500.0, 0.8, window_start_s=3600.0, window_s=7200.0)
+    # 01:00-03:00 every day: 400 B/s on top of the first link while it is up, alone when down
+    assert route_rates(t, up, 1000.0, second).tolist() == [1000.0, 400.0, 1400.0, 1400.0,
+                                                          1000.0]
+    assert route_rates(t, up, 1000.0, None).tolist() == [1000.0, 0.0, 1000.0, 1000.0, 1000.0]
+
+
+def test_the_examples_second_links_in_the_figures() -> None:
+    water = load_workload(WORKLOADS / "water-utility.yaml").sites[0]
+    route = second_route(water)
+    # satellite failover: 5 Mbit/s, 80% of it for data, available 99% of the time
+    assert route == SecondRoute("failover", 5e6 / 8 * 0.8, 0.99, 0.0, 0.0)
+    assert failover_backlog_per_s(water, 100.0) == 0.0
+    assert failover_backlog_per_s(water, 1e6) == pytest.approx(1e6 - 5e6 / 8 * 0.8 * 0.99)
+    factory = load_workload(WORKLOADS / "factory-line.yaml").sites[0]
+    assert second_route(factory) is None and failover_backlog_per_s(factory, 7.0) == 7.0
+
+
+def test_a_gateway_tier_is_a_second_lan_hop() -> None:
+    hospital = load_workload(WORKLOADS / "hospital-monitors.yaml").sites[0]
+    assert "gateway" in hospital.tiers
+    direct = hospital.model_copy(update={"tiers": ["device", "site"]})
+    with_gw = lan_path(hospital, 200_000, np.random.default_rng(1))
+    without = lan_path(direct, 200_000, np.random.default_rng(1))
+    # the same first hop (same seed), plus a second of the same distribution
+    assert np.all(with_gw > without)
+    assert np.mean(with_gw) == pytest.approx(2 * np.mean(without), rel=0.02)
+
+
+MODEL = """\
+apiVersion: edgewise.io/v1
+kind: Workload
+metadata: {name: cameras}
+spec:
+  use_case: defects from a vision model on the line
+  sites:
+    - name: line
+      sources:
+        - {id: cam, count: 4, rate_hz: 2, frame_bytes: 1000}
+  models:
+    - {name: detector, size: 2GiB, accelerator: gpu, accelerator_memory: 6GiB}
+  hardware:
+    - {name: small-gpu, cores: 4, ram: 16GiB, disk: 256GiB, price: 900, gpu: true,
+       gpu_memory: 4GiB}
+    - {name: big-gpu, cores: 8, ram: 32GiB, disk: 512GiB, price: 2500, gpu: true,
+       gpu_memory: 8GiB}
+  stages:
+    - {id: detect, operator: map, inputs: [cam], params: {set: {v2: "value * 2"}},
+       model: detector, placement: edge}
+  requirements: {max_alarm_latency: 5s, offline_autonomy: 1h}
+"""
+
+
+def test_a_model_counts_in_ram_disk_and_accelerator_memory() -> None:
+    wl = parse_workload(MODEL, "w.yaml")
+    with_model = build_plan(wl).sites[0].estimate.sizing
+    bare = build_plan(parse_workload(MODEL.replace("model: detector, ", ""), "w.yaml")
+                      ).sites[0].estimate.sizing
+    assert with_model.ram - bare.ram == pytest.approx(2 * 1024**3 * 1.5)
+    assert with_model.disk - bare.disk == pytest.approx(2 * 2 * 1024**3 * 1.25)
+    # 6 GiB of accelerator memory: the 4 GiB GPU does not fit, the 8 GiB one does
+    assert with_model.option.name == "big-gpu"
+
+
+def test_sources_out_of_step_and_event_time_half_way_through_a_window(tmp_path: Path) -> None:
+    from edgewise.plan.sim_pipeline import edge_pipeline
+    from edgewise.plan.sim_runs import anchor_start, sim_engine
+
+    sp = build_plan(load_workload(WORKLOADS / "retail.yaml")).sites[0]
+    doc = edge_pipeline(sp, 1.0, realtime=True, limit_s=None, probe=False, sync="normal")
+    _engine, srcs = sim_engine(doc, tmp_path)
+    out_of_step(srcs)
+    shares = [s.phase_s / batch_gap(s) for s in srcs.values()]
+    assert shares == pytest.approx([(i * PHASE_STEP) % 1.0 for i in range(len(srcs))])
+    assert len({round(x, 6) for x in shares}) == len(srcs)  # no two sources in step
+    anchor_start(srcs, 300.0, 300.0, 1.5)
+    starts = {s.start_ts for s in srcs.values()}
+    assert len(starts) == 1
+    start = starts.pop()
+    # event time 1.5 s into the measurement (after 300 s of backlog) is half way through
+    # a 5-minute window
+    assert (start + 300.0 + 1.5) % 300.0 == pytest.approx(150.0, abs=1.0)
+    assert plan_sources  # the engine's sources are the planner's (imported for the type)
+
+
+def test_node_cores_from_the_engine_at_the_sites_pace(tmp_path: Path) -> None:
+    costs = Calibrator(tmp_path)
+    costs.store("ingest:mqtt", {"us_per_message": 5.0, "us_per_wake": 20.0})
+    plan = build_plan(load_workload(WORKLOADS / "retail.yaml"), costs)
+    sp = plan.sites[0]
+    alone = sp.engine_site
+    assert alone is not None and alone["cores"] > 0 and alone["fraction"] == 1.0
+    # 2 + 1 + 1 batches a second, each its own commit (at most one per 20 ms)
+    assert 3.0 <= alone["commits_per_s"] <= 4.5
+    parts = node_cpu_model(sp, sp.estimate.calibration, costs)
+    assert set(parts) == {"ingest", "stages", "engine at the site's pace",
+                          "commits: state and chunks", "ticks"}
+    assert parts["engine at the site's pace"] == alone["cores"]
+    assert parts["ingest"] == pytest.approx((16 * 2 + 16 + 6) * 5.0e-6 + 4 * 20.0e-6)
+
+
+def test_device_decoding_calibrations_are_used(tmp_path: Path) -> None:
+    costs = Calibrator(tmp_path)
+    costs.store("ingest:modbus", {"us_per_reading": 3.0, "us_per_batch": 450.0})
+    costs.store("ingest:opcua", {"us_per_reading": 20.0, "us_per_batch": 700.0})
+    assert costs.ingest_us("modbus") == (3.0, 450.0)
+    assert costs.ingest_us("opcua") == (20.0, 700.0)
+    assert costs.ingest_us("http") == (6.0, 0.0)  # no calibration: the static table
+
+
+@pytest.mark.timeout(120)
+def test_modbus_decoding_is_calibrated_against_a_device_in_a_child_process() -> None:
+    pytest.importorskip("pymodbus.simulator")
+    from edgewise.plan.device_calibration import MANY, calibrate_modbus
+
+    got = calibrate_modbus()
+    assert got["values"] == MANY  # one poll reads all 100 registers in one request
+    assert got["us_per_batch"] > 0 and got["us_per_reading"] >= 0
+    assert got["one_us"] > 0 and got["many_us"] > 0
+
+
+@LONG_ONLY  # asyncua's server takes 10-20 s to start on a loaded machine
+@pytest.mark.timeout(180)
+def test_opcua_decoding_is_calibrated_against_a_server_in_a_child_process() -> None:
+    pytest.importorskip("asyncua")
+    from edgewise.plan.device_calibration import MANY, calibrate_opcua
+
+    got = calibrate_opcua()
+    assert got["values"] == pytest.approx(MANY, rel=0.05)  # a publish carries every change
+    assert got["us_per_batch"] > 0 and got["us_per_reading"] > 0
+
+
+def test_a_device_server_that_does_not_start_falls_back_to_the_static_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgewise.plan.costs as costs_mod
+
+    def broken() -> dict:
+        raise RuntimeError("device calibration: the server did not start (exit code None)")
+
+    monkeypatch.setattr(costs_mod, "calibrate_opcua", broken)
+    costs = Calibrator(tmp_path)
+    assert costs.ingest_us("opcua") == (24.0, 660.0)  # the static table
+    assert "ingest:opcua" not in costs._entries  # not cached: tried again next time
