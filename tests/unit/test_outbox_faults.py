@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,35 @@ def test_a_welcome_above_an_outbox_that_knows_nothing_moves_its_numbers_up(
         done = ob.reconcile("node-1", {"agg": 1000})
         assert done.kind == "moved" and done.streams == {"agg": 1030}
         assert ranges(ob, "agg") == [(1000, 30)]
+
+
+def test_a_reload_on_another_thread_during_a_commit_does_not_break_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine commits in an executor thread while a welcome renumbers on the event loop
+    and reads the counters again. Done in the middle of a commit, the reload once replaced the
+    counters with those before the commit: the next commit reused sequence numbers (and CI
+    once saw KeyError: 'alarms' and a pipeline restart)."""
+    with Outbox(tmp_path / "o.db") as ob:
+        ob.register_stream("alarms", 9)
+        ob.commit([chunk("alarms", 5)])
+        real_row_cost = disk.row_cost
+        reloads: list[threading.Thread] = []
+
+        def row_cost_with_a_reload(nbytes: int, page: int) -> int:
+            if not reloads and threading.current_thread() is threading.main_thread():
+                # once, inside the next commit's transaction, after it counted its records
+                reloads.append(threading.Thread(target=ob._load))
+                reloads[0].start()
+                reloads[0].join(0.3)  # the reload waits for the commit (or breaks it)
+            return real_row_cost(nbytes, page)
+
+        monkeypatch.setattr(disk, "row_cost", row_cost_with_a_reload)
+        ob.commit([chunk("alarms", 7, seed=1)])
+        reloads[0].join(5)
+        assert not reloads[0].is_alive()
+        ob.commit([chunk("alarms", 3, seed=2)])
+        assert ranges(ob, "alarms") == [(0, 5), (5, 7), (12, 3)]
+        assert ob.stats()["alarms"].produced == 15 and ob.stats()["alarms"].pending_records == 15
 
 
 # -- a full disk (finding 7) --------------------------------------------------------------------

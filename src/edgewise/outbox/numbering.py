@@ -289,6 +289,9 @@ class Numbered:
     def _load(self) -> None:
         raise NotImplementedError
 
+    def _load_locked(self) -> None:
+        raise NotImplementedError
+
     def _reload_after_failure(self) -> None:
         raise NotImplementedError
 
@@ -338,10 +341,12 @@ class Numbered:
         try:
             with self._tx() as db:
                 done = continue_from(db, floors, lows, reason)
+                if done:  # in the same hold of the lock: no commit sees the old numbers
+                    self._load_locked()
         except sqlite3.Error as exc:
+            self._reload_after_failure()
             raise storage_error("outbox renumbering failed", self.path, exc) from None
         if done:
-            self._load()
             self._write_note()
         return done
 
@@ -351,11 +356,12 @@ class Numbered:
         try:
             with self._tx() as db:
                 result = reconcile(db, self.meta, node_id, marks, sent)
+                if result.kind:  # in the same hold of the lock: no commit sees the old numbers
+                    self._load_locked()
         except sqlite3.Error as exc:
             self._reload_after_failure()
             raise storage_error("outbox renumbering failed", self.path, exc) from None
         if result.kind:
-            self._load()
             self._write_note()
         return result
 

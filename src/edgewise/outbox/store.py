@@ -163,28 +163,38 @@ class Outbox(Pressure, Numbered):
         return self._db
 
     def _load(self) -> None:
+        """Read the counters again. Another thread may be committing or acknowledging (the
+        engine commits in an executor while a welcome renumbers on the event loop), so the
+        counters are built aside and swapped in under the lock, never cleared in place."""
+        with self._lock:
+            self._load_locked()
+
+    def _load_locked(self) -> None:
         db = self.db
-        self._streams.clear()
-        self._next_seq.clear()
+        streams: dict[str, StreamStats] = {}
+        compact: dict[str, bool] = {}
+        next_seq: dict[str, int] = {}
         for row in db.execute(
             "SELECT stream, priority, compact, next_seq, produced, acked, dropped, compacted "
             "FROM streams"
         ):
-            name, prio, compact, next_seq, produced, acked, dropped, compacted = row
-            self._streams[name] = StreamStats(prio, produced, acked, dropped, compacted)
-            self._compact[name] = bool(compact)
-            self._next_seq[name] = next_seq
+            name, prio, comp, seq, produced, acked, dropped, compacted = row
+            streams[name] = StreamStats(prio, produced, acked, dropped, compacted)
+            compact[name] = bool(comp)
+            next_seq[name] = seq
         for name, records, chunks, nbytes in db.execute(
             "SELECT stream, SUM(records), COUNT(*), SUM(nbytes) FROM chunks GROUP BY stream"
         ):
-            st = self._streams.get(name)
+            st = streams.get(name)
             if st:
                 st.pending_records, st.pending_chunks, st.pending_bytes = records, chunks, nbytes
-        self._used = self._disk = 0
+        used = on_disk = 0
         for (nbytes,) in db.execute("SELECT nbytes FROM chunks"):
-            self._used += nbytes
-            self._disk += disk.row_cost(nbytes, self._page)
-        self._fixed = disk.live_bytes(db) - self._disk
+            used += nbytes
+            on_disk += disk.row_cost(nbytes, self._page)
+        self._fixed = disk.live_bytes(db) - on_disk
+        self._used, self._disk = used, on_disk
+        self._streams, self._compact, self._next_seq = streams, compact, next_seq
         self.dead_letter_count = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
 
     @contextmanager
@@ -328,10 +338,11 @@ class Outbox(Pressure, Numbered):
 
     def _reload_after_failure(self) -> None:
         """Counters were changed inside a transaction that rolled back: read them again."""
-        self._streams.clear()
-        self._next_seq.clear()
-        with suppress(sqlite3.Error):  # the database itself is gone; the caller raises
+        try:
             self._load()
+        except sqlite3.Error:  # the database itself is gone; the caller raises
+            with self._lock:
+                self._streams, self._next_seq = {}, {}
 
     def _add_dead(self, db: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
         db.executemany(
