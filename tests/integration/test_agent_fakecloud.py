@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -85,6 +86,9 @@ class FakeCloud:
         # the session upgrade: None answers it; "silent" never answers; "drip" sends an answer
         # head a byte at a time (each read well within any read timeout)
         self.upgrade_answer: str | None = None
+        # Retry-After values: each enrolment attempt answers 429 with the next one, while any
+        self.enrol_busy: list[str] = []
+        self.enrol_times: list[float] = []  # time.monotonic() of every enrolment attempt
         self.sessions: dict[str, web.WebSocketResponse] = {}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -193,6 +197,10 @@ class FakeCloud:
 
     # -- endpoints --------------------------------------------------------------------------
     async def enrol(self, request: web.Request) -> web.Response:
+        self.enrol_times.append(time.monotonic())
+        if self.enrol_busy:
+            return web.json_response({"error": "enrolment queue full"}, status=429,
+                                     headers={"Retry-After": self.enrol_busy.pop(0)})
         body = await request.json()
         token = body.get("token")
         if self.tokens.get(token, 0) <= 0:

@@ -237,6 +237,24 @@ async def test_unreachable_cloud_backs_off_and_pipeline_still_runs(tmp_path: Pat
     assert st.engine is not None and st.engine.pipeline == "sim"
 
 
+async def test_a_busy_enrolment_is_retried_after_the_retry_after_it_was_given(
+        tmp_path: Path) -> None:
+    """A control plane under a reconnect storm answers enrolments with 429 and Retry-After;
+    the agent waits at least that long (its own backoff here is 0.05-0.2 s), then enrols."""
+    async with FakeCloud(tmp_path) as cloud:
+        cloud.enrol_busy = ["2", "3"]
+        agent = make_agent(tmp_path / "node", cloud, token=cloud.token())
+        task = asyncio.create_task(agent.run())
+        try:
+            await wait_for(lambda: agent.status().node_id is not None, 30, "enrolment")
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 10)
+    first, second, third = cloud.enrol_times
+    assert second - first >= 2.0 and third - second >= 3.0
+    assert cloud.counts["enrol"] == 1
+
+
 def _produced(agent: Agent, stream: str) -> int:
     st = agent.outbox.stats().get(stream)
     return st.produced if st is not None else -1

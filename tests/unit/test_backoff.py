@@ -53,3 +53,23 @@ def test_reset_forgets_failures() -> None:
     r.failed()
     r.reset()
     assert r.failed() == 1.0
+
+
+def test_a_retry_after_is_waited_at_least_with_jitter_up_to_as_much_again() -> None:
+    ups = iter([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+    retry = Retry(Backoff(0.5, 30.0), rng=lambda: next(ups))
+    assert retry.failed(at_least=4.0) == 4.0  # backoff 0 s, jitter 0 s
+    assert retry.failed(at_least=4.0) == 8.0  # backoff 1 s, jitter the whole 4 s
+    assert retry.failed(at_least=0.2) == 1.0  # the backoff's own 2 s * 0.5 is longer
+    assert retry.attempts == 3
+
+
+def test_retry_after_headers_are_read_and_bounded() -> None:
+    from edgewise.edge.device_http import MAX_RETRY_AFTER_S, retry_after
+
+    assert retry_after({"Retry-After": "7"}) == 7.0
+    assert retry_after({}) is None and retry_after(None) is None
+    assert retry_after({"Retry-After": "99999999"}) == MAX_RETRY_AFTER_S
+    assert retry_after({"Retry-After": "soon"}) == 1.0
+    assert retry_after({"Retry-After": "-5"}) == 0.0
+    assert 0.0 < retry_after({"Retry-After": "Fri, 31 Dec 2100 23:59:59 GMT"}) == 600.0

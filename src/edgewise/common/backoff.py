@@ -80,10 +80,16 @@ class Retry:
         """Forget every failure (a request that succeeded, say)."""
         self.attempts = 0
 
-    def failed(self) -> float:
-        """Count a failure (or the loss of a connection); the seconds to wait before retrying."""
+    def failed(self, at_least: float | None = None) -> float:
+        """Count a failure (or the loss of a connection); the seconds to wait before retrying.
+        ``at_least``: the server asked for that pause (``Retry-After``); the wait is then at
+        least that, plus up to as much again (jitter, at most the cap), so a fleet told the
+        same number does not come back in lockstep."""
         if self.healthy():
             self.attempts = 0
         self._up_since = None
         self.attempts += 1
-        return self.backoff.delay(self.attempts, self._rng)
+        delay = self.backoff.delay(self.attempts, self._rng)
+        if at_least is not None and at_least > 0:
+            delay = max(delay, at_least + self._rng() * min(at_least, self.backoff.cap))
+        return delay

@@ -6,6 +6,10 @@ object that came back. An error status is a `CloudRefusal` carrying the status a
 control plane's reason; the control plane out of reach is a `TransportError` with one stable
 line from `describe_network_error`; a server certificate that does not verify against our CA is
 a `ConfigError` (the flags are wrong, retrying will not help).
+
+A 429 (the control plane's admission control or a node's rate limit) carries ``Retry-After``:
+`retry_after` reads it (seconds or an HTTP date, bounded by `MAX_RETRY_AFTER_S`) and the
+refusal keeps it, so the caller waits at least that long instead of its own shorter backoff.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +30,7 @@ from edgewise.sync.protocol import DECOMMISSIONED_HEADER, decommission_order
 
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 15.0
+MAX_RETRY_AFTER_S = 600.0  # a larger Retry-After (or a broken one) is taken as this
 
 
 class CloudRefusal(PeerError):
@@ -30,11 +38,20 @@ class CloudRefusal(PeerError):
     decommission order (``decommissioned``, ``wipe``: `protocol.decommission_order`)."""
 
     def __init__(self, method: str, path: str, status: int, reason: str,
-                 order: tuple[bool, bool] = (False, False)) -> None:
+                 order: tuple[bool, bool] = (False, False),
+                 retry_after: float | None = None) -> None:
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after  # seconds the control plane asked us to wait (429/503)
         self.decommissioned, self.wipe = order if status == 403 else (False, False)
         super().__init__(f"{method} {path}: the control plane answered {status}: {reason}")
+
+
+class LinkDown(TransportError):
+    """The uplink's session ended: closed by the control plane, reset, or timed out
+    (``retry_after``: the pause a 429 asked for)."""
+
+    retry_after: float | None = None
 
 
 def check_cloud_url(url: str) -> str:
@@ -63,6 +80,24 @@ def describe_network_error(exc: BaseException) -> str:
         return "timed out"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """The seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), at most
+    `MAX_RETRY_AFTER_S`; None when there is none. A value that cannot be read counts as 1 s:
+    the server did ask us to slow down."""
+    value = (headers or {}).get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()[:64]
+    try:
+        seconds = float(int(value))
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _reason(data: bytes) -> str:
@@ -97,6 +132,7 @@ async def device_request(
             data = await resp.content.read(MAX_ANSWER_BYTES + 1)
             status = resp.status
             order = decommission_order(resp.headers.get(DECOMMISSIONED_HEADER))
+            wait = retry_after(resp.headers) if status in (429, 503) else None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise ConfigError(
             f"the control plane at {cloud} presented a certificate that does not "
@@ -107,7 +143,7 @@ async def device_request(
     if len(data) > MAX_ANSWER_BYTES:
         raise PeerError(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes")
     if status >= 400:
-        raise CloudRefusal(method, path, status, _reason(data), order)
+        raise CloudRefusal(method, path, status, _reason(data), order, wait)
     try:
         answer = json.loads(data)
     except ValueError:

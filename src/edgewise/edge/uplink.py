@@ -71,6 +71,7 @@ import aiohttp
 from edgewise import __version__
 from edgewise.common.backoff import Backoff, Retry
 from edgewise.edge import status_model as sm
+from edgewise.edge.device_http import LinkDown, retry_after
 from edgewise.edge.flow import Lanes
 from edgewise.edge.health import HealthSource, heartbeat
 from edgewise.edge.identity import (
@@ -93,10 +94,6 @@ from edgewise.sync import protocol as P
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class LinkDown(TransportError):
-    """The session ended: closed by the control plane, reset, or timed out."""
 
 
 class TwinHooks(Protocol):
@@ -297,6 +294,7 @@ class Uplink:
                     self._set_state("re-authenticating")
                 else:
                     self._set_state("connecting")
+            pace = None
             try:
                 await self.identity.ensure_usable()
                 await self._session()
@@ -309,6 +307,7 @@ class Uplink:
                 return
             except (TransportError, PeerError, ConfigError, aiohttp.ClientError, OSError,
                     TimeoutError) as exc:
+                pace = getattr(exc, "retry_after", None)  # a 429's Retry-After, if any
                 msg = _short(exc)
                 self._set_state("offline", msg)
                 if msg != self._down_logged:  # lost and regained both at WARNING
@@ -316,7 +315,7 @@ class Uplink:
                     self._down_logged = msg
                     if self._down_since is None:
                         self._down_since = time.time()
-            delay = retry.failed()
+            delay = retry.failed(pace)
             self.next_attempt_at = time.time() + delay
             await asyncio.sleep(delay)
 
@@ -351,7 +350,9 @@ class Uplink:
                         (exc.headers or {}).get(P.DECOMMISSIONED_HEADER))
                     raise Revoked("the session upgrade was refused with 403",
                                   decommissioned=decommissioned, wipe=wipe) from None
-                raise LinkDown(f"session upgrade refused: {exc.status} {exc.message}") from None
+                down = LinkDown(f"session upgrade refused: {exc.status} {exc.message}")
+                down.retry_after = retry_after(exc.headers) if exc.status == 429 else None
+                raise down from None
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise ConfigError(
                     f"the control plane at {self.identity.cloud} presented a certificate that "
