@@ -468,7 +468,7 @@ class NodeIdentity:
                 return  # ``problem`` is set; the uplink logs it and status shows it
             except (TransportError, PeerError, ConfigError) as exc:
                 failures += 1
-                delay = backoff(failures)
+                delay = max(backoff(failures), getattr(exc, "retry_after", None) or 0.0)
                 log.warning("certificate renewal failed (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
