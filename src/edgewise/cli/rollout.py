@@ -85,7 +85,9 @@ def create(client: Any, release: str, selector: str, canary: str, waves: str, ba
     def render() -> None:
         click.echo(f"rollout {answer.id} of release {escape(answer.release)} started: "
                    f"{answer.total} node(s) in {len(answer.waves)} wave(s) ("
-                   + ", ".join(f"{w.name}: {w.nodes}" for w in answer.waves) + ")")
+                   + ", ".join(f"{w.name}: {w.nodes}" for w in answer.waves) + ")"
+                   + (f"; {answer.states['skipped']} quarantined node(s) skipped"
+                      if answer.states.get("skipped") else ""))
 
     return answer, render
 

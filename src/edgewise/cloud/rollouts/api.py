@@ -5,8 +5,9 @@ through `operator_call.endpoint` like every operator route (token, role, parsing
 refused mutating call audited as ``denied``):
 
     POST /v1/rollouts                       create (201): the nodes the selector names now,
-                                            planned into the canary and waves; 409 when one is
-                                            in a rollout that is not over
+                                            planned into the canary and waves (quarantined
+                                            ones skipped); 409 when one is in a rollout that
+                                            is not over
     GET  /v1/rollouts                       newest first
     GET  /v1/rollouts/{rollout_id}          state, waves with their nodes by state, and the
                                             nodes (``?nodes=problems|all|none``)
@@ -29,7 +30,8 @@ import asyncio
 import contextlib
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +44,7 @@ from edgewise.cloud.rollouts.driver import Driver
 from edgewise.cloud.rollouts.plan import plan_waves
 from edgewise.cloud.rollouts.spec import Amount, Gate, RolloutSpec, parse_waves
 from edgewise.cloud.state import OPENAPI, POKES, STORE
+from edgewise.cloud.store import NodeInfo
 from edgewise.cloud.store.rollouts import Rollouts
 from edgewise.errors import BadRequest, NotFound
 from edgewise.sync.release import check_version
@@ -134,13 +137,28 @@ async def create_rollout(call: Call) -> m.RolloutDetail:
         after = page[-1].id
     if not nodes:
         raise NotFound(f"no node (that is not revoked) matches selector {call.body.selector!r}")
-    rollout_id = f"ro-{secrets.token_hex(4)}"
-    waves = plan_waves(rollout_id, [n.id for n in nodes], spec.canary, spec.waves)
-    sites = {n.id: n.labels.get(spec.site_label) for n in nodes}
     rollouts = Rollouts(call.store)
-    await rollouts.create(rollout_id, spec.release, spec.to_json(), waves, sites,
-                          actor=call.actor, now=call.now)
+    rollout_id = await plan_and_create(rollouts, f"ro-{secrets.token_hex(4)}", spec, nodes,
+                                       actor=call.actor, now=call.now)
     return await _detail(rollouts, rollout_id, "none")
+
+
+async def plan_and_create(rollouts: Rollouts, rollout_id: str, spec: RolloutSpec,
+                          nodes: Sequence[NodeInfo], *, actor: str, now: datetime) -> str:
+    """Plan ``nodes`` into the canary and waves and store the rollout. Quarantined nodes are
+    in no wave: they are stored as ``skipped`` with the reason (`BadRequest` if every node
+    is quarantined)."""
+    held = {n: f"quarantined: {why}" for n, why in
+            (await rollouts.quarantined([n.id for n in nodes])).items()}
+    if len(held) == len(nodes):
+        raise BadRequest(f"every node the selector names is quarantined ({len(nodes)}); "
+                         "`edgewise node list --state quarantined` says why")
+    waves = plan_waves(rollout_id, [n.id for n in nodes if n.id not in held], spec.canary,
+                       spec.waves)
+    sites = {n.id: n.labels.get(spec.site_label) for n in nodes}
+    await rollouts.create(rollout_id, spec.release, spec.to_json(), waves, sites,
+                          actor=actor, now=now, skipped=held)
+    return rollout_id
 
 
 async def list_rollouts(call: Call) -> m.RolloutList:

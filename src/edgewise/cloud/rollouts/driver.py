@@ -114,8 +114,8 @@ class Driver:
         watch = [m.node_id for m in members.values() if m.state not in machine.TERMINAL
                  or (m.state == "healthy" and m.wave == r.wave)]
         views = await self.rollouts.view(watch)
-        seen = {n: observe.seen(v.status, v.reported, v.desired_version, v.desired_release)
-                for n, v in views.items()}
+        seen = {n: observe.seen(v.status, v.reported, v.desired_version, v.desired_release,
+                                v.quarantine) for n, v in views.items()}
         now = self.now()
         step = machine.decide(r, members, seen, now)
         updates: dict[str, dict[str, Any]] = {

@@ -23,6 +23,12 @@ those already in flight. The budget (`plan.admit`) counts, per site, the rollout
 are in flight or offline. With a relative gate, a node is assigned only once it has reported
 `BASELINE_READINGS` readings (its counters then are the gate's "before"; a node assigned
 just after it started would leave nothing to compare with).
+
+**Quarantined nodes are skipped** (`Seen.quarantine`): a node quarantined when the rollout is
+created is in no wave (`api.create_rollout`); one quarantined later becomes ``skipped`` when its
+turn comes (pending or deferred), and one quarantined while in flight (assigned) becomes
+``skipped`` too, so it never counts as a failure nor holds its site's budget; its desired
+version was written, so abort rolls it back like any node it changed.
 """
 
 from __future__ import annotations
@@ -114,6 +120,10 @@ def classify(r: Rollout, m: Member, s: Seen | None, now: datetime) -> tuple[str,
     return None
 
 
+def quarantined(s: Seen, when: str = "") -> str:
+    return f"quarantined{' ' + when if when else ''}: {s.quarantine}"
+
+
 def decide(r: Rollout, members: Mapping[str, Member], seen: Mapping[str, Seen],
            now: datetime) -> Step:
     step = Step()
@@ -121,7 +131,10 @@ def decide(r: Rollout, members: Mapping[str, Member], seen: Mapping[str, Seen],
         return _abort(r, members, step)
     for m in members.values():
         if m.state == "assigned":
-            moved = classify(r, m, seen.get(m.node_id), now)
+            s = seen.get(m.node_id)
+            moved = (("skipped", quarantined(s, "while in flight (its desired version was "
+                                                "written)")) if s is not None and s.quarantine
+                     else classify(r, m, s, now))
             if moved is not None:
                 step.move(m, *moved)
     if r.state == "paused":
@@ -150,7 +163,10 @@ def _assign(r: Rollout, members: Mapping[str, Member], seen: Mapping[str, Seen],
     for m in members.values():
         s = seen.get(m.node_id)
         online = s is not None and s.online
-        if m.state == "deferred":
+        if s is not None and s.quarantine and (m.state == "deferred" or (
+                m.state == "pending" and r.state == "running" and m.wave == r.wave)):
+            step.move(m, "skipped", quarantined(s))
+        elif m.state == "deferred":
             if not late_open:
                 step.move(m, "skipped", "offline until its intent expired")
             elif online:
@@ -234,7 +250,8 @@ def _abort(r: Rollout, members: Mapping[str, Member], step: Step) -> Step:
     for m in members.values():
         if m.state in ("pending", "deferred"):
             step.move(m, "skipped", "the rollout was aborted before its turn")
-        elif m.state in ("assigned", "healthy", "failed"):
+        elif m.state in ("assigned", "healthy", "failed") or (
+                m.state == "skipped" and m.version is not None):  # quarantined in flight
             step.rollback.append(m.node_id)
             step.members[m.node_id] = ("rolling_back", "")
             busy = True

@@ -1,6 +1,8 @@
 """What a node says about itself, as a rollout needs it: `Seen`, read from what the node
 already reports (nothing new is asked of the node).
 
+* ``quarantine``: the reason, when an operator or a failed attestation quarantined the node
+  (``node_health.quarantine``; docs/operations.md, *Health states*): a rollout skips it.
 * ``online``: the node's status in the store (``online`` while it has a session; written by the
   sessions, about a second late).
 * the release it runs, whether that is on trial, and its last failure: the node's updater puts
@@ -39,10 +41,11 @@ class Seen:
     sample: Sample = field(default_factory=Sample)
     desired_version: int = 0  # the newest desired version stored for the node
     desired_release: str | None = None  # the release it assigns
+    quarantine: str | None = None  # why it is quarantined; None: it is not
 
 
 def seen(status: str | None, reported: dict[str, Any] | None, desired_version: int = 0,
-         desired_release: str | None = None) -> Seen:
+         desired_release: str | None = None, quarantine: str | None = None) -> Seen:
     """From the node's status in the store and its reported state (wire form)."""
     text = str((reported or {}).get("status") or "")
     running = _RUNNING.search(text)
@@ -58,4 +61,5 @@ def seen(status: str | None, reported: dict[str, Any] | None, desired_version: i
         failure=f"{failed.group(2)}: {failed.group(3)}".strip() if failed else "",
         failure_phase=failed.group(2) if failed else "",
         sample=Sample.from_counters(counters if isinstance(counters, dict) else {}),
-        desired_version=desired_version, desired_release=desired_release)
+        desired_version=desired_version, desired_release=desired_release,
+        quarantine=quarantine)

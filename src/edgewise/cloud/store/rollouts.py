@@ -46,6 +46,7 @@ from edgewise.cloud.store.models import (
     DesiredStateRow,
     JsonType,
     Node,
+    NodeHealthRow,
     ReportedStateRow,
 )
 from edgewise.errors import BadRequest, EdgewiseError
@@ -116,6 +117,7 @@ class NodeView:
     reported: dict[str, Any] | None
     desired_version: int
     desired_release: str | None
+    quarantine: str | None = None  # why it is quarantined (docs/operations.md); None: it is not
 
 
 def _rollout_json(r: Any) -> dict[str, Any]:
@@ -134,11 +136,15 @@ class Rollouts:
     # -- operator ---------------------------------------------------------------------------
     async def create(self, rollout_id: str, release: str, spec: Mapping[str, Any],
                      waves: Sequence[tuple[str, Sequence[str]]], sites: Mapping[str, str | None],
-                     *, actor: str, now: datetime | None = None) -> dict[str, Any]:
+                     *, actor: str, now: datetime | None = None,
+                     skipped: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The rollout and its nodes in one transaction; `RolloutConflict` when one of them is
-        in a rollout that is running, paused or aborting."""
+        in a rollout that is running, paused or aborting. ``skipped``: nodes the selector
+        named that are in no wave (quarantined), with the reason: rows in state ``skipped``,
+        wave -1, not counted in ``total``."""
         t = utc_now(now)
         ids = [n for _, nodes in waves for n in nodes]
+        skipped = dict(skipped or {})
         async with self.db._tx() as conn:
             for i in range(0, len(ids), BATCH):
                 busy = (await conn.execute(
@@ -158,11 +164,15 @@ class Rollouts:
             rows = [{"rollout_id": rollout_id, "node_id": n, "wave": w, "site": sites.get(n),
                      "state": "pending", "changed_at": t, "reason": ""}
                     for w, (_, nodes) in enumerate(waves) for n in nodes]
+            rows += [{"rollout_id": rollout_id, "node_id": n, "wave": -1, "site": sites.get(n),
+                      "state": "skipped", "changed_at": t, "reason": why}
+                     for n, why in sorted(skipped.items())]
             for i in range(0, len(rows), BATCH):
                 await conn.execute(insert(RolloutNodeRow), rows[i:i + BATCH])
             await write_audit(conn, t, actor, "rollout.create", f"rollout:{rollout_id}",
                               {"spec": dict(spec), "nodes": len(ids),
-                               "waves": [[name, len(nodes)] for name, nodes in waves]})
+                               "waves": [[name, len(nodes)] for name, nodes in waves],
+                               "skipped": len(skipped)})
         return await self.get(rollout_id) or {}
 
     async def get(self, rollout_id: str) -> dict[str, Any] | None:
@@ -289,12 +299,27 @@ class Rollouts:
                                .join(newest, (DesiredStateRow.node_id == newest.c.node_id)
                                      & (DesiredStateRow.version == newest.c.version)))).all()}
                 rows = (await conn.execute(
-                    select(Node.id, Node.status, Node.labels, ReportedStateRow.body)
+                    select(Node.id, Node.status, Node.labels, ReportedStateRow.body,
+                           NodeHealthRow.quarantine)
                     .outerjoin(ReportedStateRow, ReportedStateRow.node_id == Node.id)
+                    .outerjoin(NodeHealthRow, NodeHealthRow.node_id == Node.id)
                     .where(Node.id.in_(part)))).all()
                 for r in rows:
                     v, rel = desired.get(r.id, (0, None))
-                    out[r.id] = NodeView(r.status, dict(r.labels or {}), r.body, v, rel)
+                    out[r.id] = NodeView(r.status, dict(r.labels or {}), r.body, v, rel,
+                                         r.quarantine)
+        return out
+
+    async def quarantined(self, node_ids: Sequence[str]) -> dict[str, str]:
+        """The quarantined ones of ``node_ids``, with the reason."""
+        out: dict[str, str] = {}
+        async with self.db._tx(write=False) as conn:
+            for i in range(0, len(node_ids), BATCH):
+                rows = (await conn.execute(
+                    select(NodeHealthRow.node_id, NodeHealthRow.quarantine).where(
+                        NodeHealthRow.node_id.in_(list(node_ids[i:i + BATCH])),
+                        NodeHealthRow.quarantine.is_not(None)))).all()
+                out.update({r.node_id: r.quarantine for r in rows})
         return out
 
     async def apply(self, rollout_id: str, owner: str, lease_s: float, *,

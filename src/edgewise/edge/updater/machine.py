@@ -188,6 +188,18 @@ def on_start(state: SlotState, *, max_attempts: int, count: bool, now: float) ->
     return StartDecision(new, rolled_back, discard, new != state)
 
 
+def status_line(state: SlotState) -> str:
+    """The release part of the node's reported status: ``release V`` (``on trial`` while it is),
+    or ``no release``, then ``; release W failed (PHASE): REASON`` for the last failure (the
+    control plane's rollouts read this line: cloud/rollouts/observe.py)."""
+    text = (f"release {state.active.version}" if state.active else "no release") + (
+        " on trial" if state.pending is not None else "")
+    if state.last_failure is not None:
+        f = state.last_failure
+        text += f"; release {f.version} failed ({f.phase}): {f.reason.splitlines()[0]}"
+    return text
+
+
 def should_apply(state: SlotState, assigned: str | None) -> bool:
     """True if ``assigned`` (the newest desired state's release) is to be staged now: not the
     one running, not one that failed here, and no trial or staging under way."""

@@ -185,15 +185,7 @@ class Updater:
 
     def status_text(self) -> str:
         """One line for the reported state's status ("" while there is nothing to say)."""
-        st = self.state
-        if not self.reportable():
-            return ""
-        text = (f"release {st.active.version}" if st.active else "no release") + (
-            " on trial" if st.pending is not None else "")
-        if st.last_failure is not None:
-            f = st.last_failure
-            text += f"; release {f.version} failed ({f.phase}): {f.reason.splitlines()[0]}"
-        return text
+        return machine.status_line(self.state) if self.reportable() else ""
 
     # -- run --------------------------------------------------------------------------------
     async def run(self, hooks: AgentHooks) -> None:

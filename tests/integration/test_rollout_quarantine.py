@@ -1,0 +1,111 @@
+"""Rollouts skip quarantined nodes (issue 12; docs/operations.md, *Rollouts*): against the real
+store (SQLite), nodes simulated in the store (`testbed.rollout_fleet.StoreFleet`), the driver
+ticked by hand. A node quarantined when the rollout is created is in no wave; one quarantined
+before its wave comes is skipped at its turn; one quarantined while in flight is skipped, not
+counted as a failure (the threshold here is 0), and abort rolls it back like any node the
+rollout changed. The disruption budget holds throughout (from the audit log)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from edgewise.cloud.pokes import PokeFanout
+from edgewise.cloud.rollouts.api import plan_and_create
+from edgewise.cloud.rollouts.driver import Driver
+from edgewise.cloud.rollouts.spec import Amount, RolloutSpec
+from edgewise.cloud.store import Store, database_url
+from edgewise.cloud.store.rollouts import Rollouts
+from edgewise.errors import BadRequest
+from edgewise.testbed.rollout_fleet import StoreFleet, add_nodes
+
+from test_rollouts import T0, Clock, max_in_flight_per_site, pairs_of, release_writes
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
+
+RID = "ro-0000000a"
+
+
+async def tick(fleet: StoreFleet, driver: Driver, clock: Clock) -> dict[str, str]:
+    await fleet.tick(clock())
+    clock.t += timedelta(seconds=1)
+    await driver.tick()
+    return {m["node_id"]: m["state"] for m in await Rollouts(fleet.store).nodes(RID)}
+
+
+async def test_quarantined_nodes_are_never_targeted_nor_counted_as_failures(
+        tmp_path: Path) -> None:
+    async with Store(database_url(None, tmp_path)) as store:
+        nodes = pairs_of(12)
+        ids = [n for n, _ in nodes]
+        await add_nodes(store, nodes, T0)
+        fleet = StoreFleet(store, ids)
+        clock = Clock()
+        driver = Driver(store, PokeFanout(lambda _: None), owner="a", now=clock)
+        rollouts = Rollouts(store)
+        await store.set_quarantine("n000", "TPM quote: PCR 7 changed", actor="attestation")
+        spec = RolloutSpec("2.0", {"fleet": "sim"}, canary=Amount(1, False),
+                           waves=(50.0, 100.0), max_failures=Amount(0, False),
+                           max_unavailable_per_site=1, node_timeout_s=30.0)
+        listed = await store.list_nodes({"fleet": "sim"}, limit=1000)
+        await plan_and_create(rollouts, RID, spec, listed, actor="test", now=T0)
+        row = await rollouts.get(RID)
+        assert row is not None and row["total"] == 11  # n000 is in no wave
+        members = {m["node_id"]: m for m in await rollouts.nodes(RID)}
+        assert (members["n000"]["state"], members["n000"]["wave"]) == ("skipped", -1)
+        assert members["n000"]["reason"] == "quarantined: TPM quote: PCR 7 changed"
+        last_wave = [n for n, m in members.items() if m["wave"] == 2]
+        later = last_wave[0]  # quarantined before its wave comes
+        await store.set_quarantine(later, "operator: cabinet opened", actor="operator:x")
+        flight: str | None = None
+        for _ in range(60):
+            states = await tick(fleet, driver, clock)
+            if flight is None:
+                flying = sorted(n for n, s in states.items() if s == "assigned"
+                                and members[n]["wave"] == 1)
+                if flying:  # quarantined while in flight: it never reports back
+                    flight = flying[0]
+                    del fleet.nodes[flight]
+                    await store.set_quarantine(flight, "operator: suspicious", actor="op")
+            row = await rollouts.get(RID)
+            assert row is not None
+            if row["state"] != "running":
+                break
+        assert row["state"] == "completed", row["reason"]
+        assert flight is not None
+        members = {m["node_id"]: m for m in await rollouts.nodes(RID)}
+        assert Counter(m["state"] for m in members.values()) == {"healthy": 9, "skipped": 3}
+        assert members[later]["reason"] == "quarantined: operator: cabinet opened"
+        assert members[flight]["reason"] == ("quarantined while in flight (its desired version "
+                                             "was written): operator: suspicious")
+        writes = await release_writes(store, "2.0")
+        assert "n000" not in writes and later not in writes  # never targeted
+        assert writes[flight] == 1 and len(writes) == 10 and set(writes.values()) == {1}
+        assert await max_in_flight_per_site(store) == 1
+        # abort rolls back every node it changed: the one quarantined in flight included
+        await rollouts.command(RID, allowed_from=("completed",), to="aborting", actor="test",
+                               action="rollout.abort", reason="test")
+        for _ in range(10):
+            await tick(fleet, driver, clock)
+            row = await rollouts.get(RID)
+            if row is not None and row["state"] == "aborted":
+                break
+        members = {m["node_id"]: m for m in await rollouts.nodes(RID)}
+        assert Counter(m["state"] for m in members.values()) == {"rolled_back": 10,
+                                                                  "skipped": 2}
+        assert {members[n]["state"] for n in ("n000", later)} == {"skipped"}
+
+
+async def test_a_rollout_of_only_quarantined_nodes_is_refused(tmp_path: Path) -> None:
+    async with Store(database_url(None, tmp_path)) as store:
+        await add_nodes(store, pairs_of(2), T0)
+        for n in ("n000", "n001"):
+            await store.set_quarantine(n, "held", actor="op")
+        listed = await store.list_nodes({"fleet": "sim"}, limit=1000)
+        with pytest.raises(BadRequest, match="every node the selector names is quarantined"):
+            await plan_and_create(Rollouts(store), RID, RolloutSpec("2.0", {"fleet": "sim"}),
+                                  listed, actor="test", now=T0)
+        assert await Rollouts(store).get(RID) is None
