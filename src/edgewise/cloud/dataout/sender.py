@@ -309,16 +309,17 @@ class ForwarderSet:
 
         ``chunks`` are the `store.ChunkWrite`s given to ``Store.commit_ingest`` and
         ``inserted`` its result's ``chunks`` (keys ``(node, stream, seq_first)``), so a
-        duplicate the store skipped is not forwarded again. Each payload is decoded once for
-        every forwarder. Returns the number of chunks queued; a payload that does not decode
-        (the ingest checked it, so this is a bug) is logged and skipped.
+        duplicate the store skipped is not forwarded again. A chunk a quarantined node sent
+        is never forwarded (docs/security.md, "What quarantine allows"). Each payload is
+        decoded once for every forwarder. Returns the number of chunks queued; a payload that
+        does not decode (the ingest checked it, so this is a bug) is logged and skipped.
         """
         if not self.forwarders:
             return 0
         queued = 0
         for c in chunks:
-            if (c.node_id, c.stream, c.seq_first) not in inserted:
-                continue
+            if (c.node_id, c.stream, c.seq_first) not in inserted or c.quarantined:
+                continue  # skipped by the store, or kept apart: its node is quarantined
             try:
                 # a stored chunk may hold millions of records: never decode on the event loop
                 columns = await asyncio.to_thread(codec.decode, c.payload)

@@ -152,18 +152,24 @@ class ChunkStore(Database):
             return [_stream_info(r) for r in (await conn.execute(q)).all()]
 
     async def read_chunks(self, node_id: str, stream: str, *, from_seq: int = 0,
-                          since: datetime | None = None, limit: int = 100) -> list[StoredChunk]:
+                          since: datetime | None = None, limit: int = 100,
+                          include_quarantined: bool = False) -> list[StoredChunk]:
         """Stored chunks of one stream in seq order from ``from_seq`` (decode the payloads with
-        `edgewise.sync.codec.decode`); ``since`` filters on the time they were received."""
+        `edgewise.sync.codec.decode`); ``since`` filters on the time they were received.
+        Chunks sent while the node was quarantined are left out unless
+        ``include_quarantined``."""
         q = (select(ChunkRow).where(ChunkRow.node_id == node_id, ChunkRow.stream == stream,
                                     ChunkRow.seq_first >= from_seq)
              .order_by(ChunkRow.seq_first).limit(limit))
         if since is not None:
             q = q.where(ChunkRow.received_at >= since)
+        if not include_quarantined:
+            q = q.where(ChunkRow.quarantined.is_(False))
         async with self._tx(write=False) as conn:
             rows = (await conn.execute(q)).all()
         return [StoredChunk(r.node_id, r.stream, r.seq_first, r.seq_count, r.records,
-                            bool(r.compacted), bytes(r.payload), r.received_at) for r in rows]
+                            bool(r.compacted), bytes(r.payload), r.received_at,
+                            bool(r.quarantined)) for r in rows]
 
     async def chunk_start(self, node_id: str, stream: str, seq: int) -> int:
         """The first seq of the stored chunk that holds ``seq`` (or ``seq`` when none starts at

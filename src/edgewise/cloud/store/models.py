@@ -120,6 +120,8 @@ class ChunkRow(Base):
     compacted: Mapped[bool] = mapped_column(Boolean, default=False)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # sent while its node was quarantined: kept apart from trusted data (docs/security.md)
+    quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class GapRow(Base):

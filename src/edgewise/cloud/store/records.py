@@ -107,6 +107,7 @@ class ChunkWrite:
     compacted: bool
     payload: bytes
     received_at: datetime
+    quarantined: bool = False  # its node was quarantined: stored apart (docs/security.md)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class StoredChunk:
     compacted: bool
     payload: bytes
     received_at: datetime
+    quarantined: bool = False
 
 
 @dataclass(frozen=True)

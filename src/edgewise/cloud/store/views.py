@@ -48,7 +48,8 @@ class ViewStore(Database):
                             node_id: str | None = None) -> list[StoredChunk]:
         """The newest ``limit`` chunks of streams whose name is LIKE ``stream_like`` (of one
         node, or of all), newest first."""
-        q = (select(ChunkRow).where(ChunkRow.stream.like(stream_like))
+        q = (select(ChunkRow).where(ChunkRow.stream.like(stream_like),
+                                    ChunkRow.quarantined.is_(False))  # never a quarantined one
              .order_by(ChunkRow.received_at.desc()).limit(limit))
         if node_id is not None:
             q = q.where(ChunkRow.node_id == node_id)
