@@ -169,7 +169,7 @@ async def _serve(config: object) -> None:
     assert isinstance(config, CloudConfig)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731 - progress goes to stderr
     prepare_data_dir(config.data_dir)  # 0700 before the store or anything else writes there
-    async with Store(config.db_url) as store:
+    async with Store(config.db_url, wait=config.server.store_wait) as store:
         boot = await bootstrap(config.data_dir, store, host=config.host,
                                trust_domain=config.trust_domain, extra_names=config.server_names,
                                url=server_url(config.host, config.port), tls=config.tls)

@@ -162,7 +162,7 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
     app[GATE_METRICS] = GateMetrics()
     metrics_.registry.register(app[GATE_METRICS])
     own_store = store is None
-    store_ = store or Store(config.db_url)
+    store_ = store or Store(config.db_url, wait=config.server.store_wait)
     revocations = RevocationList()
     committer = GroupCommitter(store_, metrics_, linger=config.commit_linger)
     sessions = SessionRegistry(store_, committer, metrics_, revocations, limits=config.limits,

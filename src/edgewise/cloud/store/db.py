@@ -8,9 +8,11 @@ SQLite's write lock otherwise), so several processes may open the same store at 
 
 SQLite: WAL, ``synchronous=FULL`` (an acknowledged batch survives power loss), one writer
 connection in this process taking the write lock up front (``BEGIN IMMEDIATE``, so two writers
-never deadlock on a lock upgrade), and separate reader connections. The database file is
-created 0600 (SQLite gives its ``-wal`` and ``-shm`` files the same mode) in a directory made
-0700; existing files with wider modes are tightened to 0600.
+never deadlock on a lock upgrade), and separate reader connections. ``wait`` is how long a
+transaction waits for a connection of the pool (SQLAlchemy's ``pool_timeout``; 30 s by default,
+``--limit store_wait``) before it fails with `StorageError`. The database file is created
+0600 (SQLite gives its ``-wal`` and ``-shm`` files the same mode) in a directory made 0700;
+existing files with wider modes are tightened to 0600.
 
 Database failures surface as `StorageError`.
 """
@@ -92,8 +94,9 @@ def utc_now(now: datetime | None) -> datetime:
 class Database:
     """Engines and transactions of one store; see the module docstring."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, wait: float = 30.0) -> None:
         self.url = url
+        self.wait = wait  # s a transaction waits for a pooled connection
         self._write: AsyncEngine | None = None
         self._read: AsyncEngine | None = None
         self.dialect = ""
@@ -132,7 +135,7 @@ class Database:
                 self._read = self._sqlite_engine(immediate=False, pool_size=4)
             else:
                 self._write = create_async_engine(self.url, pool_size=10, max_overflow=10,
-                                                  pool_pre_ping=True)
+                                                  pool_pre_ping=True, pool_timeout=self.wait)
                 self._read = self._write
             async with self._write.begin() as conn:
                 await conn.run_sync(self._migrate)
@@ -145,7 +148,7 @@ class Database:
 
     def _sqlite_engine(self, *, immediate: bool, pool_size: int) -> AsyncEngine:
         engine = create_async_engine(self.url, pool_size=pool_size, max_overflow=0,
-                                     connect_args={"timeout": 30})
+                                     pool_timeout=self.wait, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:
