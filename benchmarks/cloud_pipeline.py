@@ -38,7 +38,7 @@ from edgewise.cloud.ingest import GroupCommitter
 from edgewise.cloud.metrics import Metrics
 from edgewise.cloud.pipelines.runner import PipelineRun, direct_ship
 from edgewise.cloud.pipelines.spec import parse_cloud_pipeline
-from edgewise.cloud.pipelines.worker import CloudPipelineWorker, app_ship
+from edgewise.cloud.pipelines.worker import CloudPipelineWorker
 from edgewise.cloud.store import ChunkWrite, MarkWrite, Store, database_url
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.component import RunContext
@@ -147,9 +147,7 @@ async def ingest_latency(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         nodes = await enrol(store, args.nodes)
         metrics = Metrics()
         async with GroupCommitter(store, metrics) as committer:
-            loop = asyncio.get_running_loop()
-            worker = CloudPipelineWorker(url, tmp, poll=0.2, ship=app_ship(
-                loop, lambda c, m: committer.submit(c, (), m)))
+            worker = CloudPipelineWorker(url, tmp, poll=0.2)
             await asyncio.to_thread(worker.start)
             await store.put_cloud_pipeline("lat", pipeline("lat"), actor="bench")
             figures = {}

@@ -65,6 +65,8 @@ def pipeline_show(client: Any, name: str) -> Any:
                    + (f": {res.error}" if res.error else ""))
         click.echo(f"results: edgewise data query --node {res.results_node} --stream STREAM")
         click.echo(f"updated {_when(res.updated)} by {res.updated_by}")
+        click.echo(f"runs on {res.runner} (term {res.term})" if res.runner else
+                   "runs on no replica now")
         if res.status:
             click.echo(json.dumps(res.status, indent=2, default=str))
         click.echo("---")

@@ -205,11 +205,12 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
                 resign = asyncio.create_task(release_service.maintain(),
                                              name="edgewise-tuf-resign")
                 fanout = asyncio.create_task(pokes.run(), name="edgewise-pokes")
-                await pipelines_api.start_worker(app, store_.url, config.data_dir, committer)
+                await pipelines_api.start_worker(app, store_.url, config.data_dir, committer,
+                                                 config.server.pipeline_lease)
                 try:
                     yield
                 finally:
-                    await pipelines_api.stop_worker(app)  # ships through the group commit
+                    await pipelines_api.stop_worker(app)  # ships, releases its leases
                     for t in (task, resign, fanout):
                         t.cancel()
                     for t in (task, resign, fanout):

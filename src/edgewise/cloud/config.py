@@ -49,13 +49,16 @@ class ServerLimits:
     push_fetch_rate: float = 1000.0  # desired-state fetches per s one push is spread for
     push_max_jitter: float = 5.0  # s: the longest fetch jitter hint a push gives its nodes
     store_wait: float = 30.0  # s a store transaction waits for a pooled connection
+    # s a replica's hold on a cloud pipeline lasts without renewal: how long the others wait
+    # to take over from one that died (docs/cloud-pipelines.md, "Several replicas")
+    pipeline_lease: float = 15.0
 
     def __post_init__(self) -> None:
         rates = {"device_rate": "requests per second", "handshake_rate": "handshakes per second",
                  "enrol_rate": "enrolments per second", "push_fetch_rate": "fetches per second"}
         for name in ("handshake_timeout", "read_timeout", "idle_timeout", "push_max_jitter",
                      "store_wait",
-                     *rates):
+                     "pipeline_lease", *rates):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"limit {name} must be a positive number of "

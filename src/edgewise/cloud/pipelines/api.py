@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence, Set
 from pathlib import Path
 
 from aiohttp import web
@@ -32,8 +33,9 @@ from edgewise.cloud.pipelines.models import (
     CloudPipelineSummary,
 )
 from edgewise.cloud.pipelines.spec import parse_cloud_pipeline, results_node
-from edgewise.cloud.pipelines.worker import CloudPipelineWorker, app_ship
+from edgewise.cloud.pipelines.worker import LEASE, CloudPipelineWorker
 from edgewise.cloud.state import OPENAPI
+from edgewise.cloud.store import ChunkWrite
 from edgewise.cloud.store.cloud_pipelines import CloudPipelineInfo
 from edgewise.errors import BadRequest, NotFound
 
@@ -58,12 +60,15 @@ ROUTES: tuple[oa.Route, ...] = (
 )
 
 
-def _summary(app: web.Application, p: CloudPipelineInfo, *, text: bool = False
-             ) -> CloudPipelineSummary:
-    worker = app.get(WORKER)
+async def _summary(call: Call, p: CloudPipelineInfo, *, text: bool = False
+                   ) -> CloudPipelineSummary:
+    worker = call.app.get(WORKER)
     st = (worker.status() if worker is not None else {}).get(p.name, {})
+    held = await call.store.pipeline_runner(p.name)
     fields = dict(name=p.name, version=p.version, digest=p.digest, updated=p.updated,
                   updated_by=p.updated_by, results_node=results_node(p.name),
+                  runner=held.runner if held is not None else None,
+                  term=held.term if held is not None else 0,
                   state=st.get("state", "unknown") if st.get("version") == p.version
                   else "unknown", error=st.get("error"),
                   status={k: v for k, v in st.items() if k not in ("state", "error", "version")})
@@ -80,7 +85,7 @@ def _name(call: Call) -> str:
 
 
 async def list_cloud_pipelines(call: Call) -> CloudPipelineList:
-    return CloudPipelineList(pipelines=[_summary(call.app, p)
+    return CloudPipelineList(pipelines=[await _summary(call, p)
                                         for p in await call.store.list_cloud_pipelines()])
 
 
@@ -88,7 +93,7 @@ async def show_cloud_pipeline(call: Call) -> CloudPipelineDetail:
     p = await call.store.get_cloud_pipeline(_name(call))
     if p is None:
         raise NotFound(f"no cloud pipeline {_name(call)!r}; `edgewise cloud pipeline list`")
-    out = _summary(call.app, p, text=True)
+    out = await _summary(call, p, text=True)
     assert isinstance(out, CloudPipelineDetail)
     return out
 
@@ -126,14 +131,21 @@ def setup(app: web.Application) -> None:
 
 
 async def start_worker(app: web.Application, db_url: str, data_dir: Path,
-                       committer: GroupCommitter) -> None:
-    """Start the worker that runs cloud pipelines (not for an in-memory store, which another
-    connection cannot see); results go through ``committer``, the app's group commit."""
+                       committer: GroupCommitter, lease_s: float = LEASE) -> None:
+    """Start the worker that runs the cloud pipelines this replica holds the lease of (not
+    for an in-memory store, which another connection cannot see); the results it stores go to
+    data out through ``committer``'s ``after_commit``, as ingested chunks do."""
     if ":memory:" in db_url or db_url.endswith("sqlite+aiosqlite://"):
         return
     loop = asyncio.get_running_loop()
-    worker = CloudPipelineWorker(
-        db_url, data_dir, ship=app_ship(loop, lambda c, m: committer.submit(c, (), m)))
+
+    async def forward(chunks: Sequence[ChunkWrite], inserted: Set[tuple[str, str, int]]) -> None:
+        after = committer.after_commit
+        if after is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                after(list(chunks), set(inserted)), loop))
+
+    worker = CloudPipelineWorker(db_url, data_dir, forward=forward, lease_s=lease_s)
     await asyncio.to_thread(worker.start)
     app[WORKER] = worker
 

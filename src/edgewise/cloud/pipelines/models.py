@@ -28,9 +28,14 @@ class CloudPipelineSummary(_Model):
     results_node: str
     """The node id its results are stored under (``edgewise data query --node``)."""
     state: str
-    """running, failed or stopped in this control plane process; unknown when another process
-    runs it (or none yet)."""
+    """running, failed or stopped in this control plane process; unknown when another replica
+    runs it (``runner``) or none does yet."""
     error: str | None = None
+    runner: str | None = None
+    """The control-plane replica that holds the pipeline's lease and runs it (``host/id``;
+    none: no replica holds it now)."""
+    term: int = 0
+    """The lease's term: one more each time a replica takes the pipeline (over)."""
     status: dict[str, Any] = {}
     """The run's figures: readings_in, late, stages, sources (per-node watermarks),
     commits, shipped_chunks, shipped_records."""

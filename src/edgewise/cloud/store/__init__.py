@@ -103,6 +103,12 @@ cloud pipelines                                     (cloud_pipelines)
     list_cloud_pipelines() -> [CloudPipelineInfo]
     delete_cloud_pipeline(name, actor=) -> bool     audited; stored results stay
     stream_marks(stream) -> {node: contiguous}      what a cloud pipeline may read
+cloud pipeline runs                                 (cloud_pipeline_runs)
+    take_pipeline_lease(name, runner, seconds) -> PipelineLease | None   one replica runs it
+    renew_pipeline_lease(lease) -> bool / release_pipeline_lease(lease)
+    pipeline_runner(name) -> CloudPipelineRunner | None / pipeline_state(name) -> bytes | None
+    commit_pipeline_results(lease, chunks, marks, state) -> IngestResult   fenced by the
+                                                    lease; PipelineLeaseLost, nothing stored
 audit log                                           (audit)
     audit(actor, action, target, detail=None)
     list_audit(target=None, actor=None, limit=100, before_id=None) -> [AuditEntry]  newest first

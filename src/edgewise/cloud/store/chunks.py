@@ -11,11 +11,12 @@ compiler): 155 -> 40 µs of CPU per batch for 2,000 nodes, `benchmarks/ingest_ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, case, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from edgewise.cloud.store.db import Database
 from edgewise.cloud.store.models import ChunkRow, GapRow, StreamRow
@@ -69,12 +70,16 @@ class ChunkStore(Database):
         return sorted(out, key=lambda r: r.first)
 
     async def commit_ingest(self, chunks: Sequence[ChunkWrite], gaps: Sequence[GapWrite] = (),
-                            marks: Sequence[MarkWrite] = ()) -> IngestResult:
+                            marks: Sequence[MarkWrite] = (), *,
+                            fence: Callable[[AsyncConnection], Awaitable[None]] | None = None
+                            ) -> IngestResult:
         """Store chunks and gaps and move contiguous marks, all in one transaction.
 
         A chunk or gap whose (node, stream, seq_first) is already stored is skipped (the
         primary key is the last guard against storing anything twice); stream counters count
         only what was inserted. Marks never move backwards. Raises `StorageError`.
+        ``fence`` runs first in the same transaction; what it raises rolls everything back
+        (a cloud pipeline's lease: `CloudPipelineStore.commit_pipeline_results`).
         """
         inserted: set[tuple[str, str, int]] = set()
         gap_keys: set[tuple[str, str, int]] = set()
@@ -85,6 +90,8 @@ class ChunkStore(Database):
         gaps_by_key = {(g.node_id, g.stream, g.seq_first): g for g in gaps}
         chunk_insert, gap_insert, mark_upsert = self._ingest_statements()
         async with self._tx() as conn:
+            if fence is not None:
+                await fence(conn)
             if chunks:
                 rows = await conn.execute(chunk_insert, [vars(c) for c in chunks])
                 for r in rows:
