@@ -63,7 +63,7 @@ async def test_layers_diff_apply_and_drift(cloud: Cloud) -> None:
                                                                     "mode": "normal"}
     assert "limit" in str(config["setpoints"])
     r = await cloud.call("POST", "/v1/config/apply", "operator", json={"all": True})
-    assert r.json() == {"nodes": [], "unchanged": 3}
+    assert r.json() == {"nodes": [], "unchanged": 3, "held": []}
     # a direct write drifts from the layers; the node reports v1 of a1 only
     await cloud.call("PUT", "/v1/config", "operator", json={"node": "b1", "config": {"x": 1}})
     await cloud.store.merge_reported_state("a1", ReportedState(1, "running desired v1"))

@@ -380,7 +380,8 @@ async def test_config_set_by_selector_and_node(cloud: Cloud, monkeypatch: pytest
         "config": {"rate": 50, "mode": "fast"}, "expires_in_s": 3600})
     assert r.status_code == 200, r.text
     assert r.json() == {"nodes": [{"node": "a1", "version": 1, "notified": True},
-                                  {"node": "a2", "version": 1, "notified": False}]}
+                                  {"node": "a2", "version": 1, "notified": False}],
+                        "held": []}
     for _ in range(100):  # the fan-out task pokes the node connected here, and only it
         if pokes:
             break
@@ -606,7 +607,8 @@ async def test_data_stats_and_query_are_exact(cloud: Cloud) -> None:
     assert (await query(limit=5))["next_seq"] == 5
     r = await cloud.call("GET", "/v1/data/query", "viewer",
                          params={"node": "n1", "stream": "nothing"})
-    assert r.json() == {"node": "n1", "stream": "nothing", "records": [], "next_seq": None}
+    assert r.json() == {"node": "n1", "stream": "nothing", "records": [], "next_seq": None,
+                        "quarantined": []}
     r = await cloud.call("GET", "/v1/data/query", "viewer", params={"node": "n1"})
     assert r.status_code == 400 and "stream" in r.json()["error"]
     r = await cloud.call("GET", "/v1/data/query", "viewer",
@@ -694,8 +696,9 @@ async def test_openapi_document_is_valid_and_lists_every_route(cloud: Cloud) -> 
                                                        *attestation_routes)}
     op = doc["paths"]["/v1/config"]["put"]
     assert op["operationId"] == "set_config"
-    # 413: a body over the documented limit (finding 7b) is an answer of its own
-    assert set(op["responses"]) == {"200", "400", "401", "403", "404", "413", "503"}
+    # 413: a body over the documented limit (finding 7b) is an answer of its own; 409: the
+    # node is quarantined (docs/security.md)
+    assert set(op["responses"]) == {"200", "400", "401", "403", "404", "409", "413", "503"}
     body = op["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"node", "selector", "pipelines", "config", "setpoints",
                                        "expires_in_s", "release"}

@@ -157,7 +157,7 @@ def test_config_set_and_get(server: Server, tmp_path: Path) -> None:
                             "--setpoint", "limit=99.5", "--expires", "1h", "--json", *data,
                             home=tmp_path)))
     assert res == {"nodes": [{"node": "a1", "version": 1, "notified": False},
-                             {"node": "a2", "version": 1, "notified": False}]}
+                             {"node": "a2", "version": 1, "notified": False}], "held": []}
     got = json.loads(ok(cli("config", "get", "--node", "a2", "--json", *data, home=tmp_path)))
     d = got["desired"]
     assert d["pipelines"] == {"line": PIPELINE}

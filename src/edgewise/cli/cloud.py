@@ -118,12 +118,21 @@ def cloud() -> None:
               type=click.Path(dir_okay=False, path_type=Path),
               help="A TPM manufacturer's CA certificate (PEM, repeatable): TPM nodes must then "
               "present an EK certificate it issued.")
+@click.option("--require-attestation-for", "require_for", multiple=True, metavar="SELECTOR",
+              help="Nodes whose labels match (e.g. site=plant1; repeatable) must attest: one "
+              "without a TPM is quarantined when its session starts (docs/security.md).")
+@click.option("--firmware-pcrs", default=None, metavar="0-7",
+              help="Quote the firmware's measured-boot PCRs too (e.g. 0-7 or 0,2,7).")
+@click.option("--golden-firmware", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="JSON list of allowed firmware PCR sets "
+              '[{"0": "<sha256 hex>", ...}]: other values are quarantined.')
 @log_format_option
 def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: str,
           names: tuple[str, ...], data_out: str | None, tls_cert: Path | None,
           tls_key: Path | None, tls_ca: Path | None, client_ca: Path | None,
           limits: tuple[str, ...], require_attestation: bool, agent_digests: tuple[str, ...],
-          tpm_cas: tuple[Path, ...]) -> None:
+          tpm_cas: tuple[Path, ...], require_for: tuple[str, ...], firmware_pcrs: str | None,
+          golden_firmware: Path | None) -> None:
     """Run the control plane (device API, sessions, ingest) until Ctrl-C.
 
     TLS: by default the control plane's own CA (DIR/pki/ca.pem) issues the server certificate
@@ -144,12 +153,18 @@ def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: st
             from edgewise.cloud.dataout.config import load_data_out
 
             out = load_data_out(data_out)
+        from edgewise.cloud.attestation import settings as att
+
+        firmware = att.pcr_list(firmware_pcrs)
         config = CloudConfig(data_dir=data_dir, host=host, port=port, db=db,
                              trust_domain=trust_domain, server_names=names, data_out=out,
                              server=server, tls=ServerTls(tls_cert, tls_key, tls_ca, client_ca),
                              attestation=AttestationSettings(
                                  require=require_attestation, agents=agent_digests,
-                                 manufacturer_cas=tpm_cas))
+                                 manufacturer_cas=tpm_cas,
+                                 require_for=att.selectors(require_for),
+                                 firmware_pcrs=firmware,
+                                 golden_firmware=att.golden_sets(golden_firmware, firmware)))
         config.db_url  # noqa: B018 - validates --db early
         asyncio.run(_serve(config))
     except EdgewiseError as exc:

@@ -2,6 +2,7 @@
 over `client.OperatorClient` (found as by every operator command, see `cli.operator`).
 
     edgewise data query --node N --stream S [--since T] [--limit N] [--from-seq SEQ] [--utc]
+                        [--include-quarantined]
     edgewise data stats [--node N]
 
 `data query` shows times (``ts``, ``window_start``, ``window_end``) as ISO 8601 in this
@@ -35,15 +36,19 @@ def data() -> None:
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--from-seq", type=click.IntRange(0), default=0, show_default=True,
               help="Start at this sequence number (the answer's next_seq continues).")
+@click.option("--include-quarantined", is_flag=True,
+              help="Also records the node sent while it was quarantined (marked).")
 @api_command
 def data_query(client: Any, node_id: str, stream: str, since: str | None, limit: int,
-               from_seq: int) -> Any:
+               from_seq: int, include_quarantined: bool) -> Any:
     """Stored records of one stream, in sequence order; times shown as ISO 8601 (--json:
-    Unix seconds, as stored)."""
+    Unix seconds, as stored). Records a quarantined node sent are left out unless
+    --include-quarantined (docs/security.md)."""
     from rich.table import Table
 
     res = client.data_query(node_id, stream, since=parse_since(since) if since else None,
-                            from_seq=from_seq, limit=limit)
+                            from_seq=from_seq, limit=limit,
+                            include_quarantined=include_quarantined)
     if not res.records:  # an empty answer: is it an empty page or a stream that is not there?
         names = sorted({s.stream for s in client.data_stats(node_id).streams})
         if stream not in names:
@@ -62,9 +67,14 @@ def data_query(client: Any, node_id: str, stream: str, since: str | None, limit:
         t.add_column("seq", justify="right")
         for c in cols:
             t.add_column(escape(c))
+        flagged = [(f.first, f.first + f.count) for f in res.quarantined]
+        if flagged:
+            t.add_column("quarantined")
         for r in res.records:
+            mark = ["yes" if any(a <= r.seq < b for a, b in flagged) else "-"] if flagged \
+                else []
             t.add_row(str(r.seq), *(escape(_time(r.data.get(c), utc) if c in TIME_FIELDS
-                                           else _cell(r.data.get(c))) for c in cols))
+                                           else _cell(r.data.get(c))) for c in cols), *mark)
         _out().print(t)
 
     return res, render

@@ -168,6 +168,8 @@ def apply(client: Any, node_id: str | None, selector: str | None, all_: bool, ye
         for a in res.nodes:
             t.add_row(escape(a.node), str(a.version), str(a.changes),
                       "yes" if a.notified else "no (applies at the next connection)")
+        for h in res.held:  # quarantined: no config reaches it
+            t.add_row(escape(h.node), "held", "-", escape(f"quarantined: {h.reason}"))
         _out().print(t)
 
     return res, render

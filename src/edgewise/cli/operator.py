@@ -176,13 +176,14 @@ def nodes_table(nodes: list[Any], title: str) -> Table:
 
     t = Table(title=title)
     wide = _wide()
-    for c in ("node", "status", "labels", "last seen", "certificate expires",
+    for c in ("node", "status", "attestation", "labels", "last seen", "certificate expires",
               *(("certificate serial", "key fingerprint") if wide else ())):
         # the id is never cut or wrapped (it is what you copy); the others wrap, not too thin
         t.add_column(c, no_wrap=True, min_width=len("node-") + 12) if c == "node" else \
             t.add_column(c, overflow="fold", min_width=min(len(c), 10))
     for n in nodes:
-        t.add_row(escape(n.id), _status(n), escape(_labels(n.labels)), _when(n.last_seen),
+        t.add_row(escape(n.id), _status(n) + (" (quarantined)" if n.quarantine else ""),
+                  n.attestation or "-", escape(_labels(n.labels)), _when(n.last_seen),
                   _when(n.cert_expiry),
                   *((str(n.cert_serial), n.key_fingerprint) if wide else ()))
     return t
@@ -192,11 +193,11 @@ def states_table(nodes: list[Any], title: str) -> Table:
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ("node", "state", "why", "labels", "last seen"):
+    for c in ("node", "state", "why", "attestation", "labels", "last seen"):
         t.add_column(c)
     for n in nodes:
         t.add_row(escape(n.id), n.state, escape("; ".join(n.reasons) or "-"),
-                  escape(_labels(n.labels)), _when(n.last_seen))
+                  n.attestation or "-", escape(_labels(n.labels)), _when(n.last_seen))
     return t
 
 
@@ -268,6 +269,7 @@ def node_show(client: Any, node_id: str) -> Any:
         t.add_row("last seen", _when(n.last_seen))
         t.add_row("certificate", f"serial {n.cert_serial}, expires {_when(n.cert_expiry)}")
         t.add_row("key fingerprint", n.key_fingerprint)
+        t.add_row("attestation", n.attestation or "-")
         if n.state is not None:
             t.add_row("state", n.state + (f" ({escape('; '.join(n.reasons))})"
                                           if n.reasons else ""))
@@ -423,6 +425,8 @@ def config_set(client: Any, node_id: str | None, selector: str | None,
         for nv in res.nodes:
             t.add_row(escape(nv.node), str(nv.version), "yes" if nv.notified else
                       "no (applies at the next connection)")
+        for h in res.held:  # quarantined: nothing but a release reaches it
+            t.add_row(escape(h.node), "held", escape(f"quarantined: {h.reason}"))
         _out().print(t)
 
     return res, render

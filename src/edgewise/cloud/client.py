@@ -341,10 +341,11 @@ class OperatorClient:
         return self.call("GET", "/v1/data/stats", oa.StatsResponse, params={"node": node_id})
 
     def data_query(self, node_id: str, stream: str, *, since: float | None = None,
-                   from_seq: int = 0, limit: int = 1000) -> oa.DataQueryResponse:
+                   from_seq: int = 0, limit: int = 1000, include_quarantined: bool = False
+                   ) -> oa.DataQueryResponse:
         return self.call("GET", "/v1/data/query", oa.DataQueryResponse, params={
             "node": node_id, "stream": stream, "since": since, "from_seq": from_seq,
-            "limit": limit})
+            "limit": limit, "include_quarantined": "true" if include_quarantined else None})
 
     def audit(self, *, target: str | None = None, actor: str | None = None, limit: int = 100,
               before_id: int | None = None) -> oa.AuditList:

@@ -9,7 +9,7 @@ on unauthenticated connections, the per-node request rate); ``--limit NAME=VALUE
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -95,6 +95,18 @@ class AttestationSettings:
     agents: tuple[str, ...] = ()  # allowed agent code digests (sha256 hex)
     pcrs: tuple[int, ...] = (16,)  # the PCRs quotes cover (the agent measures into 16)
     manufacturer_cas: tuple[Path, ...] = ()  # TPM makers' CA certificates: EK certs checked
+    # label selectors ({label: value} each): a node matching one must attest (no TPM:
+    # quarantined at its session's start and at each attestation)
+    require_for: tuple[tuple[tuple[str, str], ...], ...] = ()
+    # firmware measured-boot PCRs (0-7) whose values must be one of the golden sets (each
+    # {pcr: sha256 hex}); none: the firmware PCRs are not checked
+    firmware_pcrs: tuple[int, ...] = ()
+    golden_firmware: tuple[tuple[tuple[int, str], ...], ...] = ()
+
+    def required(self, labels: Mapping[str, str]) -> bool:
+        """Whether a node with ``labels`` must attest (`require`, or a matching selector)."""
+        return self.require or any(all(labels.get(k) == v for k, v in sel)
+                                   for sel in self.require_for)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 
 from aiohttp import web
 
-from edgewise.cloud import desired, operator_fleet, state
+from edgewise.cloud import desired, operator_fleet, quarantine, state
 from edgewise.cloud import openapi as oa
 from edgewise.cloud.config import CONFIG
 from edgewise.cloud.operator_call import (
@@ -135,16 +135,20 @@ async def list_nodes(call: Call) -> oa.NodeList:
     labels = selector(q.selector) if q.selector else None
     nodes = await call.store.list_nodes(labels, limit=q.limit, after=q.after)
     nxt = nodes[-1].id if len(nodes) == q.limit else None
-    return oa.NodeList(nodes=[node_model(n) for n in nodes], next=nxt)
+    ids = [n.id for n in nodes]
+    att, held = await call.store.attestations(ids), await call.store.quarantines(ids)
+    return oa.NodeList(nodes=[node_model(n).model_copy(update={
+        "attestation": att.get(n.id), "quarantine": held.get(n.id)}) for n in nodes],
+        next=nxt)
 
 
 async def get_node(call: Call) -> oa.NodeDetail:
     node = await node_or_404(call.store, call.node_id)
     streams = await call.store.stream_stats(node.id)
     (row,) = await call.store.fleet_rows([node], light=True)
-    st = operator_fleet.fleet_node(row, call)
+    (st,) = await operator_fleet.fleet_nodes_of([row], call)
     return oa.NodeDetail(
-        **node_model(node).model_dump(),
+        **st.model_dump(include=set(oa.Node.model_fields)),
         desired_version=await call.store.desired_version(node.id),
         reported=await reported_model(call.store, node.id),
         streams=[stream_model(s) for s in streams],
@@ -157,6 +161,7 @@ async def patch_labels(call: Call) -> oa.Node:
     both = sorted(set(body.set) & set(body.remove))
     if both:
         raise BadRequest(f"label(s) {', '.join(both)} both set and removed")
+    await quarantine.refuse_unless_release(call.store, call.node_id, "a label change")
     try:  # read and written in one transaction: concurrent patches all keep their changes
         updated = await call.store.patch_node_labels(call.node_id, body.set, body.remove,
                                                      actor=call.actor, now=call.now)
@@ -238,6 +243,14 @@ async def set_config(call: Call) -> oa.ConfigSetResponse:
         setpoints=(desired.setpoint_writes(call.app[CLOCK], body.setpoints, call.actor)
                    if body.setpoints else None),
         expires_at=expires, release=body.release)
+    nodes, held = await quarantine.split(call.store, nodes, change)
+    if body.node is not None and held:
+        raise quarantine.refusal(body.node, held[body.node],
+                                 "a pipeline, config or setpoint change")
+    if not nodes:
+        raise quarantine.NodeQuarantined(
+            f"every node selector {body.selector!r} matches is quarantined; only a new "
+            "release reaches them")
     limits = call.app[CONFIG].server
     done = await desired.assign(call.store, call.app[POKES], nodes, change,
                                 actor=call.actor, now=call.now,
@@ -252,9 +265,11 @@ async def set_config(call: Call) -> oa.ConfigSetResponse:
         "setpoints": sorted(body.setpoints or {}),
         "release": body.release,
         "expires_at": expires.isoformat() if expires else None,
+        "held": sorted(held)[:100],
     }, now=call.now)
     return oa.ConfigSetResponse(nodes=[
-        oa.NodeVersion(node=d.node, version=d.version, notified=d.notified) for d in done])
+        oa.NodeVersion(node=d.node, version=d.version, notified=d.notified) for d in done],
+        held=[oa.HeldNode(node=n, reason=r) for n, r in sorted(held.items())])
 
 
 async def get_config(call: Call) -> oa.ConfigGetResponse:

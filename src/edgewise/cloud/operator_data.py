@@ -3,7 +3,8 @@
 Stats: per node and stream, records stored, the contiguous mark and lost records; for one node
 also the gaps it reported and the ranges above the mark not received yet (`missing_ranges`).
 Query: the stored records of one stream in seq order from ``from_seq`` (``since`` filters on the
-record's ``ts``), paged by ``next_seq``: the first read starts at the chunk that holds
+record's ``ts``; chunks a quarantined node sent only with ``include_quarantined``, and named in
+the answer's ``quarantined``), paged by ``next_seq``: the first read starts at the chunk that holds
 ``from_seq`` (`Store.chunk_start`) and reads grow from 2 to `CHUNKS_PER_READ` chunks, so a small
 page decodes few payloads.
 """
@@ -102,14 +103,20 @@ async def data_query(call: Call) -> oa.DataQueryResponse:
     # collect one record more than asked: its seq is where the next page starts
     want = q.limit + 1
     records: list[oa.Record] = []
+    flagged: list[oa.SeqRangeModel] = []  # quarantined chunks the records came from
     cursor = await call.store.chunk_start(node_id, q.stream, q.from_seq)
     batch = 2  # chunks per read: grows, so a small page reads few payloads
     while len(records) < want:
         chunks = await call.store.read_chunks(node_id, q.stream, from_seq=cursor,
-                                              since=received_since, limit=batch)
+                                              since=received_since, limit=batch,
+                                              include_quarantined=q.include_quarantined)
         for chunk in chunks:
-            records.extend(await asyncio.to_thread(  # decoding is never done on the loop
-                _records_of, node_id, q, chunk, want - len(records)))
+            got = await asyncio.to_thread(  # decoding is never done on the loop
+                _records_of, node_id, q, chunk, want - len(records))
+            if got and chunk.quarantined:
+                flagged.append(oa.SeqRangeModel(first=chunk.seq_first, count=chunk.seq_count,
+                                                reason="sent while quarantined"))
+            records.extend(got)
             if len(records) >= want:
                 break
         if len(chunks) < batch:
@@ -120,5 +127,6 @@ async def data_query(call: Call) -> oa.DataQueryResponse:
     if len(records) > q.limit:
         next_seq = records[q.limit].seq
         del records[q.limit :]
+        flagged = [f for f in flagged if f.first < next_seq]
     return oa.DataQueryResponse(node=node_id, stream=q.stream, records=records,
-                                next_seq=next_seq)
+                                next_seq=next_seq, quarantined=flagged)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from edgewise.cloud import fleet_config
+from edgewise.cloud import fleet_config, quarantine
 from edgewise.cloud import openapi as oa
 from edgewise.cloud.config import CONFIG
 from edgewise.cloud.fleet_state import Thresholds, classify, drift
 from edgewise.cloud.layers import Layer, order
 from edgewise.cloud.operator_call import Call, node_model, node_or_404, selector
-from edgewise.cloud.state import POKES
+from edgewise.cloud.state import POKES, set_quarantine
 from edgewise.cloud.store import NodeInfo
 from edgewise.cloud.store.fleet import FleetRow
 from edgewise.errors import BadRequest, NotFound
@@ -37,11 +37,18 @@ def layer_model(la: Layer) -> oa.LayerModel:
                          updated=la.updated, updated_by=la.updated_by)
 
 
-def fleet_node(row: FleetRow, call: Call) -> oa.FleetNode:
+def fleet_node(row: FleetRow, call: Call, attestation: str | None = None) -> oa.FleetNode:
     st = classify(row, call.now, thresholds(call))
-    return oa.FleetNode(**node_model(row.node).model_dump(), state=st.state,  # type: ignore[arg-type]
+    base = node_model(row.node).model_dump(exclude={"attestation", "quarantine"})
+    return oa.FleetNode(**base, state=st.state,  # type: ignore[arg-type]
                         reasons=list(st.reasons), health=row.health, health_at=row.health_at,
-                        quarantine=row.quarantine)
+                        quarantine=row.quarantine, attestation=attestation)
+
+
+async def fleet_nodes_of(rows: list[FleetRow], call: Call) -> list[oa.FleetNode]:
+    """`fleet_node` of each row, with its attestation (one query)."""
+    att = await call.store.attestations([r.node.id for r in rows])
+    return [fleet_node(r, call, att.get(r.node.id)) for r in rows]
 
 
 # -- layers -----------------------------------------------------------------------------------
@@ -104,7 +111,9 @@ async def _targets(call: Call, body: oa.ConfigApplyRequest) -> list[NodeInfo]:
 
 async def apply_config(call: Call) -> oa.ConfigApplyResponse:
     body: oa.ConfigApplyRequest = call.body
-    nodes = await _targets(call, body)
+    nodes, held = await quarantine.split(call.store, await _targets(call, body), None)
+    if body.node is not None and held:
+        raise quarantine.refusal(body.node, held[body.node], "a config change")
     limits = call.app[CONFIG].server
     done, unchanged = await fleet_config.apply(
         call.store, call.app[POKES], nodes, actor=call.actor, now=call.now,
@@ -113,10 +122,12 @@ async def apply_config(call: Call) -> oa.ConfigApplyResponse:
               f"selector:{body.selector}" if body.selector is not None else "fleet")
     await call.store.audit(call.actor, "config.apply", target, {
         "nodes": len(done), "unchanged": unchanged,
-        "versions": {d.node: d.version for d in done[:100]}}, now=call.now)
+        "versions": {d.node: d.version for d in done[:100]}, "held": sorted(held)[:100]},
+        now=call.now)
     return oa.ConfigApplyResponse(
         nodes=[oa.AppliedVersion(node=d.node, version=d.version, changes=d.changes,
-                                 notified=d.notified) for d in done], unchanged=unchanged)
+                                 notified=d.notified) for d in done], unchanged=unchanged,
+        held=[oa.HeldNode(node=n, reason=r) for n, r in sorted(held.items())])
 
 
 # -- drift, states, quarantine ----------------------------------------------------------------
@@ -145,7 +156,7 @@ async def fleet_nodes(call: Call) -> oa.FleetNodeList:
     q: oa.FleetNodesQuery = call.query
     labels = selector(q.selector) if q.selector else None
     page = await call.store.fleet_page(labels, limit=q.limit, after=q.after, light=True)
-    nodes = [fleet_node(r, call) for r in page]
+    nodes = await fleet_nodes_of(page, call)
     if q.state is not None:
         nodes = [n for n in nodes if n.state == q.state]
     return oa.FleetNodeList(nodes=nodes,
@@ -155,13 +166,13 @@ async def fleet_nodes(call: Call) -> oa.FleetNodeList:
 async def quarantine_node(call: Call) -> oa.FleetNode:
     body: oa.QuarantineRequest = call.body
     try:
-        await call.store.set_quarantine(call.node_id, body.reason, actor=call.actor,
-                                        now=call.now)
+        await set_quarantine(call.app, call.node_id, body.reason, actor=call.actor,
+                             now=call.now)
     except KeyError:
         raise NotFound(f"no node {call.node_id!r}") from None
     node = await node_or_404(call.store, call.node_id)
     (row,) = await call.store.fleet_rows([node], light=True)
-    return fleet_node(row, call)
+    return (await fleet_nodes_of([row], call))[0]
 
 
 HANDLERS = {

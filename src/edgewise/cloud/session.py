@@ -81,6 +81,8 @@ class SessionHost(Protocol):
 
     def node_health(self, node_id: str, heartbeat: dict[str, Any]) -> None: ...
 
+    async def quarantine_at_hello(self, node_id: str) -> bool: ...
+
 
 _CLOSE = object()
 
@@ -119,6 +121,9 @@ class Session:
         self._close_sent = False
         self.replaced = False
         self.hello_read = False  # the node's hello was read and answered
+        # its node is quarantined: its chunks are stored flagged, apart from trusted data
+        # (docs/security.md, "What quarantine allows"); kept current by the registry
+        self.quarantined = False
         # its writes are done and it submits no more (the reader has stopped and every commit
         # it submitted has ended): what a newer session of the node waits for (`attach`)
         self.settled = asyncio.Event()
@@ -301,6 +306,7 @@ class Session:
             self.fail(f"malformed frame: hello: {exc}")
             return False
         store = self.registry.store
+        self.quarantined = await self.registry.quarantine_at_hello(self.node_id)
         streams = await store.load_streams(self.node_id)
         for name, info in streams.items():
             above = await store.settled_above(self.node_id, name, info.contiguous)
@@ -348,7 +354,7 @@ class Session:
         now = datetime.now(UTC)
         fut = committer.submit(
             [ChunkWrite(self.node_id, stream, seq, count, records, msg["compacted"], payload,
-                        now)],
+                        now, self.quarantined)],
             marks=[MarkWrite(self.node_id, stream, tracker.contiguous, now)], after=self._last,
         )
         await self._submit(_Pending(fut, [cid], len(payload), records, False))

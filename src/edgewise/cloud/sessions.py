@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +64,9 @@ class SessionRegistry:
         self._health: dict[str, tuple[dict[str, Any], datetime]] = {}  # one per node
         self.health_refused = 0  # heartbeats whose health was malformed
         self._wire = [0, 0]
+        # node -> its quarantine reason or None, at a session's hello: the attestation policy
+        # (`attestation.api`) may quarantine a node there; the store's reason otherwise
+        self.quarantine_policy: Callable[[str], Awaitable[str | None]] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -88,6 +92,24 @@ class SessionRegistry:
             return False
         session.revoke(reason, decommissioned=decommissioned, wipe=wipe)
         return True
+
+    async def quarantine_at_hello(self, node_id: str) -> bool:
+        """Whether the node's chunks are to be stored as quarantined (at its hello)."""
+        if self.quarantine_policy is not None:
+            return await self.quarantine_policy(node_id) is not None
+        return node_id in await self.store.quarantines([node_id])
+
+    def set_quarantined(self, node_id: str, quarantined: bool) -> None:
+        """The node's quarantine changed: its live session here stores accordingly."""
+        session = self._sessions.get(node_id)
+        if session is not None:
+            session.quarantined = quarantined
+
+    async def refresh_quarantines(self) -> None:
+        """Quarantines set or lifted by another replica reach the live sessions here."""
+        flagged = await self.store.quarantines(list(self._sessions))
+        for node_id, session in list(self._sessions.items()):
+            session.quarantined = node_id in flagged
 
     def mark_seen(self, node_id: str) -> None:
         self._seen[node_id] = datetime.now(UTC)
@@ -193,6 +215,7 @@ class SessionRegistry:
                         self.revocations.revoke_serial(serial)
                     for fp in fingerprints:
                         self.revocations.revoke_key(fp)
+                    await self.refresh_quarantines()
                 await self.tell_decommissioned()
                 self.enforce()
             except StorageError as exc:

@@ -7,7 +7,7 @@
     REVOCATIONS  security.tls.RevocationList (loaded from the store on startup)
     SESSIONS     sessions.SessionRegistry: ``await app[SESSIONS].notify_desired(node_id, v)``
                  after storing desired version v; `revoke_node` / `decommission_node`
-                 below for a revocation
+                 below for a revocation; `set_quarantine` below for a quarantine
     COMMITTER    ingest.GroupCommitter
     POKES        pokes.PokeFanout: desired-state pokes from one fan-out task (`desired.assign`)
     METRICS      metrics.Metrics
@@ -20,6 +20,7 @@ imports ``dataout`` and the package has no import circle.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -64,3 +65,12 @@ async def decommission_node(app: web.Application, node_id: str, *, wipe: bool, r
     await app[SESSIONS].revoke(node_id, f"{what}: {reason}" if reason else what,
                                decommissioned=True, wipe=node.wipe)
     return node
+
+
+async def set_quarantine(app: web.Application, node_id: str, reason: str | None, *,
+                         actor: str, now: datetime | None = None) -> None:
+    """Quarantine a node (``reason``) or lift it (None): in the store (audited) and for its
+    live session here, which stores its chunks apart while it is quarantined. `KeyError` if
+    unknown."""
+    await app[STORE].set_quarantine(node_id, reason, actor=actor, now=now)
+    app[SESSIONS].set_quarantined(node_id, reason is not None)

@@ -146,9 +146,11 @@ class TpmNode:
         if not isinstance(pcrs, list) or not pcrs or \
                 not all(isinstance(p, int) and 0 <= p <= 23 for p in pcrs):
             raise PeerError("the control plane's PCR selection is not a list of 0..23")
+        values = self.tpm.read_pcrs(pcrs)  # the firmware PCRs' values (the quote proves them)
         attest, signature = self.tpm.quote(self.ak, nonce, pcrs)
         return {"nonce": _enc(nonce), "quote": _enc(attest), "signature": _enc(signature),
-                "events": [e.to_json() for e in self.log.events() if e.pcr in pcrs]}
+                "events": [e.to_json() for e in self.log.events() if e.pcr in pcrs],
+                "pcr_values": {str(p): bytes(v).hex() for p, v in values.items()}}
 
 
 Request = Callable[..., Any]  # `NodeIdentity.request`

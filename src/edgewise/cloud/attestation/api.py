@@ -10,10 +10,12 @@
   enrolment answer (`device_api.enrol_with`), and the node is registered with its TPM.
 * ``POST /v1/device/attest/challenge`` (mTLS): ``{nonce, pcrs}``.
 * ``POST /v1/device/attest`` (mTLS): ``{nonce, quote, signature, events}`` → the verdict. A
-  failure quarantines the node (`store.set_quarantine`, actor ``attestation``, the reason
+  failure quarantines the node (`state.set_quarantine`, actor ``attestation``, the reason
   without expected values); a success lifts a quarantine the attestation set (never an
   operator's). A node enrolled without a TPM gets ``attestation: none`` (quarantined when the
-  control plane requires attestation).
+  policy requires attestation of it: ``--require-attestation``, or a selector of
+  ``--require-attestation-for`` its labels match; also checked when its session starts,
+  `at_hello`). What a quarantined node may still do: `edgewise.cloud.quarantine`.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from cryptography import x509
 from edgewise.cloud import openapi as oa
 from edgewise.cloud.attestation import models as m
 from edgewise.cloud.attestation.enrolment import TpmEnrolments, TpmNode
-from edgewise.cloud.attestation.verifier import Attestations, Policy, policy_from_store
+from edgewise.cloud.attestation.verifier import NO_TPM, Attestations, Policy, policy_from_store
 from edgewise.cloud.config import CONFIG
 from edgewise.cloud.device_api import authenticate, enrol_with
 from edgewise.cloud.http_errors import TooManyRequests
 from edgewise.cloud.ratelimit import ENROL_PACER
 from edgewise.cloud.request_body import read_json
-from edgewise.cloud.state import OPENAPI, STORE
+from edgewise.cloud.state import OPENAPI, SESSIONS, STORE, set_quarantine
 from edgewise.errors import BadRequest, ConfigError
 from edgewise.security.tokens import ENROLMENT_PREFIX, check_format
 
@@ -114,13 +116,15 @@ async def enrol_tpm_finish(request: web.Request) -> web.Response:
 async def attest_challenge(request: web.Request) -> web.Response:
     node_id, _ = await authenticate(request)
     nonce = request.app[ATTESTATIONS].challenge(node_id)
+    settings = request.app[CONFIG].attestation
     return web.json_response({"nonce": _enc(nonce),
-                              "pcrs": list(request.app[CONFIG].attestation.pcrs)})
+                              "pcrs": sorted({*settings.pcrs, *settings.firmware_pcrs})})
 
 
 async def _policy(app: web.Application) -> Policy:
     settings = app[CONFIG].attestation
-    return await policy_from_store(app[STORE], settings.agents, settings.pcrs)
+    return await policy_from_store(app[STORE], settings.agents, settings.pcrs,
+                                   settings.firmware_pcrs, settings.golden_firmware)
 
 
 async def attest(request: web.Request) -> web.Response:
@@ -130,7 +134,9 @@ async def attest(request: web.Request) -> web.Response:
     store, attestations = app[STORE], app[ATTESTATIONS]
     record = await store.tpm_of(node_id)
     if record is None:
-        verdict, before = attestations.no_tpm(node_id), None
+        node_info = await store.get_node(node_id)
+        required = app[CONFIG].attestation.required(node_info.labels if node_info else {})
+        verdict, before = attestations.no_tpm(node_id, required), NO_TPM
     else:
         node = TpmNode(record.ek_fingerprint, record.ak_public, record.node_key_public)
         verdict = attestations.verify(node_id, node, await _policy(app), data)
@@ -143,16 +149,32 @@ async def attest(request: web.Request) -> web.Response:
 async def _quarantine(app: web.Application, node_id: str, reason: str | None,
                       before: str | None) -> None:
     """Quarantine for ``reason``, or lift the quarantine the previous verdict (``before``)
-    set; a quarantine that is not the attestation's own (an operator's) stays."""
-    store = app[STORE]
-    node = await store.get_node(node_id)
-    rows = await store.fleet_rows([node]) if node is not None else []
-    current = rows[0].quarantine if rows else None
+    set; a quarantine that is not the attestation's own (an operator's) stays. Through
+    `state.set_quarantine`: audited, and the node's live session stores accordingly."""
+    current = (await app[STORE].quarantines([node_id])).get(node_id)
     ours = current is not None and current == before
     if reason is not None and (current is None or ours) and current != reason:
-        await store.set_quarantine(node_id, reason, actor=ATTESTOR)
+        await set_quarantine(app, node_id, reason, actor=ATTESTOR)
     elif reason is None and ours:
-        await store.set_quarantine(node_id, None, actor=ATTESTOR)
+        await set_quarantine(app, node_id, None, actor=ATTESTOR)
+
+
+async def at_hello(app: web.Application, node_id: str) -> str | None:
+    """The node's quarantine reason when its session starts (`SessionRegistry`). A node
+    without a TPM that the policy requires to attest (``--require-attestation``, or a
+    ``--require-attestation-for`` selector its labels match) is quarantined here, and such a
+    quarantine is lifted once the policy no longer requires it. One query unless a policy is
+    configured or the node holds that quarantine."""
+    settings, store = app[CONFIG].attestation, app[STORE]
+    reason = (await store.quarantines([node_id])).get(node_id)
+    if not (settings.require or settings.require_for or reason == NO_TPM):
+        return reason
+    if await store.tpm_of(node_id) is not None:
+        return reason
+    node = await store.get_node(node_id)
+    required = settings.required(node.labels if node is not None else {})
+    await _quarantine(app, node_id, NO_TPM if required else None, NO_TPM)
+    return (await store.quarantines([node_id])).get(node_id)
 
 
 def _manufacturers(app: web.Application) -> list[x509.Certificate]:
@@ -175,3 +197,4 @@ def setup(app: web.Application) -> None:
     for route in ROUTES:
         app.router.add_route(route.method, route.path, handlers[route.name])
     app[OPENAPI].update(oa.path_items(ROUTES))
+    app[SESSIONS].quarantine_policy = lambda node_id: at_hello(app, node_id)

@@ -50,6 +50,9 @@ class Evidence(Model):
     quote: str = Field(description="base64 TPMS_ATTEST")
     signature: str = Field(description="base64 TPMT_SIGNATURE")
     events: list[dict[str, Any]] = Field(description="The event log: {pcr, kind, digest}.")
+    pcr_values: dict[str, str] | None = Field(None, description=(
+        "sha256 hex value of each quoted PCR by number (the firmware PCRs are judged by "
+        "these; the quote's PCR digest proves them)."))
 
 
 class Verdict(Model):

@@ -14,15 +14,20 @@ quote. `Attestations.verify` checks the node's evidence:
 
 A node that fails is **quarantined** with the reason (what failed, never the value expected).
 `Verdict.allows` is the rule for what a quarantined node may still do (`QUARANTINE_ALLOWS`:
-report and receive a new release); the session does not consult it yet (not built: see
-docs/security.md). A node without a TPM is labelled ``attestation: none``; with
-``require_attestation`` it is quarantined too. A later successful attestation (after a new
-release, say) clears the verdict.
+report and receive a new release); `edgewise.cloud.quarantine` and the session enforce it. A
+node without a TPM is labelled ``attestation: none``; when the policy requires attestation of
+it (``require_attestation`` or a selector it matches) it is quarantined too.
+
+With firmware PCRs in the policy (`Policy.firmware_pcrs`, the platform's measured boot: 0-7)
+the quote covers them too; the node sends their values (``pcr_values``), which the quote's PCR
+digest proves, and with a golden firmware set they must be one of its sets. A later successful
+attestation (after a new release, say) clears the verdict.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -36,31 +41,62 @@ from edgewise.security.tpm.credential import AttestationRefused
 from edgewise.security.tpm.measure import DEFAULT_PCR, events_from_json, replay
 from edgewise.security.tpm.quote import MAX_ATTEST_BYTES, MAX_SIGNATURE_BYTES, check_quote
 
-QUARANTINE_ALLOWS = frozenset({"report", "release"})
+QUARANTINE_ALLOWS = frozenset({"report", "release"})  # `cloud.quarantine` enforces it
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 NONCE_TTL_S = 60.0
+NO_TPM = "attestation required: this node has no TPM"
 NONCE_BYTES = 32
 MAX_NONCES = 10_000
 
 
+FirmwareSet = tuple[tuple[int, str], ...]  # ((pcr, sha256 hex), ...) sorted by PCR
+
+
 @dataclass(frozen=True)
 class Policy:
-    """What may run: allowed agent code digests and published releases' manifest digests."""
+    """What may run: allowed agent code digests and published releases' manifest digests;
+    with ``firmware_pcrs``, the firmware's measured-boot PCRs are quoted too, and their values
+    must be one of ``golden`` (whole sets; no golden set: quoted and shown, not judged)."""
 
     agents: frozenset[str]
     releases: frozenset[str]
-    pcrs: tuple[int, ...] = (DEFAULT_PCR,)
+    pcrs: tuple[int, ...] = (DEFAULT_PCR,)  # the PCRs the event log explains
+    firmware_pcrs: tuple[int, ...] = ()
+    golden: frozenset[FirmwareSet] = frozenset()
 
     @classmethod
     def of(cls, agents: Iterable[str], release_digests: Iterable[str],
-           pcrs: Iterable[int] = (DEFAULT_PCR,)) -> Policy:
-        return cls(frozenset(agents), frozenset(release_digests), tuple(sorted(set(pcrs))))
+           pcrs: Iterable[int] = (DEFAULT_PCR,), firmware_pcrs: Iterable[int] = (),
+           golden: Iterable[FirmwareSet] = ()) -> Policy:
+        return cls(frozenset(agents), frozenset(release_digests), tuple(sorted(set(pcrs))),
+                   tuple(sorted(set(firmware_pcrs))), frozenset(golden))
+
+    @property
+    def quoted(self) -> tuple[int, ...]:
+        """Every PCR the quote must cover."""
+        return tuple(sorted({*self.pcrs, *self.firmware_pcrs}))
 
 
 async def policy_from_store(store: Any, agents: Iterable[str],
-                            pcrs: Iterable[int] = (DEFAULT_PCR,)) -> Policy:
+                            pcrs: Iterable[int] = (DEFAULT_PCR,), firmware_pcrs: Iterable[int] = (),
+                            golden: Iterable[FirmwareSet] = ()) -> Policy:
     """The policy with every release published in ``store`` (`cloud.store.Store`)."""
     releases = await store.list_releases()
-    return Policy.of(agents, (r.digest for r in releases), pcrs)
+    return Policy.of(agents, (r.digest for r in releases), pcrs, firmware_pcrs, golden)
+
+
+def _firmware_values(evidence: dict[str, Any], pcrs: tuple[int, ...]) -> dict[int, bytes]:
+    """The firmware PCR values the node claims (the quote then proves them)."""
+    values = evidence.get("pcr_values")
+    if not isinstance(values, dict) or len(values) > 24:
+        raise AttestationRefused("evidence: pcr_values missing (the firmware PCRs' values)")
+    out: dict[int, bytes] = {}
+    for pcr in pcrs:
+        value = values.get(str(pcr))
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            raise AttestationRefused(f"evidence: pcr_values has no sha256 value for PCR {pcr}")
+        out[pcr] = bytes.fromhex(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -130,10 +166,11 @@ class Attestations:
     def challenge(self, node_id: str) -> bytes:
         return self._nonces.issue(node_id)
 
-    def no_tpm(self, node_id: str) -> Verdict:
-        """A node enrolled without a TPM: ``attestation: none``, refused when required."""
-        reason = ("attestation required: this node has no TPM"
-                  if self.require_attestation else None)
+    def no_tpm(self, node_id: str, required: bool | None = None) -> Verdict:
+        """A node enrolled without a TPM: ``attestation: none``, refused when required
+        (``required``: the policy for this node; None: ``require_attestation``)."""
+        required = self.require_attestation if required is None else required
+        reason = NO_TPM if required else None
         return self._record(Verdict(node_id, "none", reason is not None, reason))
 
     def verify(self, node_id: str, node: TpmNode, policy: Policy,
@@ -157,10 +194,17 @@ class Attestations:
         except Exception as exc:  # PeerError with the field named
             raise AttestationRefused(str(exc)) from None
         self._nonces.take(nonce, node_id)  # used up whatever follows: a quote counts once
-        if any(e.pcr not in policy.pcrs for e in events):
+        software = tuple(p for p in policy.pcrs if p not in policy.firmware_pcrs)
+        if any(e.pcr not in software for e in events):
             raise AttestationRefused("event log: an event for a PCR outside the policy")
-        check_quote(attest, signature, node.ak_public, nonce, replay(events, policy.pcrs))
-        measurements: dict[str, str] = {}
+        firmware = _firmware_values(evidence, policy.firmware_pcrs) if policy.firmware_pcrs \
+            else {}
+        check_quote(attest, signature, node.ak_public, nonce,
+                    {**replay(events, software), **firmware})
+        measurements: dict[str, str] = {f"pcr{p}": v.hex() for p, v in firmware.items()}
+        if policy.golden and tuple((p, v.hex()) for p, v in sorted(firmware.items())) \
+                not in policy.golden:
+            raise AttestationRefused("firmware: measured-boot PCR values not in the golden set")
         for event in events:
             allowed = policy.agents if event.kind == "agent" else policy.releases
             if event.digest not in allowed:

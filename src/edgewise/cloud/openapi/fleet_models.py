@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from edgewise.cloud.openapi.models import Model, Node, parse_selector
+from edgewise.cloud.openapi.models import HeldNode, Model, Node, parse_selector
 
 StateName = Literal["online", "degraded", "offline", "quarantined"]
 
@@ -126,6 +126,8 @@ class AppliedVersion(Model):
 class ConfigApplyResponse(Model):
     nodes: list[AppliedVersion] = Field(description="Nodes that got a new desired version.")
     unchanged: int = Field(description="Nodes whose desired config was up to date already.")
+    held: list[HeldNode] = Field(default_factory=list, description=(
+        "Quarantined nodes left out: no config goes to them."))
 
 
 # -- drift, states, quarantine ----------------------------------------------------------------

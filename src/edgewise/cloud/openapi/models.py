@@ -143,6 +143,11 @@ class Node(Model):
     decommissioned_by: str | None = Field(default=None, description="The operator who did.")
     wipe: bool = Field(default=False, description=(
         "Decommissioned with --wipe: the node deletes its keys and data when it hears it."))
+    attestation: str | None = Field(default=None, description=(
+        "tpm: enrolled with a TPM (attests); none: a file key only (docs/security.md)."))
+    quarantine: str | None = Field(default=None, description=(
+        "Why it is quarantined (its data kept apart, only a release reaches it); null: "
+        "it is not."))
 
 
 class NodeList(Model):
@@ -277,8 +282,15 @@ class NodeVersion(Model):
     notified: bool = Field(description="True if the node's live session was poked.")
 
 
+class HeldNode(Model):
+    node: str
+    reason: str = Field(description="Why the node is quarantined.")
+
+
 class ConfigSetResponse(Model):
     nodes: list[NodeVersion]
+    held: list[HeldNode] = Field(default_factory=list, description=(
+        "Quarantined nodes the selector matched: nothing but a release goes to them."))
 
 
 class ConfigQuery(Model):
@@ -309,6 +321,8 @@ class DataQuery(Model):
     from_seq: int = Field(default=0, ge=0, le=MAX_INT,
                           description="Start at this sequence number.")
     limit: int = Field(default=1000, ge=1, le=MAX_LIMIT)
+    include_quarantined: bool = Field(default=False, description=(
+        "Also records the node sent while it was quarantined (left out by default)."))
 
 
 class Record(Model):
@@ -321,6 +335,9 @@ class DataQueryResponse(Model):
     stream: str
     records: list[Record]
     next_seq: int | None = Field(description="Pass as from_seq for more; null at the end.")
+    quarantined: list[SeqRangeModel] = Field(default_factory=list, description=(
+        "The chunks (seq ranges) of this page that the node sent while it was quarantined "
+        "(only with include_quarantined)."))
 
 
 # -- audit ------------------------------------------------------------------------------------

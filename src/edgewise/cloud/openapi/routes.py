@@ -107,6 +107,9 @@ class Route:
     patterns: tuple[tuple[str, str], ...] = ()  # path parameter -> the regex its values match
 
 
+QUARANTINED = ((409, "The node is quarantined: only a release, a revocation or a decommission "
+                     "reach it (docs/security.md)"),)
+
 OPERATOR_ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/tokens/enrolment", "create_enrolment_token",
           "Make an enrolment token (plaintext shown once)", "operator", "tokens",
@@ -127,7 +130,7 @@ OPERATOR_ROUTES: tuple[Route, ...] = (
           "nodes", response=NodeDetail, not_found=True),
     Route("PATCH", "/v1/nodes/{node_id}/labels", "patch_labels",
           "Set and remove labels of a node", "operator", "nodes", body=LabelPatch,
-          response=Node, mutating=True, not_found=True),
+          response=Node, mutating=True, not_found=True, answers=QUARANTINED),
     Route("POST", "/v1/nodes/{node_id}/revoke", "revoke_node",
           "Revoke a node: its certificate and key, and close its session", "admin", "nodes",
           body=RevokeRequest, response=Node, mutating=True, not_found=True),
@@ -138,7 +141,7 @@ OPERATOR_ROUTES: tuple[Route, ...] = (
     Route("PUT", "/v1/config", "set_config",
           "Assign pipelines, config and setpoints to a node or a label selector", "operator",
           "config", body=ConfigSetRequest, response=ConfigSetResponse, mutating=True,
-          not_found=True),
+          not_found=True, answers=QUARANTINED),
     Route("GET", "/v1/config", "get_config", "A node's newest desired state and its report",
           "viewer", "config", query=ConfigQuery, response=ConfigGetResponse, not_found=True),
     Route("GET", "/v1/data/stats", "data_stats",
@@ -163,7 +166,7 @@ OPERATOR_ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/config/apply", "apply_config",
           "Store the layers' effective config as the next desired version of the nodes whose "
           "desired config differs", "operator", "config", body=ConfigApplyRequest,
-          response=ConfigApplyResponse, mutating=True, not_found=True),
+          response=ConfigApplyResponse, mutating=True, not_found=True, answers=QUARANTINED),
     Route("GET", "/v1/config/drift", "config_drift",
           "Nodes whose reported state differs from their desired state, and why", "viewer",
           "config", query=DriftQuery, response=DriftList),

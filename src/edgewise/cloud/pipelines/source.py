@@ -55,12 +55,14 @@ class CloudStreamSource(StreamSource):
         self._start: dict[str, list[int]] = {}  # restored: per node [seq, rows to skip]
         self.records = 0
         self.lost = 0  # sequence numbers skipped: declared lost by their node
+        self.quarantined = 0  # records skipped: sent while their node was quarantined
 
     def restore(self, position: Any) -> None:
         self._start = {str(k): [int(v[0]), int(v[1])] for k, v in position.items()}
 
     def stats(self) -> dict[str, Any]:
-        return {"lost": self.lost, "nodes": len(self.merge.nodes), "held": self.merge.held,
+        return {"lost": self.lost, "quarantined": self.quarantined,
+                "nodes": len(self.merge.nodes), "held": self.merge.held,
                 "watermarks": self.merge.watermarks()}
 
     async def _nodes(self) -> list[str]:
@@ -81,12 +83,19 @@ class CloudStreamSource(StreamSource):
         if room <= 0 or start >= mark:
             return
         chunks = await self.store.read_chunks(node, self.config.stream, from_seq=start,
-                                              limit=room)
+                                              limit=room, include_quarantined=True)
         for c in chunks:
             if c.seq_first >= mark:
                 break
             if c.seq_first > start:
                 self.lost += c.seq_first - start  # a gap: declared lost by the node
+            if c.quarantined:  # its node was quarantined: passed over as if empty
+                self.quarantined += c.records
+                batch, ts = Batch.empty(), np.empty(0)
+                self.merge.offer(node, Pending(c.seq_first, c.seq_count, batch, ts, 0),
+                                 time.monotonic())
+                start = c.seq_first + c.seq_count
+                continue
             try:
                 batch, ts = await asyncio.to_thread(chunk_rows, c, self.config.node_field)
             except PeerError as exc:  # the ingest checked it; a stored chunk should decode

@@ -5,10 +5,15 @@
 lesson about one identity reused from another TPM), the AK and node-key public areas every
 later quote and binding is checked against, and the newest verdict of the verifier
 (`edgewise.cloud.attestation.verifier.Verdict.to_json`).
+
+`quarantines` and `attestations` read, for many nodes in one query each, what quarantine
+enforcement and the operator views need: the quarantine reason (``node_health``, set by
+`FleetStore.set_quarantine`) and whether the node has a TPM (``tpm``) or not (``none``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.cloud.store.db import Database, utc_now
-from edgewise.cloud.store.models import NodeTpmRow
+from edgewise.cloud.store.models import NodeHealthRow, NodeTpmRow
 from edgewise.errors import PeerError
 
 
@@ -75,3 +80,22 @@ class TpmStore(Database):
         async with self._tx() as conn:
             await conn.execute(update(NodeTpmRow).where(NodeTpmRow.node_id == node_id)
                                .values(verdict=verdict, attested_at=utc_now(now)))
+
+    async def quarantines(self, node_ids: Sequence[str]) -> dict[str, str]:
+        """``{node: reason}`` of the quarantined ones among ``node_ids`` (one query)."""
+        if not node_ids:
+            return {}
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(select(NodeHealthRow.node_id, NodeHealthRow.quarantine)
+                                       .where(NodeHealthRow.node_id.in_(list(node_ids)),
+                                              NodeHealthRow.quarantine.is_not(None)))).all()
+        return {r.node_id: r.quarantine for r in rows}
+
+    async def attestations(self, node_ids: Sequence[str]) -> dict[str, str]:
+        """``{node: "tpm" | "none"}`` for each of ``node_ids`` (one query)."""
+        if not node_ids:
+            return {}
+        async with self._tx(write=False) as conn:
+            tpm = {r.node_id for r in (await conn.execute(
+                select(NodeTpmRow.node_id).where(NodeTpmRow.node_id.in_(list(node_ids))))).all()}
+        return {n: "tpm" if n in tpm else "none" for n in node_ids}

@@ -251,10 +251,17 @@ class Tpm:
             self._ctx.pcr_extend(ESYS_TR.PCR0 + pcr, values)
 
     def read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
-        """SHA-256 bank values of ``pcrs``."""
-        with _tpm_errors("reading PCRs"):
-            _, _, digests = self._ctx.pcr_read(_selection(pcrs))
-        return {p: bytes(d) for p, d in zip(sorted(pcrs), digests, strict=True)}
+        """SHA-256 bank values of ``pcrs``, read 8 at a time (TPM2_PCR_Read returns at most
+        8 digests per call)."""
+        wanted, out = sorted(set(pcrs)), {}
+        for i in range(0, len(wanted), 8):
+            part = wanted[i:i + 8]
+            with _tpm_errors("reading PCRs"):
+                _, _, digests = self._ctx.pcr_read(_selection(part))
+            if len(digests) != len(part):
+                raise TpmError(f"the TPM returned {len(digests)} of {len(part)} PCR values")
+            out.update({p: bytes(d) for p, d in zip(part, digests, strict=True)})
+        return out
 
     def quote(self, ak: KeyBlob, nonce: bytes, pcrs: Sequence[int]) -> tuple[bytes, bytes]:
         """A quote over the SHA-256 bank of ``pcrs`` with ``nonce`` as its qualifying data,

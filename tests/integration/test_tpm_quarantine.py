@@ -1,0 +1,259 @@
+"""Quarantine enforced by the control plane (issue 16: "its session may only report and receive
+a new release, its data is kept apart and flagged, operators see why"), in-process control plane
+over real TLS, swtpm: a TPM node's live session goes on and its batches are acknowledged while
+it is quarantined, but they are stored flagged and left out of queries unless asked; pushes
+other than a release are refused (409) or held; after a new release the node attests again,
+leaves quarantine, and its data flows normally; every transition is audited. Also the selector
+policy (``--require-attestation-for``) and the operator views (attestation, quarantine)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from sqlalchemy import insert
+from test_tpm_cloud_api import Cloud, _cloud, attest, enrol
+
+import swtpm
+from edgewise.cloud.config import AttestationSettings
+from edgewise.cloud.store.releases import ReleaseRow
+from edgewise.edge.tpm_node import TpmNode
+from edgewise.security import pki
+from edgewise.security.tls import client_context
+from edgewise.security.tokens import EnrolmentToken, OperatorToken, Role
+from edgewise.security.tpm.measure import agent_code_digest
+from edgewise.sync import codec, protocol
+
+swtpm_factory = swtpm.swtpm_factory  # fixture
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+AGENT = agent_code_digest()
+TAMPERED = "ab" * 32
+RELEASE, RELEASE_DIGEST = "2.0.0", "cd" * 32
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
+    async for c in _cloud(tmp_path, AttestationSettings(
+            agents=(AGENT,), require_for=((("site", "strict"),),))):
+        yield c
+
+
+class Operator:
+    def __init__(self, cloud: Cloud, token: str) -> None:
+        self.cloud, self.token = cloud, token
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   params: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.cloud.http() as http:
+            r = await http.request(method, self.cloud.running.url + path, json=body,
+                                   params=params,
+                                   headers={"Authorization": f"Bearer {self.token}"})
+            return r.status, await r.json()
+
+    async def records(self, node: str, **params: str) -> dict[str, Any]:
+        status, body = await self.call("GET", "/v1/data/query",
+                                       params={"node": node, "stream": "raw", **params})
+        assert status == 200, body
+        return body
+
+
+async def operator(cloud: Cloud) -> Operator:
+    plain, record = OperatorToken.issue("admin-q", Role.ADMIN)
+    await cloud.store.add_operator_token(record)
+    return Operator(cloud, plain.get_secret_value())
+
+
+async def plain_node(cloud: Cloud, tmp_path: Path, name: str, labels: dict[str, str]
+                     ) -> tuple[str, Path, Path]:
+    """A node enrolled without a TPM: (id, key, certificate)."""
+    plain, record = EnrolmentToken.issue(labels, timedelta(hours=1), 1)
+    await cloud.store.add_enrolment_token(record)
+    key_path = tmp_path / f"{name}.key"
+    key = pki.generate_key(key_path)
+    status, body = await cloud.post("/v1/device/enrol", {
+        "token": plain.get_secret_value(), "csr": pki.make_csr(key).decode()})
+    assert status == 201, body
+    cert = tmp_path / f"{name}.pem"
+    cert.write_text(body["certificate"])
+    return body["node_id"], key_path, cert
+
+
+class NodeSession:
+    """A node's device session, spoken frame by frame."""
+
+    def __init__(self, cloud: Cloud, key: Path, cert: Path) -> None:
+        self.ctx = client_context(cloud.dir / "pki" / "ca.pem", cert, key)
+        self.url = cloud.running.url
+        self.pokes: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> NodeSession:
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ctx),
+                                          timeout=TIMEOUT)
+        self.ws = await self.http.ws_connect(f"{self.url}{protocol.SESSION_PATH}")
+        await self.ws.send_bytes(protocol.encode({"t": "hello", "agent": "t/1",
+                                                  "streams": {"raw": 5},
+                                                  "applied_version": 0}))
+        assert protocol.decode((await self.ws.receive(timeout=10)).data)["t"] == "welcome"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ws.close()
+        await self.http.close()
+
+    async def send(self, cid: int, seq: int, n: int) -> dict[str, Any]:
+        """One batch of ``n`` records from ``seq``; the cloud's answer (its ack)."""
+        payload = codec.encode({"v": np.arange(seq, seq + n, dtype=np.int64)})
+        await self.ws.send_bytes(protocol.encode({
+            "t": "batch", "id": cid, "stream": "raw", "seq": seq, "count": n, "records": n,
+            "compacted": False, "payload": payload}))
+        while True:  # desired-state pokes are kept in ``pokes``
+            frame = protocol.decode((await self.ws.receive(timeout=10)).data)
+            if frame["t"] != protocol.DESIRED:
+                return frame
+            self.pokes.append(frame)
+
+    async def heartbeat(self) -> None:
+        await self.ws.send_bytes(protocol.encode({"t": "heartbeat", "ts": 1.0}))
+
+
+def reboot(node: TpmNode) -> None:
+    """What a power cycle does to the software PCR: reset to zeros (PCR 16 is resettable)."""
+    from tpm2_pytss.constants import ESYS_TR
+
+    node.tpm._ctx.pcr_reset(ESYS_TR.PCR16)
+
+
+async def test_quarantined_tpm_node_is_kept_apart_then_attests_again_after_a_release(
+    cloud: Cloud, swtpm_factory: Callable[[str], str], tmp_path: Path,
+) -> None:
+    op = await operator(cloud)
+    other_id, _, _ = await plain_node(cloud, tmp_path, "other", {"site": "p1"})
+    with TpmNode(swtpm_factory("a"), tmp_path / "a") as a:
+        key = tmp_path / "a" / "node.key"
+        node_id, cert = await enrol(cloud, a, key)
+        a.measure(AGENT, None)
+        assert not (await attest(cloud, a, key, cert))["quarantined"]
+        async with NodeSession(cloud, key, cert) as session:
+            assert await session.send(1, 0, 10) == {"t": "ack", "ids": [1]}
+            # the agent is replaced by a tampered one and restarts: measured, quarantined
+            a.measure(TAMPERED, None)
+            verdict = await attest(cloud, a, key, cert)
+            reason = "measurement: agent code not in the allowed set"
+            assert (verdict["quarantined"], verdict["reason"]) == (True, reason)
+            # the live session goes on: heartbeats and batches, acknowledged (the outbox
+            # drains), but stored apart
+            await session.heartbeat()
+            assert await session.send(2, 10, 5) == {"t": "ack", "ids": [2]}
+            [stats] = await cloud.store.stream_stats(node_id)
+            assert (stats.contiguous, stats.stored_records) == (15, 15)
+            default = await cloud.store.read_chunks(node_id, "raw")
+            assert [(c.seq_first, c.quarantined) for c in default] == [(0, False)]
+            every = await cloud.store.read_chunks(node_id, "raw", include_quarantined=True)
+            assert [(c.seq_first, c.quarantined) for c in every] == [(0, False), (10, True)]
+            body = await op.records(node_id)
+            assert ([r["seq"] for r in body["records"]], body["quarantined"]) == \
+                (list(range(10)), [])
+            body = await op.records(node_id, include_quarantined="true")
+            assert [r["seq"] for r in body["records"]] == list(range(15))
+            assert [r["data"]["v"] for r in body["records"]] == list(range(15))
+            assert body["quarantined"] == [{"first": 10, "count": 5,
+                                            "reason": "sent while quarantined"}]
+            # operators see why, without the expected digest
+            status, shown = await op.call("GET", f"/v1/nodes/{node_id}")
+            assert status == 200, shown
+            assert (shown["attestation"], shown["quarantine"], shown["state"]) == \
+                ("tpm", reason, "quarantined")
+            assert AGENT not in str(shown)
+            # pushes other than a release are refused with the reason
+            for path, method, push in (
+                    ("/v1/config", "PUT", {"node": node_id, "config": {"mode": "x"}}),
+                    ("/v1/config", "PUT", {"node": node_id, "setpoints": {"sp": 1}}),
+                    (f"/v1/nodes/{node_id}/labels", "PATCH", {"set": {"zone": "a"}}),
+                    ("/v1/config/apply", "POST", {"node": node_id})):
+                status, answer = await op.call(method, path, push)
+                assert status == 409, (path, answer)
+                assert f"node {node_id} is quarantined ({reason})" in answer["error"]
+            # a push to a selector goes to the others and names the held node
+            status, answer = await op.call("PUT", "/v1/config", {
+                "selector": "site=p1", "config": {"mode": "x"}})
+            assert status == 200, answer
+            assert [n["node"] for n in answer["nodes"]] == [other_id]
+            assert answer["held"] == [{"node": node_id, "reason": reason}]
+            # a new release does reach it
+            async with cloud.store._tx() as conn:
+                await conn.execute(insert(ReleaseRow).values(
+                    version=RELEASE, digest=RELEASE_DIGEST, manifest=b"{}", files=0,
+                    bytes=0, created=datetime.now(UTC), created_by="test"))
+            status, answer = await op.call("PUT", "/v1/config", {"node": node_id,
+                                                                 "release": RELEASE})
+            assert status == 200, answer
+            desired = await cloud.store.get_desired_state(node_id)
+            assert desired is not None and desired.release == RELEASE
+            assert desired.config == {}  # the held config change never reached it
+            # the node reboots into the new release with the allowed agent: attests again
+            reboot(a)
+            a.measure(AGENT, RELEASE_DIGEST)
+            verdict = await attest(cloud, a, key, cert)
+            assert (verdict["quarantined"], verdict["measurements"]) == \
+                (False, {"agent": AGENT, "release": RELEASE_DIGEST})
+            # out of quarantine: its data flows normally again, on the same session
+            assert await session.send(3, 15, 5) == {"t": "ack", "ids": [3]}
+            # the release reached it on its session (the held config never did)
+            assert [(p["version"], p["state"]["release"]) for p in session.pokes] == \
+                [(desired.version, RELEASE)]
+            body = await op.records(node_id)
+            assert [r["seq"] for r in body["records"]] == [*range(10), *range(15, 20)]
+            status, shown = await op.call("GET", f"/v1/nodes/{node_id}")
+            assert (shown["quarantine"], shown["state"]) == (None, "online"), shown
+    # every transition audited, by the attestation
+    status, audit = await op.call("GET", "/v1/audit", params={"target": f"node:{node_id}"})
+    assert status == 200, audit
+    moves = [(e["action"], e["actor"], e["detail"].get("reason"))
+             for e in reversed(audit["entries"]) if "quarantine" in e["action"]]
+    assert moves == [("node.quarantine", "attestation", reason),
+                     ("node.unquarantine", "attestation", None)]
+
+
+async def test_selector_policy_quarantines_nodes_without_a_tpm_and_views_show_it(
+    cloud: Cloud, tmp_path: Path,
+) -> None:
+    op = await operator(cloud)
+    strict_id, key, cert = await plain_node(cloud, tmp_path, "strict", {"site": "strict"})
+    lax_id, lax_key, lax_cert = await plain_node(cloud, tmp_path, "lax", {"site": "lax"})
+    reason = "attestation required: this node has no TPM"
+    async with NodeSession(cloud, key, cert) as session, \
+            NodeSession(cloud, lax_key, lax_cert) as lax:
+        assert await session.send(1, 0, 4) == {"t": "ack", "ids": [1]}
+        assert await lax.send(1, 0, 4) == {"t": "ack", "ids": [1]}
+    assert [c.quarantined for c in await cloud.store.read_chunks(
+        strict_id, "raw", include_quarantined=True)] == [True]
+    assert [c.quarantined for c in await cloud.store.read_chunks(lax_id, "raw")] == [False]
+    status, listed = await op.call("GET", "/v1/nodes")
+    assert status == 200, listed
+    assert {n["id"]: (n["attestation"], n["quarantine"]) for n in listed["nodes"]} == {
+        strict_id: ("none", reason), lax_id: ("none", None)}
+    status, fleet = await op.call("GET", "/v1/fleet/nodes", params={"state": "quarantined"})
+    assert [(n["id"], n["attestation"], n["quarantine"]) for n in fleet["nodes"]] == \
+        [(strict_id, "none", reason)]
+    # relabelling it out of the policy's selector is refused while it is quarantined
+    status, answer = await op.call("PATCH", f"/v1/nodes/{strict_id}/labels",
+                                   {"set": {"site": "lax"}})
+    assert status == 409, answer
+    # an operator lifts the quarantine (audited); its next session is checked again
+    status, answer = await op.call("POST", f"/v1/nodes/{strict_id}/quarantine",
+                                   {"reason": None})
+    assert (status, answer["quarantine"]) == (200, None), answer
+    async with NodeSession(cloud, key, cert) as session:
+        assert await session.send(2, 4, 3) == {"t": "ack", "ids": [2]}
+    assert [c.quarantined for c in await cloud.store.read_chunks(
+        strict_id, "raw", include_quarantined=True)] == [True, True]
+    status, audit = await op.call("GET", "/v1/audit", params={"target": f"node:{strict_id}"})
+    assert [(e["action"], e["actor"].split(":")[0]) for e in reversed(audit["entries"])
+            if "quarantine" in e["action"]] == [
+        ("node.quarantine", "attestation"), ("node.unquarantine", "operator"),
+        ("node.quarantine", "attestation")]
