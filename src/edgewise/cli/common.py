@@ -17,7 +17,9 @@ machine-readable. The HTTP side of the same mapping is `edgewise.cloud.http_erro
 
 Start-up: a command pays only for what it uses (docs/benchmarks.md, "CLI start-up").
 `LazyGroup` imports a subcommand's module when that subcommand is looked up (``--help``
-of a group lists its own commands only), and rich is imported on first output.
+of a group lists its own commands only), and rich is imported on first output. When `Cli`
+reads the command line of its process (``main()``, as the ``edgewise`` script does), the
+process's start-up settings apply (`edgewise.cli.startup`).
 
 `Cli`, the class of the root command group, is the net under every command: an `OSError` a
 command did not turn into an `EdgewiseError` (a path that is missing, a folder where a file
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from edgewise.cli.startup import own_process
 from edgewise.errors import ConfigError, ConstraintsUnmet, EdgewiseError, NodeDecommissioned
 
 if TYPE_CHECKING:
@@ -126,6 +129,11 @@ class LazyGroup(click.Group):
 
 class Cli(LazyGroup):
     """The root group: runs a command and turns what escaped it into one ``error:`` line."""
+
+    def main(self, args: Any = None, *rest: Any, **kw: Any) -> Any:
+        if args is None:  # the command line of this process (cli/startup.py)
+            own_process()
+        return super().main(args, *rest, **kw)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -26,6 +26,7 @@ from edgewise.cli.common import (
 )
 from edgewise.cli.logs import FORMATS, configure_logging
 from edgewise.cli.output import Output, output_options
+from edgewise.cli.startup import loading
 from edgewise.errors import ConfigError, EdgewiseError
 
 if TYPE_CHECKING:
@@ -108,25 +109,28 @@ def validate(pipeline: Path, out: Output) -> None:
 def run(pipeline: Path, duration: float | None, data_dir: Path | None, out: Output,
         flush: bool) -> None:
     """Run a pipeline standalone until its sources end, --duration passes, or Ctrl-C."""
-    import asyncio
-
-    from edgewise.outbox import Outbox, outbox_file
-    from edgewise.outbox.quarantine import open_outbox
-    from edgewise.pipeline.engine import Engine
-    from edgewise.pipeline.spec import load_pipeline
-
     try:
-        spec = load_pipeline(pipeline)
-        if duration is not None and duration <= 0:
-            raise ConfigError("--duration must be a positive number of seconds")
-        data = data_dir or Path(".edgewise") / spec.name
-        body = spec.body.outbox
-        outbox = Outbox(outbox_file(data), body.max_bytes, body.sync)
-        quarantined = open_outbox(outbox)  # a damaged file is moved aside, as by the agent
-        if quarantined is not None:
-            err_console.print(f"[yellow]warning:[/] {quarantined.describe()}")
-        with contextlib.closing(outbox):
-            engine = Engine(spec, data, duration=duration, flush_on_stop=flush, outbox=outbox)
+        with contextlib.ExitStack() as stack:
+            with loading():  # the garbage collector is off, then frozen (cli/startup.py)
+                import asyncio
+
+                from edgewise.outbox import Outbox, outbox_file
+                from edgewise.outbox.quarantine import open_outbox
+                from edgewise.pipeline.engine import Engine
+                from edgewise.pipeline.spec import load_pipeline
+
+                spec = load_pipeline(pipeline)
+                if duration is not None and duration <= 0:
+                    raise ConfigError("--duration must be a positive number of seconds")
+                data = data_dir or Path(".edgewise") / spec.name
+                body = spec.body.outbox
+                outbox = Outbox(outbox_file(data), body.max_bytes, body.sync)
+                quarantined = open_outbox(outbox)  # a damaged file is moved aside (as agents)
+                if quarantined is not None:
+                    err_console.print(f"[yellow]warning:[/] {quarantined.describe()}")
+                stack.callback(outbox.close)
+                engine = Engine(spec, data, duration=duration, flush_on_stop=flush,
+                                outbox=outbox)
             summary = asyncio.run(
                 _run_with_status(engine, live=not out.data or sys.stderr.isatty()))
     except EdgewiseError as exc:
