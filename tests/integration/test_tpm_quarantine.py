@@ -257,3 +257,48 @@ async def test_selector_policy_quarantines_nodes_without_a_tpm_and_views_show_it
             if "quarantine" in e["action"]] == [
         ("node.quarantine", "attestation"), ("node.unquarantine", "operator"),
         ("node.quarantine", "attestation")]
+
+
+@pytest.mark.service
+async def test_data_out_forwards_nothing_a_quarantined_node_sent(
+    tmp_path: Path, mosquitto: tuple[str, int],
+) -> None:
+    import uuid
+
+    import orjson
+    from test_forward_mqtt import Subscriber
+
+    from edgewise.cloud.app import start
+    from edgewise.cloud.bootstrap import bootstrap
+    from edgewise.cloud.config import CloudConfig
+    from edgewise.cloud.dataout.config import data_out_config
+    from edgewise.cloud.store import Store
+
+    prefix = f"edgewise-test/{uuid.uuid4().hex[:12]}"
+    subscriber = Subscriber(*mosquitto, f"{prefix}/#")
+    config = CloudConfig(
+        data_dir=tmp_path / "cloud", port=0, maintenance_interval=0.2,
+        attestation=AttestationSettings(require_for=((("site", "strict"),),)),
+        data_out=data_out_config({"forwarders": [
+            {"type": "mqtt", "host": mosquitto[0], "port": mosquitto[1],
+             "topic": prefix + "/{node}/{stream}"}]}))
+    try:
+        async with Store(config.db_url) as store:
+            boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
+                                   trust_domain="edgewise.local")
+            running = await start(config, boot.ca, store=store)
+            try:
+                cloud = Cloud(config.data_dir, running, store)
+                strict = await plain_node(cloud, tmp_path, "strict", {"site": "strict"})
+                lax = await plain_node(cloud, tmp_path, "lax", {"site": "lax"})
+                async with NodeSession(cloud, *strict[1:]) as s, \
+                        NodeSession(cloud, *lax[1:]) as lx:
+                    assert await s.send(1, 0, 3) == {"t": "ack", "ids": [1]}
+                    assert await lx.send(1, 0, 3) == {"t": "ack", "ids": [1]}
+                got = await subscriber.wait_for(3)
+            finally:
+                await running.stop()
+    finally:
+        subscriber.close()
+    assert sorted((t.split("/")[-2], orjson.loads(p)["seq"]) for t, p in got) == \
+        [(lax[0], 0), (lax[0], 1), (lax[0], 2)]
