@@ -30,9 +30,6 @@ def selectors(texts: Iterable[str]) -> tuple[tuple[tuple[str, str], ...], ...]:
             sel = parse_selector(text)
         except ValueError as exc:
             raise ConfigError(f"--require-attestation-for {text!r}: {exc}") from None
-        if not sel:
-            raise ConfigError(f"--require-attestation-for {text!r}: name a label, "
-                              "e.g. site=plant1 (--require-attestation requires it of all)")
         out.append(tuple(sorted(sel.items())))
     return tuple(out)
 
