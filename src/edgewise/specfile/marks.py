@@ -26,13 +26,16 @@ def load_with_lines(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     given twice in one mapping, which YAML loaders otherwise resolve silently to the last one.
     """
     check_shape(text)
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if node is None:
-        return None, {}
-    lines: dict[Path, int] = {}
-    _walk(node, (), lines)
-    data = yaml.safe_load(text)
-    return data, lines
+    loader = yaml.SafeLoader(text)  # what yaml.compose, then yaml.safe_load do, parsing once
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        lines: dict[Path, int] = {}
+        _walk(node, (), lines)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
 
 
 def check_shape(text: str) -> None:
