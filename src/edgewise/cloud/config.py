@@ -45,7 +45,9 @@ class ServerLimits:
     backlog: int = 4096  # the listen queue (the kernel caps it at net.core.somaxconn)
     enrol_rate: float = 50.0  # enrolments handled per s; more wait their turn
     enrol_burst: int = 50
-    enrol_queue: int = 2000  # enrolments waiting; one more gets 429 with Retry-After
+    # enrolments waiting; one more gets 429 with Retry-After. 500 at 50/s is 10 s: within the
+    # node's request timeout (15 s), so no queued enrolment is given up on by its node
+    enrol_queue: int = 500
     push_fetch_rate: float = 1000.0  # desired-state fetches per s one push is spread for
     push_max_jitter: float = 5.0  # s: the longest fetch jitter hint a push gives its nodes
     store_wait: float = 30.0  # s a store transaction waits for a pooled connection

@@ -20,7 +20,9 @@ Bodies are read whole, up to 64 KiB (413 above), as strict JSON (`request_body`)
 one node: enrolling a key that already has a node is refused with 409. Enrolment is idempotent
 per key and token: the same key with the token it enrolled with, before that token expires,
 gets its node again (200, a fresh certificate), so an answer lost on the way burns no token and
-leaves no orphan node.
+leaves no orphan node. Enrolments' store writes are grouped (`enrolments.EnrolWriter`: one
+transaction for the enrolments of the same moment, a savepoint each) and admitted only while
+that writer's backlog is short (429 with ``Retry-After`` beyond it; then the `Pacer`).
 
 **Decommissioned nodes** (`edgewise node decommission`) are revoked like any other, with one
 difference: when a request proves possession of the node's registered key (the TLS handshake
@@ -45,6 +47,7 @@ from aiohttp import web
 from cryptography import x509
 
 from edgewise.cloud.config import CONFIG
+from edgewise.cloud.enrolments import ENROL_WRITER, EnrolWriter
 from edgewise.cloud.http_errors import TooManyRequests, error_answer
 from edgewise.cloud.openapi import MAX_INT
 from edgewise.cloud.ratelimit import DEVICE_RATE, ENROL_PACER, Pacer, RateLimiter
@@ -52,6 +55,7 @@ from edgewise.cloud.request_body import DEVICE_BODY, read_json
 from edgewise.cloud.sessions import handle_session
 from edgewise.cloud.state import CA, METRICS, OPENAPI, REVOCATIONS, SESSIONS, STORE
 from edgewise.cloud.store import KeyInUse, new_node_id
+from edgewise.cloud.store.identity import EnrolRequest
 from edgewise.errors import BadRequest, EdgewiseError, NotFound, PeerError, StorageError
 from edgewise.security.pki import (
     ChallengeError,
@@ -219,8 +223,12 @@ async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = 
         metrics.enrolments.labels("AttestationRequired").inc()
         raise AttestationRequired("this control plane enrols only nodes with a TPM "
                                   "(enrol with --tpm)")
-    # admission: enrolments beyond the rate wait their turn (a queue, not timeouts)
-    retry = await app[ENROL_PACER].admit()
+    # admission: enrolments beyond the rate wait their turn (a queue, not timeouts), and
+    # beyond what the store's grouped writes take in a few seconds are told when to come back
+    writer = app[ENROL_WRITER]
+    retry = writer.retry_after()
+    if retry == 0.0:
+        retry = await app[ENROL_PACER].admit()
     if retry > 0:
         metrics.enrolments.labels("busy").inc()
         raise TooManyRequests("too many enrolments at once; retry later", retry)
@@ -231,8 +239,8 @@ async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = 
         node_id = new_node_id()
         issued = ca.sign_node_csr(csr, node_id, config.node_cert_lifetime)
         app[REVOCATIONS].check(issued.cert)  # a revoked key cannot come back
-        try:
-            await store.enrol_node(token_hash, node_id, issued)
+        try:  # stored with the enrolments of the same moment, in one transaction
+            _, tuf_root = await writer.enrol(EnrolRequest(token_hash, node_id, issued))
         except (TokenError, KeyInUse):
             # the token used up or the key taken: by this very enrolment, whose answer was lost?
             node = await store.enrolment_of(token_hash, issued.fingerprint)
@@ -243,11 +251,11 @@ async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = 
             node_id, status, outcome = node.id, 200, "retry"
             issued = ca.sign_node_csr(csr, node_id, config.node_cert_lifetime)
             await store.enrol_again(token_hash, node_id, issued)
+            tuf_root = await store.tuf_metadata("root")  # the newest; None until keys init
     except PeerError as exc:
         metrics.enrolments.labels(type(exc).__name__).inc()
         raise
     metrics.enrolments.labels(outcome).inc()
-    tuf_root = await store.tuf_metadata("root")  # the newest; None until `cloud keys init`
     return status, {
         "node_id": node_id,
         "certificate": issued.pem.decode(),
@@ -376,6 +384,12 @@ def setup(app: web.Application) -> None:
     app[DEVICE_RATE] = RateLimiter(config.server.device_rate, config.server.device_burst)
     app[ENROL_PACER] = Pacer(config.server.enrol_rate, config.server.enrol_burst,
                              config.server.enrol_queue)
+    writer = app[ENROL_WRITER] = EnrolWriter(app[STORE])
+
+    async def close_writer(_app: web.Application) -> None:
+        await writer.close()  # before the store closes (cleanup)
+
+    app.on_shutdown.append(close_writer)
     r = app.router
     r.add_post("/v1/device/enrol", enrol)
     r.add_post("/v1/device/renew", renew)

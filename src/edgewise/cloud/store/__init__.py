@@ -24,6 +24,8 @@ nodes                                               (identity)
     enrol_node(token_hash, node_id, issued: IssuedCert) -> NodeInfo
                                                     token use + node + audit in one transaction;
                                                     KeyInUse (409) if the key has a node already
+    enrol_nodes([EnrolRequest]) -> [NodeInfo | error]   many in one transaction, a savepoint
+                                                    each: a refused one fails alone
     get_node(node_id) -> NodeInfo | None
     list_nodes(labels=None, limit=1000, after=None) -> [NodeInfo]   keyset paging by id
     count_nodes() -> int

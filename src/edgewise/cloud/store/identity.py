@@ -1,9 +1,9 @@
 """The store, who may be a node: enrolment tokens, nodes (identity, labels, status) and
 revocations (certificate serials and key fingerprints).
 
-One key is one node: `enrol_node` refuses a key already registered for another node
-(`KeyInUse`, 409), in the transaction that uses the token, so the refused request does not use
-the token up.
+One key is one node: `enrol_node` (and `enrol_nodes`, many in one transaction, one savepoint
+each) refuses a key already registered for another node (`KeyInUse`, 409), in the transaction
+that uses the token, so the refused request does not use the token up.
 
 Enrolment is idempotent per key and token: a node remembers the token it enrolled with (its
 hash), and `enrolment_of` finds the node a key enrolled as with a token, while that token has
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +28,7 @@ from edgewise.cloud.store.audit import write_audit
 from edgewise.cloud.store.db import Database, utc_now
 from edgewise.cloud.store.models import EnrolmentTokenRow, Node, Revocation
 from edgewise.cloud.store.records import EnrolmentTokenInfo, NodeInfo
-from edgewise.errors import PeerError, StorageError
+from edgewise.errors import ConfigError, EdgewiseError, PeerError, StorageError
 from edgewise.security.pki import IssuedCert, validate_node_id
 from edgewise.security.tls import RevocationList
 from edgewise.security.tokens import (
@@ -43,6 +44,16 @@ class KeyInUse(PeerError):
     """The CSR's key is already registered for a node (HTTP 409)."""
 
     status = 409
+
+
+@dataclass(frozen=True)
+class EnrolRequest:
+    """One enrolment for `IdentityStore.enrol_nodes`: the token's hash, the new node's id and
+    its first certificate."""
+
+    token_hash: str
+    node_id: str
+    issued: IssuedCert
 
 
 def new_node_id() -> str:
@@ -132,23 +143,45 @@ class IdentityStore(Database):
         node id is taken (ids are random; retry with a new one).
         """
         validate_node_id(node_id)
+        result = (await self.enrol_nodes([EnrolRequest(token_hash, node_id, issued)],
+                                         now=now))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def enrol_nodes(self, requests: Sequence[EnrolRequest], *,
+                          now: datetime | None = None) -> list[NodeInfo | EdgewiseError]:
+        """Several enrolments in ONE transaction (`cloud.enrolments.EnrolWriter` groups them),
+        each in its own savepoint: per request its `NodeInfo`, or the error that refused it
+        alone (token errors, `KeyInUse`, `StorageError` for a taken node id, `InvalidNodeId`
+        for a malformed id), which changed nothing. Raises `StorageError` if the transaction itself
+        fails (then nothing is stored)."""
         t = utc_now(now)
-        try:
-            async with self._tx() as conn:
-                labels = await self._consume_token(conn, token_hash, t)
-                await self._key_is_free(conn, issued.fingerprint)
-                await conn.execute(insert(Node).values(
-                    id=node_id, labels=labels, key_fingerprint=issued.fingerprint,
-                    cert_serial=f"{issued.serial:x}", cert_expiry=issued.not_after,
-                    status="enrolled", created=t, last_seen=None, revoked=False,
-                    enrol_token=token_hash))
-                await write_audit(conn, t, f"node:{node_id}", "node.enrol", f"node:{node_id}",
-                                  {"labels": labels, "serial": f"{issued.serial:x}",
-                                   "token": token_hash[:12]})
-        except IntegrityError:
-            raise StorageError(f"node id {node_id} is already taken") from None
-        return NodeInfo(node_id, labels, issued.fingerprint, issued.serial, issued.not_after,
-                        "enrolled", t, None, False)
+        out: list[NodeInfo | EdgewiseError] = []
+        async with self._tx() as conn:
+            for r in requests:
+                try:
+                    validate_node_id(r.node_id)
+                    async with conn.begin_nested():
+                        labels = await self._consume_token(conn, r.token_hash, t)
+                        await self._key_is_free(conn, r.issued.fingerprint)
+                        await conn.execute(insert(Node).values(
+                            id=r.node_id, labels=labels, key_fingerprint=r.issued.fingerprint,
+                            cert_serial=f"{r.issued.serial:x}", cert_expiry=r.issued.not_after,
+                            status="enrolled", created=t, last_seen=None, revoked=False,
+                            enrol_token=r.token_hash))
+                        await write_audit(conn, t, f"node:{r.node_id}", "node.enrol",
+                                          f"node:{r.node_id}",
+                                          {"labels": labels, "serial": f"{r.issued.serial:x}",
+                                           "token": r.token_hash[:12]})
+                except IntegrityError:
+                    out.append(StorageError(f"node id {r.node_id} is already taken"))
+                except (PeerError, ConfigError) as exc:  # token errors, KeyInUse, a bad id
+                    out.append(exc)
+                else:
+                    out.append(NodeInfo(r.node_id, labels, r.issued.fingerprint, r.issued.serial,
+                                        r.issued.not_after, "enrolled", t, None, False))
+        return out
 
     async def enrolment_of(self, token_hash: str, fingerprint: str, *,
                            now: datetime | None = None) -> NodeInfo | None:

@@ -38,7 +38,12 @@ import aiohttp
 import numpy as np
 
 from edgewise.common.backoff import Retry
-from edgewise.edge.device_http import CloudRefusal, describe_network_error, device_request
+from edgewise.edge.device_http import (
+    CloudRefusal,
+    describe_network_error,
+    device_request,
+    retry_after,
+)
 from edgewise.edge.uplink import UplinkConfig
 from edgewise.errors import ConfigError, PeerError, TransportError
 from edgewise.security import pki
@@ -59,6 +64,8 @@ RTO_S = 0.2  # Linux's minimum TCP retransmission timeout: what one lost segment
 
 class LinkDown(Exception):
     """The session ended (closed, refused, timed out); the node reconnects."""
+
+    retry_after: float | None = None  # a 429's Retry-After: the node waits at least that
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ class VirtualNode:
         started = time.monotonic()
         retry = Retry(s.uplink.backoff, s.uplink.healthy_s)
         while True:
+            pace = None  # a 429's Retry-After: waited out, as the agent does
             try:
                 answer = await device_request(s.cloud, self.shared.enrol_ctx, "POST",
                                               "/v1/device/enrol", body, ca_path=s.ca)
@@ -171,10 +179,11 @@ class VirtualNode:
                 if exc.status in (400, 401, 403, 404, 409, 410):
                     raise ConfigError(f"enrolment refused: {exc.status} {exc.reason}") from None
                 rec.failure(f"enrol: {exc.status}")
+                pace = exc.retry_after
             except (TransportError, PeerError) as exc:
                 rec.failure(f"enrol: {_short(exc)}")
             rec.count("enrol_retries")
-            await self._sleep(retry.failed())
+            await self._sleep(retry.failed(pace))
             if self.shared.stop.is_set():
                 raise LinkDown("stopped before enrolment")
         rec.sample("enrol_s", time.monotonic() - started)
@@ -242,7 +251,10 @@ class VirtualNode:
                     max_msg_size=protocol.MAX_FRAME_BYTES,
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0))
         except aiohttp.WSServerHandshakeError as exc:
-            raise LinkDown(f"upgrade refused: {exc.status}") from None
+            down = LinkDown(f"upgrade refused: {exc.status}")
+            if exc.status == 429:
+                down.retry_after = retry_after(exc.headers)
+            raise down from None
         except TimeoutError:
             raise LinkDown("no answer to the session upgrade") from None
         async with ws:
@@ -406,6 +418,7 @@ class VirtualNode:
                 if not first:
                     rec.count("reconnects")
                 first = False
+                pace = None
                 try:
                     await self._session()
                     if self.shared.stop.is_set():
@@ -413,6 +426,7 @@ class VirtualNode:
                     rec.failure("session closed")
                 except LinkDown as exc:
                     rec.failure(str(exc))
+                    pace = exc.retry_after
                 except (aiohttp.ClientError, OSError, TimeoutError, PeerError) as exc:
                     rec.failure(_short(exc))
                 if self.shared.stop.is_set() and not self.buf:
@@ -424,7 +438,7 @@ class VirtualNode:
                     self._drain_tries += 1
                     await asyncio.sleep(min(retry.failed(), left))
                     continue
-                await self._sleep(retry.failed())
+                await self._sleep(retry.failed(pace))
         except ConfigError as exc:
             self.problem = str(exc)
             rec.failure(str(exc))
