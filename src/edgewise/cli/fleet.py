@@ -21,8 +21,9 @@ from edgewise.errors import ConfigError, EdgewiseError
 @click.command("fleet")
 @click.option("--nodes", type=int, required=True, help="Virtual nodes in all.")
 @click.option("--cloud", required=True, help="The control plane, https://HOST:PORT.")
-@click.option("--token", required=True, envvar="EDGEWISE_TOKEN",
-              help="An enrolment token with at least --nodes uses (or $EDGEWISE_TOKEN).")
+@click.option("--token", "tokens", required=True, multiple=True, envvar="EDGEWISE_TOKEN",
+              help="An enrolment token with at least --nodes uses (or $EDGEWISE_TOKEN). "
+              "Given K times: node i enrols with the (i mod K)-th (e.g. one token per site).")
 @click.option("--ca", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               envvar="EDGEWISE_CA", default=None, help="The control plane's ca.pem.")
 @click.option("--processes", type=int, default=1, show_default=True)
@@ -48,15 +49,36 @@ from edgewise.errors import ConfigError, EdgewiseError
               "~/.config/edgewise/cli.json, then .edgewise/cloud/cli.json).")
 @click.option("--fetch-only", is_flag=True, help="Ignore a poke's inline desired state and "
               "fetch it over a new connection (as the agent does today).")
+@click.option("--heartbeat-every", type=float, default=None,
+              help="Seconds between heartbeats (default: the agent's, 15).")
+@click.option("--report-every", type=float, default=None,
+              help="Seconds between reported states (default: the agent's, 10).")
+@click.option("--release-failure-rate", "failure_rates", multiple=True,
+              help="Share of the nodes an assigned release fails on: 0.05, 5%, or "
+              "VERSION=RATE for one release (repeatable); exact: floor(N x rate) nodes. "
+              "Default 0.")
+@click.option("--release-failure-phase", type=click.Choice(["gate", "verify", "install"]),
+              default="gate", show_default=True, help="gate: switched, on trial, rolled back; "
+              "verify/install: refused before the switch.")
+@click.option("--apply-seconds", default="1-5", show_default=True,
+              help="An update's duration (staging, then the trial), uniform in MIN-MAX.")
+@click.option("--release-restart", is_flag=True, help="Reconnect at a switch and a rollback, "
+              "as the agent restarts (default: the session goes on).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the stored data.")
 @output_options()
-def fleet(nodes: int, cloud: str, token: str, ca: Path | None, processes: int, duration: float,
-          telemetry_every: float, records: int, ramp: float, link: str | None, drain: float,
-          state: Path | None, events: Path | None, config_path: Path | None, fetch_only: bool,
-          no_verify: bool, out: Output) -> None:
+def fleet(nodes: int, cloud: str, tokens: tuple[str, ...], ca: Path | None, processes: int,
+          duration: float, telemetry_every: float, records: int, ramp: float, link: str | None,
+          drain: float, state: Path | None, events: Path | None, config_path: Path | None,
+          fetch_only: bool, heartbeat_every: float | None, report_every: float | None,
+          failure_rates: tuple[str, ...], release_failure_phase: str, apply_seconds: str,
+          release_restart: bool, no_verify: bool, out: Output) -> None:
     """Run NODES virtual nodes speaking the real device protocol; check every record sent."""
+    from dataclasses import replace
+
     from edgewise.edge.device_http import check_cloud_url
+    from edgewise.edge.uplink import UplinkConfig
     from edgewise.testbed.fleet import FleetConfig, NodeSettings, parse_link, run_fleet, verify
+    from edgewise.testbed.fleet.release import Behaviour, parse_rate, parse_seconds_range
     from edgewise.testbed.fleet.run import summary
 
     try:
@@ -66,8 +88,20 @@ def fleet(nodes: int, cloud: str, token: str, ca: Path | None, processes: int, d
             raise ConfigError("--telemetry-every and --duration must be positive, --records "
                               "at least 1")
         latency, loss = parse_link(link)
-        settings = NodeSettings(check_cloud_url(cloud), ca, token, telemetry_every, records,
-                                loss=loss, drain_s=drain, fetch_only=fetch_only)
+        uplink = UplinkConfig()
+        for value, field, flag in ((heartbeat_every, "heartbeat_s", "--heartbeat-every"),
+                                   (report_every, "report_s", "--report-every")):
+            if value is not None:
+                if not 0.5 <= value <= 3600:
+                    raise ConfigError(f"{flag}: 0.5 to 3600 seconds")
+                uplink = replace(uplink, **{field: value})
+        behaviour = Behaviour(dict(parse_rate(r) for r in failure_rates),
+                              release_failure_phase, parse_seconds_range(apply_seconds),
+                              release_restart)
+        settings = NodeSettings(check_cloud_url(cloud), ca, tokens[0], telemetry_every,
+                                records, uplink=uplink, loss=loss, drain_s=drain,
+                                fetch_only=fetch_only, tokens=tuple(tokens[1:]),
+                                release=behaviour)
         cfg = FleetConfig(nodes, settings, processes, duration, ramp, latency, state, events)
         client = None
         note = "skipped (--no-verify)"

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import ssl
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -44,7 +41,6 @@ from edgewise.edge.device_http import (
     device_request,
     retry_after,
 )
-from edgewise.edge.uplink import UplinkConfig
 from edgewise.errors import ConfigError, PeerError, TransportError
 from edgewise.security import pki
 from edgewise.security.tls import client_context
@@ -52,7 +48,11 @@ from edgewise.sync import codec, protocol
 from edgewise.sync.health import NodeHealth, OutboxLevel, PipelineHealth
 from edgewise.sync.merge import LwwMap
 from edgewise.sync.twin_state import DesiredState, ReportedState
-from edgewise.testbed.fleet.stats import NodeResult, Recorder
+from edgewise.testbed.fleet.release import NodeUpdater
+from edgewise.testbed.fleet.shared import NodeSettings, Shared
+from edgewise.testbed.fleet.stats import NodeResult
+
+__all__ = ["STREAM", "LinkDown", "NodeSettings", "Shared", "VirtualNode"]
 
 STREAM = "telemetry"
 PRIORITY = 5
@@ -66,66 +66,6 @@ class LinkDown(Exception):
     """The session ended (closed, refused, timed out); the node reconnects."""
 
     retry_after: float | None = None  # a 429's Retry-After: the node waits at least that
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """What every virtual node of a run shares."""
-
-    cloud: str  # https://HOST:PORT the nodes connect to (a link proxy, or the control plane)
-    ca: Path
-    token: str  # a multi-use enrolment token
-    telemetry_every: float = 10.0  # s between telemetry batches
-    records: int = 5  # readings per batch
-    uplink: UplinkConfig = field(default_factory=UplinkConfig)
-    loss: float = 0.0  # probability that a frame waits one RTO (a lost TCP segment)
-    drain_s: float = 30.0  # at the end: time to wait for the last acknowledgements
-    fetch_only: bool = False  # ignore a poke's inline state and fetch (as the agent does today)
-
-
-class Shared:
-    """Per process: the settings, the one WebSocket client session, the recorder, the stop
-    signal and the events file."""
-
-    def __init__(self, settings: NodeSettings, state_dir: Path, recorder: Recorder,
-                 events: Path | None = None) -> None:
-        self.settings = settings
-        self.state_dir = state_dir
-        self.recorder = recorder
-        self.stop = asyncio.Event()
-        self.drain_deadline = float("inf")  # loop time after which nodes stop draining
-        self.enrol_ctx = client_context(settings.ca)
-        self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=None,
-                                          connect=settings.uplink.connect_timeout_s,
-                                          sock_connect=settings.uplink.connect_timeout_s))
-        self._events = (os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                        if events is not None else None)
-        self.recent_acks: list[float] = []  # ack latencies (ms) since the last acks event
-        self.wss = "wss://" + settings.cloud.removeprefix("https://") + protocol.SESSION_PATH
-
-    def event(self, kind: str, index: int, node_id: str | None, **extra: Any) -> None:
-        """One line of the events file (one write, O_APPEND: lines of processes never mix)."""
-        if self._events is not None:
-            line = json.dumps({"t": time.time(), "e": kind, "i": index, "node": node_id,
-                               **extra}) + "\n"
-            os.write(self._events, line.encode())
-
-    async def ack_events(self, every: float = 5.0) -> None:
-        """Every ``every`` s one ``acks`` event with this process's ack latencies since the
-        last one (ms, 0.1 ms steps), so a reader can take percentiles over any window."""
-        while True:
-            await asyncio.sleep(every)
-            acks, self.recent_acks = self.recent_acks, []
-            if acks:
-                self.event("acks", -1, None, ms=[round(a, 1) for a in acks])
-
-    async def close(self) -> None:
-        await self.http.close()
-        if self._events is not None:
-            os.close(self._events)
-            self._events = None
 
 
 @dataclass
@@ -157,6 +97,9 @@ class VirtualNode:
         self._wanted = 0
         self._retry: Retry | None = None
         self._drain_tries = 0  # sessions tried after the stop to hear the last acks
+        self.updater = NodeUpdater(index, shared.settings.release)
+        self._readings_from = 0  # next_seq when the (virtual) engine last started
+        self._restart = False  # the session ends for a restart (a switch or a rollback)
 
     # -- enrolment ----------------------------------------------------------------------------
     async def enrol(self) -> None:
@@ -166,7 +109,7 @@ class VirtualNode:
         folder.mkdir(parents=True, exist_ok=True)
         key_path = folder / "node.key"
         key = pki.load_key(key_path) if key_path.exists() else pki.generate_key(key_path)
-        body = {"token": s.token, "csr": pki.make_csr(key).decode()}
+        body = {"token": s.token_for(self.index), "csr": pki.make_csr(key).decode()}
         started = time.monotonic()
         retry = Retry(s.uplink.backoff, s.uplink.healthy_s)
         while True:
@@ -232,9 +175,31 @@ class VirtualNode:
         self.shared.recorder.count("batches_sent")
 
     def _report(self) -> dict[str, Any]:
+        """As the agent's twin builds it: the status, then the updater's line; the engine's
+        ``readings_in`` since it last started (a switch or rollback restarts it)."""
+        line = self.updater.status_line()
         return {"t": protocol.REPORT, "report": ReportedState(
-            self.applied_version or None, "running", {"records": self.next_seq},
-            LwwMap()).to_wire()}
+            self.applied_version or None, f"running; {line}" if line else "running",
+            {"records": self.next_seq, "readings_in": self.next_seq - self._readings_from,
+             "alarms": 0, "dead_lettered": 0}, LwwMap()).to_wire()}
+
+    def _release_step(self, now: float) -> bool:
+        """Take the updater's due step; True if there is something new to report."""
+        outcome = self.updater.advance(now, time.time())
+        if outcome is None:
+            return False
+        rec = self.shared.recorder
+        rec.count(f"release_{outcome}")
+        if outcome in ("committed", "rolled_back", "refused"):
+            rec.sample("apply_s", now - self.updater.started)
+        if outcome in ("switched", "rolled_back"):
+            self._readings_from = self.next_seq  # the engine starts again
+            self._restart = self.shared.settings.release.restart
+        version = (self.updater.state.last_failure.version
+                   if outcome in ("rolled_back", "refused") and self.updater.state.last_failure
+                   else self.updater.state.running_version or self.updater.assigned)
+        self.shared.event("release", self.index, self.node_id, v=version, o=outcome)
+        return True
 
     # -- the session --------------------------------------------------------------------------
     async def _session(self) -> None:
@@ -287,13 +252,16 @@ class VirtualNode:
             cpu_percent=1.5, memory_bytes=60 * 2**20, disk_free_bytes=20 * 2**30,
             disk_total_bytes=32 * 2**30, outbox={5: OutboxLevel(len(self.buf), 0.0)},
             pipelines={"telemetry": PipelineHealth("running")},
-            cert_expires=time.time() + 86400.0).to_wire()
+            cert_expires=time.time() + 86400.0, **self.updater.health()).to_wire()
 
     async def _run_session(self, ws: aiohttp.ClientWebSocketResponse, desired: int) -> None:
         s = self.shared.settings
         cfg = s.uplink
         loop = asyncio.get_running_loop()
         self._poke(desired, 0.0, loop.time())
+        while self._release_step(loop.time()):  # steps due while it was away
+            pass
+        self._restart = False
         for cid, c in list(self.buf.items()):
             await self._send_chunk(ws, cid, c)
         await self._send(ws, self._report())
@@ -316,10 +284,16 @@ class VirtualNode:
                 next_hb = now + cfg.heartbeat_s
                 await self._send(ws, {"t": protocol.HEARTBEAT, "health": self._health(),
                                       "ts": time.time()})
+            if self._release_step(now):  # the agent reports a release step at once
+                next_report = now
+                if self._restart:  # the agent restarts on the new (or the old) release
+                    with contextlib.suppress(LinkDown):
+                        await self._send(ws, self._report())
+                    return
             if now >= next_report:
                 next_report = now + cfg.report_s
                 await self._send(ws, self._report())
-            due = min(next_hb, next_report, self._next_batch)
+            due = min(next_hb, next_report, self._next_batch, self.updater.next_at)
             if draining_until is not None:
                 due = min(due, draining_until, now + 0.2)
             wait = max(0.0, due - loop.time())
@@ -364,6 +338,7 @@ class VirtualNode:
                 state = None  # fetched instead
             if state is not None and state.version == version:
                 self.applied_version = version
+                self._assign(state.release, now)
                 self.shared.recorder.sample("fetch_s", 0.0)
                 self.shared.recorder.count("inline_states")
                 self.shared.event("desired", self.index, self.node_id, version=version)
@@ -371,6 +346,13 @@ class VirtualNode:
         if self._fetching is None or self._fetching.done():
             self._fetching = asyncio.get_running_loop().create_task(
                 self._fetch(jitter, time.monotonic()))
+
+    def _assign(self, release: str | None, now: float) -> None:
+        """A desired state was applied: its release goes to the updater (which stages it if
+        the agent's would: `machine.should_apply`)."""
+        if self.updater.assign(release, now):
+            self.shared.recorder.count("release_staging")
+            self.shared.event("release", self.index, self.node_id, v=release, o="staging")
 
     async def _fetch(self, jitter: float, poked: float) -> None:
         """GET the newest desired state (after a random part of the cloud's jitter hint, as
@@ -393,6 +375,12 @@ class VirtualNode:
                 await asyncio.sleep(0.5)  # a replica not caught up yet
                 continue
             self.applied_version = version
+            try:  # validated as the agent's twin does
+                state = DesiredState.from_wire(answer.get("desired"))
+            except PeerError as exc:
+                rec.failure(f"desired: {_short(exc)}")
+            else:
+                self._assign(state.release, asyncio.get_running_loop().time())
             rec.sample("fetch_s", time.monotonic() - poked)
             rec.count("fetches")
             self.shared.event("desired", self.index, self.node_id, version=version)
@@ -423,6 +411,9 @@ class VirtualNode:
                     await self._session()
                     if self.shared.stop.is_set():
                         break
+                    if self._restart:  # a restart for a release: connect again at once
+                        rec.count("release_restarts")
+                        continue
                     rec.failure("session closed")
                 except LinkDown as exc:
                     rec.failure(str(exc))
@@ -453,7 +444,8 @@ class VirtualNode:
     def result(self) -> NodeResult:
         unacked = [(c.seq, c.count) for c in self.buf.values() if c.sent_at is not None]
         return NodeResult(self.index, self.node_id, self.next_seq, self.sent_upto, self.acked,
-                          unacked, self.connected, self.applied_version, self.problem)
+                          unacked, self.connected, self.applied_version, self.problem,
+                          self.updater.state.running_version, list(self.updater.state.failed))
 
 
 async def _receive(ws: aiohttp.ClientWebSocketResponse, timeout: float

@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +32,8 @@ from urllib.parse import urlsplit
 
 from edgewise.common.tls import READ_BUFFER, lean_read_buffer
 from edgewise.errors import ConfigError, EdgewiseError
-from edgewise.testbed.fleet.node import STREAM, NodeSettings, Shared, VirtualNode
+from edgewise.testbed.fleet.node import STREAM, VirtualNode
+from edgewise.testbed.fleet.shared import NodeSettings, Shared
 from edgewise.testbed.fleet.stats import NodeResult, Recorder, percentile, rss_kb
 from edgewise.testbed.linkproxy import LinkProxy
 
@@ -258,6 +260,19 @@ def verify(client: Any, results: list[NodeResult], threads: int = 4) -> Verdict:
 # -- the summary -------------------------------------------------------------------------------
 
 
+def releases(rec: Recorder) -> dict[str, Any]:
+    """What the nodes did with releases: steps taken, update time, what runs at the end."""
+    running: Counter[str] = Counter(n.release or "none" for n in rec.nodes)
+    failed: Counter[str] = Counter(v for n in rec.nodes for v in n.failed_releases)
+    apply = rec.samples["apply_s"]
+    return {"steps": {k.removeprefix("release_"): v for k, v in sorted(rec.counts.items())
+                      if k.startswith("release_")},
+            "apply_p50_s": None if not apply else round(percentile(apply, 50) or 0, 2),
+            "apply_p99_s": None if not apply else round(percentile(apply, 99) or 0, 2),
+            "running": dict(running), "failed": dict(failed)}
+
+
+
 def summary(rec: Recorder, cfg: FleetConfig, started: float, verdict: Verdict | None,
             verify_note: str) -> dict[str, Any]:
     """The run in one JSON-able dict (the CLI prints it, `--json` as one line)."""
@@ -283,6 +298,7 @@ def summary(rec: Recorder, cfg: FleetConfig, started: float, verdict: Verdict | 
         "records_acked_by_nodes": sum(n.acked for n in rec.nodes),
         "sim_kb_per_node": round(rec.sim_rss_kb / max(cfg.nodes, 1), 1),
         "verify": verify_note,
+        "releases": releases(rec),
         "failures": dict(rec.failures.most_common(8)),
         "problems": sorted({n.problem for n in rec.nodes if n.problem})[:5],
     }

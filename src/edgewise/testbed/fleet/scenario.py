@@ -70,6 +70,7 @@ class Events:
         self.online: set[int] = set()
         self.desired: dict[int, list[tuple[float, int]]] = {}  # (time, version)
         self.acks: list[tuple[float, list[float]]] = []  # (time, ack latencies in ms)
+        self.ids: dict[int, str] = {}  # node index -> node id
 
     def read(self) -> None:
         if not self.path.exists():
@@ -85,6 +86,7 @@ class Events:
             i, t, kind = e["i"], e["t"], e["e"]
             if kind == "enrolled":
                 self.enrolled[i] = t
+                self.ids[i] = e["node"]
             elif kind == "up":
                 self.up.setdefault(i, []).append(t)
                 self.online.add(i)
@@ -94,6 +96,11 @@ class Events:
                 self.acks.append((t, e["ms"]))
             elif kind == "desired":
                 self.desired.setdefault(i, []).append((t, e["version"]))
+            else:
+                self.other(e)
+
+    def other(self, event: dict[str, Any]) -> None:
+        """An event of another kind (a subclass may want it: `rollout_scenario`)."""
 
     def up_since(self, t0: float) -> dict[int, float]:
         """Per node, its first welcome at or after ``t0``."""

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-SAMPLES = ("enrol_s", "connect_s", "ack_ms", "fetch_s")
+SAMPLES = ("enrol_s", "connect_s", "ack_ms", "fetch_s", "apply_s")
 
 
 def percentile(values: array[float] | list[float], q: float) -> float | None:
@@ -43,18 +43,21 @@ class NodeResult:
     connected: bool = False
     applied_version: int = 0
     problem: str | None = None
+    release: str | None = None  # the release it runs at the end
+    failed_releases: list[str] = field(default_factory=list)  # releases that failed on it
 
     def to_wire(self) -> dict[str, Any]:
         return {"index": self.index, "node_id": self.node_id, "produced": self.produced,
                 "sent_upto": self.sent_upto, "acked": self.acked,
                 "unacked": [list(u) for u in self.unacked], "connected": self.connected,
-                "applied_version": self.applied_version, "problem": self.problem}
+                "applied_version": self.applied_version, "problem": self.problem,
+                "release": self.release, "failed_releases": self.failed_releases}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> NodeResult:
         return cls(d["index"], d["node_id"], d["produced"], d["sent_upto"], d["acked"],
                    [(a, b) for a, b in d["unacked"]], d["connected"], d["applied_version"],
-                   d["problem"])
+                   d["problem"], d.get("release"), list(d.get("failed_releases") or []))
 
 
 class Recorder:
