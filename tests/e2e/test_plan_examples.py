@@ -23,7 +23,6 @@ from click.testing import CliRunner
 from conftest import LONG_ONLY
 from edgewise.cli import main
 from edgewise.pipeline.spec import load_pipeline
-from edgewise.plan.artefacts import load_artefact
 from edgewise.plan.blocks import word_count
 from edgewise.plan.document import SECTIONS
 from edgewise.plan.workload import load_workload
@@ -67,8 +66,7 @@ def check_example(name: str, out: Path, cache: Path, unmet: tuple[str, ...] = ()
     for site in summary["sites"]:
         spec = load_pipeline(out / "pipelines" / f"{site}.yaml")
         assert all(c.entry.placement in ("edge", "cloud") for c in spec.stages)
-        assert load_artefact(out / "agents" / f"{site}.yaml").kind == "AgentConfig"
-    assert load_artefact(out / "rollout.yaml").kind == "RolloutPlan"
+    assert not (out / "agents").exists() and not (out / "rollout.yaml").exists()
     assert len(summary["unmet"]) == len(unmet), summary["unmet"]
     assert all(u.startswith(p) for u, p in zip(summary["unmet"], unmet, strict=True)), \
         summary["unmet"]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from edgewise.errors import SpecError
 from edgewise.pipeline.spec import load_pipeline
 from edgewise.plan import artefacts, blocks, document
 from edgewise.plan.linksim import StreamLoad, simulate_link
@@ -73,33 +72,59 @@ def test_factory_line_plan_places_and_quantifies() -> None:
     assert [c.met for c in plan.hard] == [True, True, True, True]
 
 
-def test_artefacts_validate_with_the_agent_and_control_plane_loaders(tmp_path: Path) -> None:
+def test_artefacts_are_the_pipelines_plan_apply_reads(tmp_path: Path) -> None:
     plan = build_plan(load_workload(ROOT / "examples" / "workloads" / "retail.yaml"))
+    # files an older planner wrote that nothing reads go; an operator's own file stays
+    (tmp_path / "agents").mkdir()
+    for old in ("rollout.yaml", "agents/store.yaml"):
+        (tmp_path / old).write_text(artefacts.HEADER + "kind: x\n")
+    (tmp_path / "agents" / "mine.yaml").write_text("kind: mine\n")
     written = artefacts.write_artefacts(plan, tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
-        "pipelines/store.yaml", "agents/store.yaml", "rollout.yaml"]
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == ["pipelines/store.yaml"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.yaml")) == [
+        "agents/mine.yaml", "pipelines/store.yaml"]
     spec = load_pipeline(tmp_path / "pipelines" / "store.yaml")
     placement = {c.id: c.entry.placement for c in spec.stages}
     assert placement == {"occupancy": "edge", "dwell-stats": "edge", "queue-alert": "edge",
                          "chain-footfall-partial": "edge", "chain-footfall": "cloud"}
-    agent = artefacts.load_artefact(tmp_path / "agents" / "store.yaml")
-    assert agent.kind == "AgentConfig" and agent.spec.sites == 400
-    assert agent.spec.autonomy.offline_for == 12 * 3600
-    rollout = artefacts.load_artefact(tmp_path / "rollout.yaml")
-    assert [(w.name, w.nodes) for w in rollout.spec.waves] == [
-        ("canary", 4), ("early", 36), ("half", 160), ("all", 200)]
 
 
-def test_bad_agent_config_gives_file_line_field(tmp_path: Path) -> None:
-    path = tmp_path / "agent.yaml"
-    path.write_text("apiVersion: edgewise.io/v1\nkind: RolloutPlan\nmetadata: {name: r}\n"
-                    "spec:\n  release: x\n  fleet: 3\n  expires_after: 1d\n  max_unavailable: 1\n"
-                    "  waves:\n    - {name: all, nodes: 2, percent: 100,\n"
-                    "       gate: {soak: 1h, max_error_rate: 0.01, max_restarts: 0,\n"
-                    "              max_alarm_latency: 100ms}}\n")
-    with pytest.raises(SpecError) as err:
-        artefacts.load_artefact(path)
-    assert str(err.value) == (f"{path}:4: spec: the waves hold 2 nodes but the fleet has 3")
+def test_the_rollout_command_runs_the_planned_waves() -> None:
+    from edgewise.cloud.rollouts.plan import plan_waves
+    from edgewise.cloud.rollouts.spec import RolloutSpec
+
+    plan = build_plan(load_workload(ROOT / "examples" / "workloads" / "retail.yaml"))
+    (sp,) = plan.sites
+    assert artefacts.rollout_command(plan, sp) == (
+        "edgewise rollout create --release VERSION --selector site=store --canary 1% "
+        "--waves 10%,50%,100% --bake 30m --max-unavailable-per-site 1 "
+        "--gate 'error_rate<=0.001' --gate 'dropped==0' --intent-ttl 168h")
+    r = artefacts.rollout_settings(plan, sp)
+    spec = RolloutSpec.from_json({"release": "1.0.0", "selector": {"site": "store"},
+                                  "canary": r["canary"],
+                                  "waves": [f"{w}%" for w in r["waves"]],
+                                  "gates": r["gates"]})
+    waves = plan_waves("ro-00000000", [f"n{i}" for i in range(r["nodes"])], spec.canary,
+                       spec.waves)
+    assert [(name, len(ids)) for name, ids in waves] == [
+        ("canary", 4), ("wave 1 (10%)", 36), ("wave 2 (50%)", 160), ("wave 3 (100%)", 200)]
+    assert [len(ids) for _, ids in waves] == [k for _, k, _ in artefacts.rollout_waves(400)]
+
+
+def test_the_document_describes_plan_apply_and_no_unread_file() -> None:
+    plan = build_plan(load_workload(ROOT / "examples" / "workloads" / "retail.yaml"))
+    doc, _words, _warnings = document.build_within(plan)
+    md = blocks.to_markdown(doc)
+    assert ("Deploying store (400 node(s) of k3s-small): enrol each node (`edgewise agent "
+            "run --cloud URL --token TOKEN`, the token from `edgewise cloud token create "
+            "--labels site=store`), then `edgewise plan apply DIR --cloud URL` (DIR: this "
+            "folder; `--dry-run` first) installs `pipelines/store.yaml`: its edge part on "
+            "every node labelled `site=store`, its cloud part (chain-footfall) on the control "
+            "plane.") in md
+    assert ("Releases reach store with `edgewise rollout create --release VERSION --selector "
+            "site=store --canary 1%") in md
+    assert "agents/" not in md and "rollout.yaml" not in md
+    assert "edgewise config set --selector site=store --pipeline" not in md
 
 
 @pytest.mark.parametrize(("fleet", "waves"), [

@@ -9,7 +9,7 @@ CPU coefficients are calibrated on this machine (`edgewise.plan.costs`) and cach
 ``--no-calibrate`` uses the static table instead.
 
 Writes into DIR: ``architecture.md`` and ``architecture.html``, the figures next to them,
-``pipelines/``, ``agents/`` and ``rollout.yaml``, and ``plan.json`` with the key figures.
+``pipelines/`` (what ``plan apply`` installs) and ``plan.json`` with the key figures.
 Heavy modules (numpy work, matplotlib) are imported inside the command only.
 """
 

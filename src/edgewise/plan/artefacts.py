@@ -1,210 +1,34 @@
-"""The deployable output of a plan: pipelines, agent configurations and a rollout plan.
+"""The deployable output of a plan: one placed pipeline per site type, and the rollout command.
 
 * ``pipelines/<site>.yaml``: one Pipeline per site type, every stage with its ``placement``;
   loads with `edgewise.pipeline.spec.load_pipeline`, the agent's own loader. A split window
   becomes ``<id>-partial`` (a `partial` on the edge) and ``<id>`` (a `combine` in the cloud)
   when its aggregates merge exactly (`_split_window`), else a window over the partial results.
   ``edgewise plan apply`` (`edgewise.plan.deploy`) installs them: the edge part on the site's
-  nodes, the cloud part as a cloud pipeline.
-* ``agents/<site>.yaml``: ``kind: AgentConfig``, what the agent on each node of that site runs
-  with (node size, outbox, uplink, identity, autonomy, updates).
-* ``rollout.yaml``: ``kind: RolloutPlan``, the waves in which a release reaches the fleet, with
-  health gates and automatic rollback.
+  nodes, the cloud part as a cloud pipeline. They are the only files of a plan anything reads.
+* the **rollout** of a release to each site type is not a file: `rollout_command` writes the
+  ``edgewise rollout create`` command (canary, waves, bake, per-site budget, gates, intent
+  lifetime) that the architecture document prints for the operator to run once a release is
+  published. A plan has no release to roll out, so ``plan apply`` does not start one.
 
-Nothing reads ``agents/`` or ``rollout.yaml`` yet: `plan apply` installs pipelines only, and
-``edgewise rollout`` takes its own spec (`cloud.rollouts.spec`); the architecture document
-quotes the rollout's waves. Every file the planner writes is validated with these loaders
-before the run ends.
+Every pipeline the planner writes is validated with the pipeline loader before the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgewise.errors import ConfigError, SpecError
 from edgewise.pipeline.spec import load_pipeline
-from edgewise.pipeline.units import ByteSize, Duration
 from edgewise.plan import flows as F
-from edgewise.plan.workload import ID_PATTERN, SourceSpec, StageSpec
-from edgewise.specfile import problems_from
-from edgewise.specfile.marks import line_of, load_with_lines
+from edgewise.plan.workload import SourceSpec, StageSpec
 
 API_VERSION = "edgewise.io/v1"
-CLOUD_ENDPOINT = "https://edgewise-cloud.example.net:8443"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Metadata(_Strict):
-    name: str = Field(pattern=ID_PATTERN)
-    labels: dict[str, str] = {}
-
-
-# -- AgentConfig ---------------------------------------------------------------------------------
-
-class NodeSpec(_Strict):
-    hardware: str
-    cores: int = Field(ge=1)
-    ram: ByteSize
-    disk: ByteSize
-    gpu: bool = False
-
-
-class AgentOutbox(_Strict):
-    path: str = "/var/lib/edgewise/outbox.db"
-    max_bytes: ByteSize
-    sync: Literal["full", "normal"] = "full"
-
-
-class Tls(_Strict):
-    min_version: Literal["1.3"] = "1.3"
-    mutual: Literal[True] = True
-    ca_file: str = "/etc/edgewise/pki/ca.pem"
-    cert_file: str = "/var/lib/edgewise/pki/node.pem"
-    key_file: str = "/var/lib/edgewise/pki/node.key"
-
-
-class Uplink(_Strict):
-    endpoint: str = Field(pattern=r"^https://")
-    batch_interval: Duration = Field(gt=0)
-    max_share: float = Field(gt=0, le=1)
-    """Share of the uplink data batches may use; control messages always go first."""
-    tls: Tls = Tls()
-
-
-class Identity(_Strict):
-    attestation: Literal["tpm", "none"] = "tpm"
-    cert_lifetime: Duration = 86400.0
-    enrolment: Literal["token"] = "token"
-
-
-class Autonomy(_Strict):
-    offline_for: Duration = Field(ge=0)
-    """The longest outage the node must ride out with nothing lost."""
-    restart_offline: Literal[True] = True
-
-
-class Updates(_Strict):
-    strategy: Literal["ab-slots"] = "ab-slots"
-    slot_size: ByteSize
-    health_gate: Duration = 600.0
-    rollback: Literal["automatic"] = "automatic"
-    verify: Literal["tuf"] = "tuf"
-
-
-class LocalBroker(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-
-
-class AgentBody(_Strict):
-    site: str = Field(pattern=ID_PATTERN)
-    sites: int = Field(ge=1)
-    nodes_per_site: int = Field(ge=1)
-    node: NodeSpec
-    pipelines: list[str] = Field(min_length=1)
-    outbox: AgentOutbox
-    uplink: Uplink
-    identity: Identity = Identity()
-    autonomy: Autonomy
-    updates: Updates
-    heartbeat: Duration = 30.0
-    local_broker: LocalBroker | None = None
-
-
-class AgentConfig(_Strict):
-    apiVersion: Literal["edgewise.io/v1"]  # the YAML key
-    kind: Literal["AgentConfig"]
-    metadata: Metadata
-    spec: AgentBody
-
-
-# -- RolloutPlan ---------------------------------------------------------------------------------
-
-class Gate(_Strict):
-    soak: Duration = Field(gt=0)
-    max_error_rate: float = Field(ge=0, le=1)
-    max_restarts: int = Field(ge=0)
-    max_alarm_latency: Duration = Field(gt=0)
-
-
-class Wave(_Strict):
-    name: str = Field(pattern=ID_PATTERN)
-    nodes: int = Field(ge=1)
-    percent: float = Field(gt=0, le=100)
-    gate: Gate
-
-
-class Rollback(_Strict):
-    automatic: Literal[True] = True
-    on: list[Literal["gate-failed", "crash-loop", "heartbeat-lost", "config-rejected"]] = [
-        "gate-failed", "crash-loop", "heartbeat-lost", "config-rejected"]
-
-
-class RolloutBody(_Strict):
-    release: str = Field(min_length=1)
-    fleet: int = Field(ge=1)
-    expires_after: Duration = Field(gt=0)
-    """A node that was offline longer than this never applies a stale step (principle 8 of
-    docs/architecture.md)."""
-    max_unavailable: int = Field(ge=1)
-    waves: list[Wave] = Field(min_length=1)
-    rollback: Rollback = Rollback()
-
-    @model_validator(mode="after")
-    def _waves(self) -> RolloutBody:
-        if sum(w.nodes for w in self.waves) != self.fleet:
-            raise ValueError(f"the waves hold {sum(w.nodes for w in self.waves)} nodes but the "
-                             f"fleet has {self.fleet}")
-        return self
-
-
-class RolloutPlan(_Strict):
-    apiVersion: Literal["edgewise.io/v1"]
-    kind: Literal["RolloutPlan"]
-    metadata: Metadata
-    spec: RolloutBody
-
-
-KINDS: dict[str, type[BaseModel]] = {"AgentConfig": AgentConfig, "RolloutPlan": RolloutPlan}
-
-
-def parse_artefact(text: str, source: str = "<artefact>") -> AgentConfig | RolloutPlan:
-    """Validate an AgentConfig or RolloutPlan document; raises `SpecError` with file:line."""
-    try:
-        data, lines = load_with_lines(text, source)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError(source, [(mark.line + 1 if mark else None, "",
-                                  f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
-    if not isinstance(data, dict):
-        raise SpecError(source, [(1, "", "expected a mapping with apiVersion, kind, metadata "
-                                         "and spec")])
-    kind = data.get("kind")
-    model = KINDS.get(kind) if isinstance(kind, str) else None
-    if model is None:
-        raise SpecError(source, [(line_of(lines, ("kind",)), "kind",
-                                  f"expected one of {', '.join(KINDS)}, got {kind!r}")])
-    try:
-        return model.model_validate(data)  # type: ignore[return-value]
-    except ValidationError as exc:
-        raise SpecError(source, problems_from(exc, (), lines)) from None
-
-
-def load_artefact(path: str | Path) -> AgentConfig | RolloutPlan:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse_artefact(text, str(path))
+HEADER = "# Written by `edgewise plan`; edit the workload and plan again rather than this.\n"
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -339,33 +163,6 @@ def pipeline_document(plan_site: Any, workload_name: str) -> dict[str, Any]:
     }
 
 
-def agent_document(plan_site: Any, workload: Any, pipeline_file: str) -> dict[str, Any]:
-    sp = plan_site
-    fig = sp.final
-    size = fig.sizing
-    h = size.option
-    local = any(st.local is not None and st.local.mqtt_topic for st in sp.stages) or any(
-        s.protocol == "mqtt" for s in sp.site.sources)
-    body: dict[str, Any] = {
-        "site": sp.name, "sites": sp.site.count, "nodes_per_site": size.nodes,
-        "node": {"hardware": h.name, "cores": h.cores, "ram": h.ram, "disk": h.disk,
-                 "gpu": h.gpu},
-        "pipelines": [pipeline_file],
-        "outbox": {"max_bytes": fig.outbox_bytes, "sync": "full"},
-        "uplink": {"endpoint": CLOUD_ENDPOINT, "batch_interval": sp.site.link.batch_interval,
-                   "max_share": 0.8},
-        "identity": {"attestation": "tpm" if h.tpm else "none"},
-        "autonomy": {"offline_for": fig.outage_s},
-        "updates": {"slot_size": 1024**3},
-    }
-    if local:
-        body["local_broker"] = {"host": "127.0.0.1", "port": 1883}
-    return {"apiVersion": API_VERSION, "kind": "AgentConfig",
-            "metadata": {"name": f"{sp.name}-agent",
-                         "labels": {"edgewise.io/workload": workload.name}},
-            "spec": body}
-
-
 def rollout_waves(fleet: int) -> list[tuple[str, int, float]]:
     """(name, nodes, percent): canary 1% (at least one node), then 10%, 50% and the rest."""
     waves: list[tuple[str, int, float]] = []
@@ -380,44 +177,61 @@ def rollout_waves(fleet: int) -> list[tuple[str, int, float]]:
     return waves
 
 
-def rollout_document(plan: Any) -> dict[str, Any]:
-    fleet = sum(sp.site.count * sp.final.sizing.nodes for sp in plan.sites)
-    req = plan.workload.requirements
-    longest = max(sp.site.link.longest_outage for sp in plan.sites)
-    waves = []
-    for i, (name, n, pct) in enumerate(rollout_waves(fleet)):
-        soak = 3600.0 if i == 0 else 1800.0
-        waves.append({"name": name, "nodes": n, "percent": round(pct, 2), "gate": {
-            "soak": soak, "max_error_rate": 0.001, "max_restarts": 0,
-            "max_alarm_latency": req.max_alarm_latency}})
-    return {"apiVersion": API_VERSION, "kind": "RolloutPlan",
-            "metadata": {"name": f"{plan.workload.name}-rollout"[:63]},
-            "spec": {"release": f"{plan.workload.name}-planned", "fleet": fleet,
-                     "expires_after": max(7 * 86400.0, 2 * longest),
-                     "max_unavailable": max(1, fleet // 20), "waves": waves}}
+def rollout_fleet(plan: Any) -> int:
+    return sum(sp.site.count * sp.final.sizing.nodes for sp in plan.sites)
+
+
+def rollout_settings(plan: Any, sp: Any) -> dict[str, Any]:
+    """What `rollout_command` asks for a site type: the canary and cumulative waves of
+    `rollout_waves` (1%, 10%, 50%, all), a 30-minute bake after each wave, at most
+    ``nodes - 1`` nodes of a site updating at once (one, for single-node sites), gates on
+    dead letters and dropped records, and intents that live longer than the longest outage
+    of any site (at least a week: a node back after a long outage applies no stale step)."""
+    nodes = sp.site.count * sp.final.sizing.nodes
+    planned = rollout_waves(nodes)
+    cumulative, done = [], planned[0][1]  # waves count the canary's nodes too
+    for _name, n, _pct in planned[1:]:
+        done += n
+        cumulative.append(100 if done >= nodes else math.ceil(100 * done / nodes))
+    longest = max(s.site.link.longest_outage for s in plan.sites)
+    return {"nodes": nodes, "canary": "1%", "waves": cumulative or [100], "bake": "30m",
+            "max_unavailable_per_site": max(1, sp.final.sizing.nodes - 1),
+            "gates": ["error_rate<=0.001", "dropped==0"],
+            "intent_ttl": f"{math.ceil(max(7 * 86400.0, 2 * longest) / 3600)}h"}
+
+
+def rollout_command(plan: Any, sp: Any, site_label: str = "site") -> str:
+    """The ``edgewise rollout create`` command for the nodes of one site type."""
+    r = rollout_settings(plan, sp)
+    waves = ",".join(f"{w}%" for w in r["waves"])
+    gates = " ".join(f"--gate '{g}'" for g in r["gates"])
+    return (f"edgewise rollout create --release VERSION --selector {site_label}={sp.name} "
+            f"--canary {r['canary']} --waves {waves} --bake {r['bake']} "
+            f"--max-unavailable-per-site {r['max_unavailable_per_site']} {gates} "
+            f"--intent-ttl {r['intent_ttl']}")
 
 
 def write_artefacts(plan: Any, out: Path) -> list[Path]:
-    """Write pipelines, agent configurations and the rollout plan; validate each one."""
+    """Write one placed pipeline per site type (validated with the pipeline loader). Files an
+    older planner wrote that nothing reads (``agents/``, ``rollout.yaml``) are removed."""
     written: list[Path] = []
     (out / "pipelines").mkdir(parents=True, exist_ok=True)
-    (out / "agents").mkdir(parents=True, exist_ok=True)
     for sp in plan.sites:
         pfile = out / "pipelines" / f"{sp.name}.yaml"
         _dump(pfile, pipeline_document(sp, plan.workload.name))
         load_pipeline(pfile)
         written.append(pfile)
-        afile = out / "agents" / f"{sp.name}.yaml"
-        _dump(afile, agent_document(sp, plan.workload, f"../pipelines/{sp.name}.yaml"))
-        load_artefact(afile)
-        written.append(afile)
-    rfile = out / "rollout.yaml"
-    _dump(rfile, rollout_document(plan))
-    load_artefact(rfile)
-    written.append(rfile)
+    for stale in [out / "rollout.yaml", *(out / "agents" / f"{sp.name}.yaml"
+                                          for sp in plan.sites)]:
+        try:
+            if stale.read_text(encoding="utf-8").startswith(HEADER):
+                stale.unlink()
+        except (OSError, UnicodeDecodeError):
+            pass
+    with contextlib.suppress(OSError):  # only when empty
+        (out / "agents").rmdir()
     return written
 
 
 def _dump(path: Path, doc: dict[str, Any]) -> None:
-    header = "# Written by `edgewise plan`; edit the workload and plan again rather than this.\n"
-    path.write_text(header + yaml.safe_dump(doc, sort_keys=False, width=100), encoding="utf-8")
+    path.write_text(HEADER + yaml.safe_dump(doc, sort_keys=False, width=100), encoding="utf-8")

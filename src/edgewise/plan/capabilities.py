@@ -154,10 +154,10 @@ REGISTRY: tuple[Capability, ...] = (
     Capability(
         "staged_rollouts", "staged rollouts with health gates",
         (("edgewise.cloud.rollouts", ""),),
-        "the control plane moves a release through the waves of `rollout.yaml`, each gated "
-        "on the health of the one before",
-        "a rollout controller (planned under `cloud/rollouts/`) would run `rollout.yaml`; "
-        "until then start each wave with `edgewise config set --release`",
+        "the control plane moves a release through a canary and waves (`edgewise rollout "
+        "create`), each gated on the health of the one before",
+        "a rollout controller (planned under `cloud/rollouts/`) would run the waves; until "
+        "then start each wave with `edgewise config set --release`",
         (r"staged rollout", r"\bcanary\b", r"rollout controller")),
     Capability(
         "tpm_attestation", "TPM attestation",

@@ -18,7 +18,7 @@ from typing import Any
 from edgewise.plan.blocks import UL, Block, H, P, Table
 from edgewise.plan.capabilities import BY_KEY, Capabilities
 from edgewise.plan.checks import baseline_fits, leaving, source_tags, usable_uplink
-from edgewise.plan.formatting import dur, ms, plural, rate, size, usd
+from edgewise.plan.formatting import dur, plural, rate, size, usd
 from edgewise.plan.results import SitePlan, is_alarm
 
 TAG_MEANING = {
@@ -222,10 +222,9 @@ def _ha_sentence(sp: SitePlan, caps: Capabilities) -> str:
 
 
 def fleet_section(b: list[Block], plan: Any, caps: Capabilities, compact: bool = False) -> None:
-    from edgewise.plan.artefacts import rollout_document
+    from edgewise.plan.artefacts import rollout_command, rollout_settings, rollout_waves
 
     cp = plan.control
-    w = plan.workload
     b.append(H(2, "5. Fleet Management"))
     b.append(capability_table(caps, ["heartbeats", "metrics", "fleet_alerts", "ab_rollback",
                                      "staged_rollouts", "site_failover"]))
@@ -241,27 +240,25 @@ def fleet_section(b: list[Block], plan: Any, caps: Capabilities, compact: bool =
         ["storage for the retention period", size(cp.storage_bytes),
          size(cp.storage_bytes * cp.design_nodes / cp.nodes)],
     ]))
-    ro = rollout_document(plan)["spec"]
     b.append(H(3, "Updates"))
     items = []
-    for sp in plan.sites:
+    longest = max(sp.site.link.longest_outage for sp in plan.sites)
+    for sp in plan.sites if caps.has("staged_rollouts") else ():
         n = sp.final.sizing.nodes
-        if n > 1:
-            items.append(f"Rollout budget for {sp.name}: at most {n - 1} of its {n} nodes "
-                         "per site may be updating at once, so each wave takes one node of "
-                         "every pair and the next wave the other.")
-    items.append(f"The `rollout.yaml` of {w.name} plans {len(ro['waves'])} wave(s) over "
-                 f"{ro['fleet']:,} "
-                 f"node(s), at most {ro['max_unavailable']:,} unavailable at once; a step "
-                 f"expires after {dur(ro['expires_after'])}, longer than the longest outage "
-                 "of any site.")
+        budget = (f"; at most {n - 1} of a site's {n} nodes update at once" if n > 1 and
+                  not compact else "")
+        items.append(f"Releases reach {sp.name} with `{rollout_command(plan, sp)}` (VERSION: "
+                     f"a published release){budget}; its steps outlive the longest outage "
+                     f"({dur(longest)}).")
+    if not caps.has("staged_rollouts"):
+        items.append(caps.state("staged_rollouts"))
     b.append(UL(items))
-    # the waves as a table only when a component runs them; otherwise `rollout.yaml` has them
     if not compact and caps.has("staged_rollouts"):
-        b.append(Table(["wave", "nodes", "share", "soak", "gate"], [
-            [wv["name"], f"{wv['nodes']:,}", f"{wv['percent']:g}%", dur(wv["gate"]["soak"]),
-             f"errors <= {wv['gate']['max_error_rate']:.1%}, no restarts, alarm p99 <= "
-             f"{ms(wv['gate']['max_alarm_latency'])}"] for wv in ro["waves"]]))
+        b.append(Table(["site type", "wave", "nodes", "share", "gates"], [
+            [sp.name, name, f"{k:,}", f"{pct:.2g}%",
+             "dead letters <= 0.1% of readings, nothing dropped"]
+            for sp in plan.sites
+            for name, k, pct in rollout_waves(rollout_settings(plan, sp)["nodes"])]))
     models = _model_sentences(plan, caps)
     if models:
         b.append(H(3, "Model deployment"))
@@ -269,8 +266,7 @@ def fleet_section(b: list[Block], plan: Any, caps: Capabilities, compact: bool =
     b.append(H(3, "High availability"))
     b.append(UL([_ha_sentence(sp, caps) for sp in plan.sites]))
     b.append(P("Configuration of " + ", ".join(
-        f"{sp.name} (`edgewise config set --selector site={sp.name}`, its agent settings in "
-        f"`agents/{sp.name}.yaml`)" for sp in plan.sites)
+        f"{sp.name} (`edgewise config set --selector site={sp.name}`)" for sp in plan.sites)
         + ": desired state (pipelines, config, set-points, the release to run) is versioned "
         "per node."))
 
@@ -344,11 +340,15 @@ def operations_section(b: list[Block], plan: Any, caps: Capabilities) -> None:
     items = []
     for sp in plan.sites:
         n = sp.site.count * sp.final.sizing.nodes
+        cloud = [st.id for st in sp.stages if sp.where(st.id) != "edge"]
         items.append(
-            f"Deploying {sp.name} ({n:,} node(s) of {sp.final.sizing.option.name}): start "
-            "`edgewise agent run --cloud URL --token TOKEN`, label the node "
-            f"`site={sp.name}`, then `edgewise config set --selector site={sp.name} "
-            f"--pipeline pipelines/{sp.name}.yaml` (checked with `edgewise validate`).")
+            f"Deploying {sp.name} ({n:,} node(s) of {sp.final.sizing.option.name}): enrol "
+            "each node (`edgewise agent run --cloud URL --token TOKEN`, the token from "
+            f"`edgewise cloud token create --labels site={sp.name}`), then `edgewise plan "
+            "apply DIR --cloud URL` (DIR: this folder; `--dry-run` first) installs "
+            f"`pipelines/{sp.name}.yaml`: its edge part on every node labelled "
+            f"`site={sp.name}`" + (f", its cloud part ({_ids(cloud)}) on the control plane"
+                                   if cloud else "") + ".")
     b.append(UL(items))
     items = []
     for sp in plan.sites:
