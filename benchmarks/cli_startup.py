@@ -3,7 +3,7 @@ source that ends after its first batch of 200 readings, committed to the outbox)
 ``python -c pass`` and the floor of the run path, measured in the same run. Target (issue 15):
 at most 0.25 s CPU each.
 
-    .venv/bin/python benchmarks/cli_startup.py [--runs 9] [--importtime]
+    .venv/bin/python benchmarks/cli_startup.py [--runs 9] [--importtime] [--parts]
 
 Each command runs ``--runs`` times as a child process, the commands taking turns (so a change
 of load hits all of them alike); its CPU (user + system, from ``os.wait4``) is the median. The
@@ -19,7 +19,10 @@ garbage collector off while importing, then frozen). For comparison, also in the
 ``edgewise run`` called as a library (``main(args)`` in a program: no start-up settings) and
 compiling our modules from source on every start (no bytecode cache, what a checkout with
 ``PYTHONDONTWRITEBYTECODE=1`` does). ``--importtime`` also prints the ten slowest imports of each
-command (``python -X importtime``, cumulative microseconds)."""
+command (``python -X importtime``, cumulative microseconds). ``--parts`` also times each
+library of the floor alone, with the start-up settings, less ``python -c pass`` (what it
+costs on its own; the parts share some of the standard library, so they add up to more than
+the floor)."""
 
 from __future__ import annotations
 
@@ -58,6 +61,14 @@ from pydantic import BaseModel
 class M(BaseModel):
     x: int
 """
+PARTS = {
+    "click": "import click",
+    "numpy": "import numpy",
+    "yaml": "import yaml",
+    "asyncio": "import asyncio",
+    "sqlite3": "import sqlite3",
+    "pydantic and one model": "from pydantic import BaseModel\nclass M(BaseModel):\n    x: int",
+}
 SETTINGS = """\
 import gc, os
 if not any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
@@ -96,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--importtime", action="store_true")
+    ap.add_argument("--parts", action="store_true")
     args = ap.parse_args()
     py = sys.executable
     cli = [py, "-c", "from edgewise.cli import main; main()"]  # what the console script runs
@@ -117,6 +129,9 @@ def main() -> None:
             LIBRARY: ([*library, *run_args], cached),
             COMPILING: ([*cli, *run_args], source),
         }
+        if args.parts:
+            commands |= {f"  part: {name}": ([py, "-c", SETTINGS + code + "\ngc.freeze()\n"],
+                                             cached) for name, code in PARTS.items()}
         samples: dict[str, list[float]] = {name: [] for name in commands}
         for i in range(args.runs + 1):
             for name, (argv, env) in commands.items():  # taking turns
@@ -133,7 +148,9 @@ def main() -> None:
     base = med["python -c pass"]
     rows = [(name, f"{s:.3f} s", f"target <= {TARGET_S} s: "
              f"{'met' if s <= TARGET_S else 'NOT met'}; python -c pass {base:.3f} s"
-             if name in (HELP, RUN) else "baseline")
+             if name in (HELP, RUN) else
+             f"alone, less python -c pass: {s - med['python -c pass']:.3f} s"
+             if name.startswith("  part:") else "baseline")
             for name, s in med.items()]
     print_table(f"CPU seconds, median of {args.runs} runs (load average "
                 f"{os.getloadavg()[0]:.1f})", rows)
