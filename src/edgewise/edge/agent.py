@@ -397,7 +397,7 @@ class Agent:
         tpm = tpm_node.start(cfg.tpm, self) if cfg.tpm else None  # measures the launch
         twin = self.twin = Twin(self.data_dir / "twin", self.identity.label,
                                 base_dir=self.data_dir / "pipelines",
-                                allowed_roots=cfg.allowed_paths)
+                                allowed_roots=cfg.allowed_paths, cipher=self.outbox.cipher)
         twin.load()
         for key, value in self.updater.setpoint_defaults().items():
             if key not in twin.setpoints:  # a default: what the cloud or the site set stays

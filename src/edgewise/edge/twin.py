@@ -42,12 +42,15 @@ from typing import Any
 import msgpack
 
 from edgewise.common.files import write_atomic
-from edgewise.edge.damaged import DamagedFile, reason, set_aside
+from edgewise.edge import twin_files
+from edgewise.edge.damaged import reason, set_aside
 from edgewise.edge.status_model import TwinStatus
+from edgewise.edge.twin_files import DESIRED_FILE, REPORTED_FILE, REPORTED_FORMAT
+from edgewise.edge.twin_files import damaged_files as damaged_files  # `agent status`
 from edgewise.errors import ConfigError, PeerError, StorageError, TransportError
 from edgewise.pipeline.paths import Confinement
 from edgewise.pipeline.spec import PipelineSpec, load_pipeline, parse_pipeline
-from edgewise.sync import twin_state
+from edgewise.security.payload import PayloadCipher
 from edgewise.sync.hlc import HLC, Clock, ClockDriftError, system_ms
 from edgewise.sync.merge import AuditRecord, LwwMap
 from edgewise.sync.protocol import MAX_JITTER_S
@@ -55,10 +58,7 @@ from edgewise.sync.twin_state import DesiredState, ReportedState, choose_newest
 
 log = logging.getLogger(__name__)
 
-DESIRED_FILE = "desired.msgpack"
-REPORTED_FILE = "reported.msgpack"
 MAX_AUDIT = 1000
-REPORTED_FORMAT = 1
 
 Fetch = Callable[[], Awaitable[dict[str, Any]]]
 Apply = Callable[[PipelineSpec | None, DesiredState], Awaitable[str | None]]
@@ -113,50 +113,6 @@ def build_spec(state: DesiredState, base_dir: Path,
     return None
 
 
-def read_reported(path: Path, raw: bytes) -> tuple[LwwMap, HLC, list[AuditRecord]]:
-    """Setpoints, clock and audit trail of a ``reported.msgpack``; `DamagedFile` if it does not
-    hold them: the setpoints written on site are the operator's, so the operator decides."""
-    try:
-        data = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        if not isinstance(data, dict) or data.get("format") != REPORTED_FORMAT:
-            raise PeerError("not a reported-state file")
-        return (LwwMap.from_wire(data["setpoints"]), HLC.from_tuple(data["clock"]),
-                [AuditRecord.from_wire(a) for a in data.get("audit", [])])
-    except (PeerError, KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
-        raise DamagedFile(path, reason(exc, raw), "restore it from a backup, or remove it to "
-                          "start with the control plane's setpoints (setpoints written on "
-                          "site that it has not heard of are lost)") from None
-
-
-def damaged_files(state_dir: Path) -> list[DamagedFile]:
-    """The twin's files that are present but damaged; reads only (for `agent status`)."""
-    out = []
-    desired, reported = state_dir / DESIRED_FILE, state_dir / REPORTED_FILE
-    try:
-        twin_state.load_desired(desired)
-    except StorageError as exc:
-        if not isinstance(exc.__cause__, OSError):
-            out.append(DamagedFile(desired, reason(exc.__cause__, _peek(desired)),
-                                   "the agent moves it aside when it starts and pulls the "
-                                   "desired state from the control plane again"))
-    try:
-        raw = twin_state.load(reported)
-        if raw is not None:
-            read_reported(reported, raw)
-    except DamagedFile as exc:
-        out.append(exc)
-    except StorageError:
-        pass  # not readable by this user: not known to be damaged
-    return out
-
-
-def _peek(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
 class Twin:
     """See the module docstring. ``fetch``/``apply`` are given to `run`; the agent wires them."""
 
@@ -169,8 +125,10 @@ class Twin:
         allowed_roots: Sequence[Path] = (),
         now: Callable[[], float] = time.time,
         now_ms: Callable[[], int] = system_ms,
+        cipher: PayloadCipher | None = None,
     ) -> None:
         self.dir = Path(state_dir)
+        self.cipher = cipher  # the files encrypted at rest (`twin_files`; --tpm)
         self.base_dir = Path(base_dir)
         self.allowed_roots = tuple(Path(p) for p in allowed_roots)  # --allow-path
         self.node = node
@@ -219,20 +177,20 @@ class Twin:
         except OSError as exc:
             raise StorageError(f"cannot create {self.dir}: {exc.strerror or exc}") from exc
         try:
-            self.desired = twin_state.load_desired(self.desired_path)
+            self.desired = twin_files.load_desired(self.desired_path, self.cipher)
         except StorageError as exc:
             if isinstance(exc.__cause__, OSError):
                 raise
             # the control plane's intent, sent again when the node connects: safe to drop
-            why = reason(exc.__cause__, _peek(self.desired_path))
+            why = reason(exc.__cause__, twin_files.peek(self.desired_path))
             moved = set_aside(self.desired_path)
             log.warning("%s is damaged (%s); %s, running --pipeline (or nothing) until the "
                         "desired state is pulled again from the control plane",
                         self.desired_path, why, f"moved to {moved.name}" if moved else "ignored")
         last: HLC | None = None
-        raw = twin_state.load(self.reported_path)
+        raw = twin_files.read(self.reported_path, self.cipher)
         if raw is not None:
-            self.setpoints, last, self.audit = read_reported(self.reported_path, raw)
+            self.setpoints, last, self.audit = twin_files.read_reported(self.reported_path, raw)
         newest = self.setpoints.max_hlc()
         if newest is not None and (last is None or newest > last):
             last = newest
@@ -382,7 +340,7 @@ class Twin:
             self._hold(new, exc)
             return False
         self._unhold()
-        await asyncio.to_thread(twin_state.save_desired, self.desired_path, new)
+        await asyncio.to_thread(twin_files.save_desired, self.desired_path, new, self.cipher)
         self.desired = new
         log.info("desired state: %s", decision.reason)
         key = pipeline_key(new)
@@ -469,7 +427,8 @@ class Twin:
             "clock": list(self.clock.last.to_tuple()),
             "audit": [a.to_wire() for a in self.audit],
         }
-        write_atomic(self.reported_path, msgpack.packb(body, use_bin_type=True), mode=0o600)
+        write_atomic(self.reported_path, twin_files.seal(
+            msgpack.packb(body, use_bin_type=True), self.cipher, self.reported_path), mode=0o600)
 
     # -- reported ---------------------------------------------------------------------------
     def reported(self) -> ReportedState:

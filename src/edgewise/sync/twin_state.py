@@ -281,10 +281,15 @@ def load(path: str | os.PathLike[str]) -> bytes | None:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
+def desired_bytes(state: DesiredState) -> bytes:
+    """What `save_desired` writes (msgpack)."""
+    return msgpack.packb({"format": PERSIST_FORMAT, "desired": state.to_wire()},
+                         use_bin_type=True)
+
+
 def save_desired(path: str | os.PathLike[str], state: DesiredState) -> None:
     """Persist the applied desired state atomically (msgpack)."""
-    envelope = {"format": PERSIST_FORMAT, "desired": state.to_wire()}
-    write_atomic(path, msgpack.packb(envelope, use_bin_type=True), mode=0o600)
+    write_atomic(path, desired_bytes(state), mode=0o600)
 
 
 def load_desired(path: str | os.PathLike[str]) -> DesiredState | None:
@@ -293,8 +298,11 @@ def load_desired(path: str | os.PathLike[str]) -> DesiredState | None:
     Raises `StorageError` if the file cannot be read or does not hold a desired state.
     """
     data = load(path)
-    if data is None:
-        return None
+    return None if data is None else parse_desired(data, path)
+
+
+def parse_desired(data: bytes, path: str | os.PathLike[str]) -> DesiredState:
+    """The desired state in a persisted file's bytes (`load_desired`); `StorageError`."""
     try:
         envelope = msgpack.unpackb(data, raw=False, strict_map_key=False)
         if not isinstance(envelope, dict) or envelope.get("format") != PERSIST_FORMAT:
