@@ -163,10 +163,15 @@ REGISTRY: tuple[Capability, ...] = (
         "tpm_attestation", "TPM attestation",
         (("edgewise.security.tpm.quote", "check_quote"),
          ("edgewise.cloud.attestation.verifier", "Attestations"),
-         ("edgewise.edge.tpm_node", "attestation_loop")),
+         ("edgewise.edge.tpm_node", "attestation_loop"),
+         ("edgewise.cloud.quarantine", "split"),
+         ("edgewise.edge.twin_files", "seal")),
         "a node with a TPM (`--tpm`) keeps its signing and attestation keys in the TPM, enrols "
         "bound to the TPM's endorsement key, and is quarantined when its TPM quote of the "
-        "measured agent and release does not match what the control plane allows",
+        "measured agent and release (and, if configured, the firmware PCRs against a golden "
+        "set) does not match what the control plane allows: its data is then stored apart "
+        "and only a new release reaches it; its outbox and twin files are encrypted under a "
+        "key the TPM seals",
         "TPM attestation would bind identity to the hardware; the node key is a file, so "
         "encrypt the disk",
         (r"\bTPM\b", r"\battestation\b")),

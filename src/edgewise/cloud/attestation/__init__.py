@@ -8,7 +8,9 @@
 * `api`: the device routes (TPM enrolment, attestation), the verdict stored (`store.tpm`) and
   a failure turned into the node's quarantine; `models`: their OpenAPI bodies.
 
+* `settings`: the policy's ``cloud serve`` options parsed (selectors that require
+  attestation, firmware PCRs, golden firmware sets).
+
 The checks themselves are `edgewise.security.tpm` (pure); this package keeps the state around
-them. Not built: restricting a quarantined node's session (docs/security.md says what
-quarantine does today).
+them. What a quarantined node may still do is `edgewise.cloud.quarantine`.
 """
