@@ -3,16 +3,23 @@ store (SQLite), nodes simulated in the store (`testbed.rollout_fleet.StoreFleet`
 ticked by hand. A node quarantined when the rollout is created is in no wave; one quarantined
 before its wave comes is skipped at its turn; one quarantined while in flight is skipped, not
 counted as a failure (the threshold here is 0), and abort rolls it back like any node the
-rollout changed. The disruption budget holds throughout (from the audit log)."""
+rollout changed. The disruption budget holds throughout (from the audit log). And layered
+config: ``config apply`` to a selector leaves a quarantined node out."""
 
 from __future__ import annotations
 
+import ssl
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
+from test_rollouts import T0, Clock, max_in_flight_per_site, pairs_of, release_writes
 
+from edgewise.cloud.app import start
+from edgewise.cloud.bootstrap import bootstrap
+from edgewise.cloud.config import CloudConfig
 from edgewise.cloud.pokes import PokeFanout
 from edgewise.cloud.rollouts.api import plan_and_create
 from edgewise.cloud.rollouts.driver import Driver
@@ -21,8 +28,6 @@ from edgewise.cloud.store import Store, database_url
 from edgewise.cloud.store.rollouts import Rollouts
 from edgewise.errors import BadRequest
 from edgewise.testbed.rollout_fleet import StoreFleet, add_nodes
-
-from test_rollouts import T0, Clock, max_in_flight_per_site, pairs_of, release_writes
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
 
@@ -109,3 +114,32 @@ async def test_a_rollout_of_only_quarantined_nodes_is_refused(tmp_path: Path) ->
             await plan_and_create(Rollouts(store), RID, RolloutSpec("2.0", {"fleet": "sim"}),
                                   listed, actor="test", now=T0)
         assert await Rollouts(store).get(RID) is None
+
+
+async def test_config_apply_to_a_selector_leaves_quarantined_nodes_out(tmp_path: Path) -> None:
+    """Layered config: ``config apply --selector`` stores the effective config for the other
+    nodes and names the quarantined one as held; it gets no desired version."""
+    config = CloudConfig(data_dir=tmp_path / "cloud", port=0)
+    async with Store(config.db_url) as store:
+        boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
+                               trust_domain="edgewise.local")
+        running = await start(config, boot.ca, store=store)
+        try:
+            await add_nodes(store, pairs_of(3), T0)
+            await store.write_layer("fleet", set_={"rate": 10}, actor="test")
+            await store.set_quarantine("n001", "TPM quote: PCR 0 changed", actor="attestation")
+            ctx = ssl.create_default_context(cafile=str(boot.ca_path))
+            async with httpx.AsyncClient(base_url=running.url, verify=ctx, timeout=30) as http:
+                r = await http.post("/v1/config/apply", json={"selector": "fleet=sim"},
+                                    headers={"Authorization": f"Bearer {boot.admin_token}"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert [n["node"] for n in body["nodes"]] == ["n000", "n002"]
+            assert body["held"] == [{"node": "n001", "reason": "TPM quote: PCR 0 changed"}]
+            assert body["unchanged"] == 0
+            assert await store.get_desired_state("n001") is None
+            for n in ("n000", "n002"):
+                state = await store.get_desired_state(n)
+                assert state is not None and state.config == {"rate": 10}
+        finally:
+            await running.stop()
