@@ -240,6 +240,18 @@ async def test_selector_policy_quarantines_nodes_without_a_tpm_and_views_show_it
     status, fleet = await op.call("GET", "/v1/fleet/nodes", params={"state": "quarantined"})
     assert [(n["id"], n["attestation"], n["quarantine"]) for n in fleet["nodes"]] == \
         [(strict_id, "none", reason)]
+    # the console's fleet page shows it with its attestation
+    ctx = client_context(cloud.dir / "pki" / "ca.pem")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=TIMEOUT,
+                                     cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        r = await http.post(cloud.running.url + "/console/login", allow_redirects=False,
+                            data={"token": op.token, "next": "/console/fleet"})
+        assert r.status == 303, await r.text()
+        r = await http.get(cloud.running.url + "/console/fleet",
+                           params={"state": "quarantined"})
+        page = await r.text()
+    assert r.status == 200 and ">Attestation</th>" in page
+    assert strict_id in page and lax_id not in page and "<td>none</td>" in page
     # relabelling it out of the policy's selector is refused while it is quarantined
     status, answer = await op.call("PATCH", f"/v1/nodes/{strict_id}/labels",
                                    {"set": {"site": "lax"}})

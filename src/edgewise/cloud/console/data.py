@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -56,6 +56,7 @@ class NodeLine:
     outbox_records: int | None  # waiting in the outbox, all priorities
     outbox_age_s: float | None  # of the oldest waiting chunk
     last_seen: datetime | None
+    attestation: str | None = None  # tpm or none (`_attested`)
 
 
 @dataclass
@@ -104,7 +105,8 @@ async def fleet_page(store: Store, labels: Mapping[str, str],
             rows = await store.fleet_rows(nodes)
             lines = [_line(r, classify(r, now)) for r in rows]
             next_after = lines[PAGE - 1].id if len(lines) > PAGE else None
-            return FleetPage(lines[:PAGE], counts, total, next_after, as_of)
+            return FleetPage(await _attested(store, lines[:PAGE]), counts, total, next_after,
+                             as_of)
     else:  # the gauges' first pass is still running (a control plane that just started)
         counts, total, as_of = None, None, None
     lines = []
@@ -120,7 +122,13 @@ async def fleet_page(store: Store, labels: Mapping[str, str],
         if rows:
             cursor = rows[-1].node.id
     next_after = lines[PAGE - 1].id if len(lines) > PAGE else None
-    return FleetPage(lines[:PAGE], counts, total, next_after, as_of)
+    return FleetPage(await _attested(store, lines[:PAGE]), counts, total, next_after, as_of)
+
+
+async def _attested(store: Store, lines: list[NodeLine]) -> list[NodeLine]:
+    """``lines`` with their attestation (one query for the page)."""
+    att = await store.attestations([ln.id for ln in lines])
+    return [replace(ln, attestation=att.get(ln.id)) for ln in lines]
 
 
 def chunk_records(chunk: StoredChunk, last: int) -> list[dict[str, Any]]:
