@@ -4,6 +4,7 @@ source that ends after its first batch of 200 readings, committed to the outbox)
 at most 0.25 s CPU each.
 
     .venv/bin/python benchmarks/cli_startup.py [--runs 9] [--importtime] [--parts]
+                                               [--before OTHER/src]
 
 Each command runs ``--runs`` times as a child process, the commands taking turns (so a change
 of load hits all of them alike); its CPU (user + system, from ``os.wait4``) is the median. The
@@ -22,7 +23,9 @@ compiling our modules from source on every start (no bytecode cache, what a chec
 command (``python -X importtime``, cumulative microseconds). ``--parts`` also times each
 library of the floor alone, with the start-up settings, less ``python -c pass`` (what it
 costs on its own; the parts share some of the standard library, so they add up to more than
-the floor)."""
+the floor). ``--before DIR`` also runs ``--help`` and ``run`` with ``PYTHONPATH=DIR``
+(the ``src`` of another checkout, e.g. a ``git worktree`` of an older commit), taking turns
+with the others: a before-and-after under the same load."""
 
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--importtime", action="store_true")
     ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--before", type=Path, default=None, metavar="DIR")
     args = ap.parse_args()
     py = sys.executable
     cli = [py, "-c", "from edgewise.cli import main; main()"]  # what the console script runs
@@ -132,6 +136,10 @@ def main() -> None:
         if args.parts:
             commands |= {f"  part: {name}": ([py, "-c", SETTINGS + code + "\ngc.freeze()\n"],
                                              cached) for name, code in PARTS.items()}
+        if args.before:
+            other = dict(cached, PYTHONPATH=str(args.before.resolve()))
+            commands |= {f"  before: {HELP}": ([*cli, "--help"], other),
+                         f"  before: {RUN}": ([*cli, *run_args], other)}
         samples: dict[str, list[float]] = {name: [] for name in commands}
         for i in range(args.runs + 1):
             for name, (argv, env) in commands.items():  # taking turns
@@ -160,7 +168,9 @@ def main() -> None:
                "run_as_library_cpu_s": round(med[LIBRARY], 4),
                "run_compiling_cpu_s": round(med[COMPILING], 4),
                "floor_cpu_s": round(med[FLOOR], 4),
-               "floor_with_settings_cpu_s": round(med[FLOOR_SET], 4)})
+               "floor_with_settings_cpu_s": round(med[FLOOR_SET], 4),
+               **({"before_help_cpu_s": round(med[f"  before: {HELP}"], 4),
+                   "before_run_cpu_s": round(med[f"  before: {RUN}"], 4)} if args.before else {})})
 
 
 if __name__ == "__main__":
