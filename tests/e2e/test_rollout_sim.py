@@ -60,6 +60,7 @@ async def test_a_rollout_completes_at_0_percent_and_halts_at_its_threshold_at_5(
     # only the wave in flight may still take a node after the crossing failure was reported
     assert bad["assigned_after_crossing"] is not None
     assert bad["assigned_after_crossing"] <= bad["wave_in_flight"]
+    assert bad["beyond_wave_in_flight"] == 0
     # the nodes say the same: the failing ones rolled back, the quarantined one ran nothing
     rel = res["sim"]["releases"]
     assert rel["failed"] == {"2.2": bad["states"]["failed"]}

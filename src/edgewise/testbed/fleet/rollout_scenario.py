@@ -9,7 +9,9 @@ with ``--release-failure-rate VERSION=RATE`` for each release. Once every node h
 it quarantines the last ``quarantine`` nodes by index (`OperatorClient.quarantine`), then runs the
 rollouts one after the other through the operator API (``POST /v1/rollouts``, polled with
 ``GET /v1/rollouts/ID``) until each is completed or paused; a paused one is given
-``settle_s`` for its nodes in flight to finish, then cancelled, so the next can start.
+``settle_s`` for its nodes in flight to finish, then cancelled, so the next can start. With
+``baseline``, one more release then goes to every node at once (``config set --selector S
+--release V``), timed until every node has committed it: what a rollout replaces.
 
 What each rollout measured (`RolloutFigures`), from the control plane's audit log (actor
 ``rollout:<id>``) and the simulator's events file:
@@ -18,7 +20,8 @@ What each rollout measured (`RolloutFigures`), from the control plane's audit lo
 * ``touched_after_pause``: nodes first assigned after the ``rollout.pause`` entry (target 0);
 * ``assigned_after_crossing``: nodes assigned after the node whose failure crossed the
   threshold reported it (its ``rolled_back``/``refused`` event): the wave in flight may still
-  take a node in that second, no later wave may;
+  take a node in that second (a site's budget freed), no later wave may
+  (``beyond_wave_in_flight``);
 * ``max_in_flight_per_site``: the most nodes of one site assigned and not yet healthy,
   failed or skipped at once, replayed from the ``rollout.node`` entries;
 * ``updated`` / ``updated_twice``: nodes that began staging the release (events), and those
@@ -67,6 +70,7 @@ class RolloutScenarioConfig:
     ramp: float = 0.0
     phase_timeout: float = 600.0  # s for the enrolment and for each rollout
     settle_s: float = 15.0  # after a pause: time for the wave in flight to finish
+    baseline: str | None = None  # then this release (no failures) to all at once: the baseline
     sim_args: tuple[str, ...] = ()
 
 
@@ -90,6 +94,7 @@ class RolloutFigures:
     quarantined_updated: int = 0  # quarantined nodes that began staging it (target 0)
     touched_after_pause: int | None = None
     assigned_after_crossing: int | None = None
+    beyond_wave_in_flight: int | None = None  # of those, nodes of another wave (target 0)
     wave_in_flight: int | None = None  # nodes of the wave the rollout paused in
     max_in_flight_per_site: int = 0
     server_cpu_pct: float | None = None
@@ -134,7 +139,8 @@ def _audit(client: Any, actor: str) -> list[Any]:
 
 
 def measure(fig: RolloutFigures, created: datetime, entries: list[Any],
-            events: ReleaseEvents, held: frozenset[int] = frozenset()) -> None:
+            events: ReleaseEvents, held: frozenset[int] = frozenset(),
+            wave: int | None = None) -> None:
     """Fill ``fig`` from the rollout's audit entries (its driver's: actor ``rollout:<id>``)
     and the nodes' release events; ``created``: when the rollout was created."""
     first = {e.action: e for e in reversed(entries)}  # the first entry of each action
@@ -157,8 +163,10 @@ def measure(fig: RolloutFigures, created: datetime, entries: list[Any],
     fig.touched_after_pause = len({e.target for e in assigned if e.id > pause.id})
     if len(fails) > fig.failures_allowed:
         crossing = fails[fig.failures_allowed]
-        fig.assigned_after_crossing = len({e.target for e in assigned
-                                           if e.ts.timestamp() > crossing})
+        late = [e for e in assigned if e.ts.timestamp() > crossing]
+        fig.assigned_after_crossing = len({e.target for e in late})
+        fig.beyond_wave_in_flight = len({e.target for e in late
+                                         if e.detail.get("wave") != wave})
 
 
 async def _until(what: str, check: Any, timeout: float, sim: ChildProcess,
@@ -182,6 +190,28 @@ async def _cli(*args: str) -> None:
         raise EdgewiseError(f"edgewise {' '.join(args[:3])}: {res.stderr.strip()[-400:]}")
 
 
+async def _all_at_once(client: Any, cfg: RolloutScenarioConfig, version: str, selector: str,
+                       events: ReleaseEvents, sim: ChildProcess) -> dict[str, Any]:
+    """The baseline a rollout replaces: ``config set --selector S --release V`` (one bulk
+    write, every node poked at once); seconds until every node runs it, committed."""
+    from edgewise.cloud import openapi as oa
+
+    t0 = time.time()
+    answer = await asyncio.to_thread(client.set_config, oa.ConfigSetRequest(
+        selector=selector, release=version))
+    put_s = time.time() - t0
+
+    async def everyone() -> bool:
+        events.read()
+        done = {i for _, i, v, o in events.steps if v == version and o == "committed"}
+        return len(done) >= len(answer.nodes)
+
+    await _until(f"all at once: {version}", everyone, cfg.phase_timeout, sim)
+    last = max(t for t, _, v, o in events.steps if v == version and o == "committed")
+    return {"release": version, "nodes": len(answer.nodes), "put_s": round(put_s, 2),
+            "seconds": round(last - t0, 2)}
+
+
 async def run_rollouts(cfg: RolloutScenarioConfig) -> dict[str, Any]:
     """The whole run (module docstring): fleet figures and one `RolloutFigures` per release."""
     from edgewise.cloud.client import OperatorClient
@@ -201,7 +231,7 @@ async def run_rollouts(cfg: RolloutScenarioConfig) -> dict[str, Any]:
         await cloud.start()
         data = str(cloud.data_dir)
         await _cli("cloud", "keys", "init", str(cfg.workdir / "root-keys"), "--data", data)
-        for version, _ in cfg.rates:
+        for version in [v for v, _ in cfg.rates] + ([cfg.baseline] if cfg.baseline else []):
             folder = cfg.workdir / "releases" / version
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "README.txt").write_text(f"simulated release {version}\n")
@@ -276,10 +306,13 @@ async def run_rollouts(cfg: RolloutScenarioConfig) -> dict[str, Any]:
             events.read()
             measure(fig, created.created,
                     await asyncio.to_thread(_audit, client, f"rollout:{created.id}"), events,
-                    frozenset(range(n - cfg.quarantine, n)))
+                    frozenset(range(n - cfg.quarantine, n)), detail.wave)
             if detail.state == "paused":  # so the next rollout may take its nodes
                 await asyncio.to_thread(client.call, "POST", f"/v1/rollouts/{created.id}/cancel",
                                         m.Rollout, body=m.RolloutCommand(reason="benchmark"))
+        if cfg.baseline is not None:
+            out["baseline"] = await _all_at_once(client, cfg, cfg.baseline, f"fleet={run}",
+                                                 events, sim)
         out["server_rss_mb_end"] = round(rss_kb(pid) / 1024, 1)
         sim.signal(signal.SIGTERM)
         if await sim.wait(cfg.phase_timeout) != 0:
