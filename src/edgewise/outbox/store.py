@@ -16,7 +16,10 @@ still cannot be stored raises `OutboxDiskFull` (nothing stored; the caller keeps
 Encryption at rest: given a ``cipher`` (`edgewise.security.payload.PayloadCipher`: AES-GCM
 under a key sealed to the TPM), every chunk's payload is stored encrypted, bound to its stream
 name, and decrypted when read (`peek`, `read_stream`, compaction); the uplink sends the plain
-codec bytes. Dead letters and the checkpoint are not encrypted.
+codec bytes. Dead letters' payloads and the checkpoint's values are sealed with it too
+(`SEALED` prefix; their kind and key as associated data); ones stored in clear before the
+cipher was given are still read. Without the cipher, `dead_letters` shows a sealed payload as
+None (``encrypted``: True) and `load_checkpoint` refuses a sealed value.
 
 Thread use: one `Outbox` object may be used from several threads (a lock serialises access); the
 engine does its commits from a single writer thread so the event loop never waits on fsync.
@@ -55,6 +58,7 @@ from edgewise.sync import codec
 __all__ = ["MAX_DEAD_LETTERS", "Outbox", "OutboxDamaged", "compact_columns"]
 
 MAX_DEAD_LETTERS = 10_000
+SEALED = b"EWSEAL1\0"  # a dead letter's payload or checkpoint value sealed with the cipher
 
 
 class PayloadCipher(Protocol):
@@ -330,7 +334,8 @@ class Outbox(Pressure, Numbered):
                 db.executemany(
                     "INSERT INTO checkpoint(key, value) VALUES (?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    list(checkpoint.items()),
+                    [(k, self._seal_extra(b"checkpoint " + k.encode(), v))
+                     for k, v in checkpoint.items()],
                 )
             if encoded:
                 self._hold_bound(db, top, report)
@@ -347,7 +352,8 @@ class Outbox(Pressure, Numbered):
     def _add_dead(self, db: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
         db.executemany(
             "INSERT INTO dead_letters(created, source, reason, size, payload) VALUES (?,?,?,?,?)",
-            [(now, d.source, d.reason, d.size, d.payload) for d in dead],
+            [(now, d.source, d.reason, d.size, self._seal_extra(b"dead letter", d.payload))
+             for d in dead],
         )
         self.dead_letter_count += len(dead)
         if self.dead_letter_count > MAX_DEAD_LETTERS:
@@ -420,7 +426,12 @@ class Outbox(Pressure, Numbered):
     # -- checkpoint and inspection ------------------------------------------------------------
     def load_checkpoint(self) -> dict[str, bytes]:
         with self._lock:
-            return dict(self.db.execute("SELECT key, value FROM checkpoint").fetchall())
+            rows = self.db.execute("SELECT key, value FROM checkpoint").fetchall()
+        out = {k: self._open_extra(b"checkpoint " + k.encode(), v) for k, v in rows}
+        if any(v is None for v in out.values()):
+            raise StorageError(f"{self.path}: the checkpoint is encrypted; open the outbox with "
+                               "its key (the agent's --tpm)")
+        return out  # type: ignore[return-value]
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
@@ -431,7 +442,8 @@ class Outbox(Pressure, Numbered):
             ).fetchall()
         return [
             {"id": r[0], "created": r[1], "source": r[2], "reason": r[3], "size": r[4],
-             "payload": r[5]}
+             "payload": self._open_extra(b"dead letter", r[5]),
+             "encrypted": bool(r[5]) and r[5].startswith(SEALED)}
             for r in rows
         ]
 
@@ -449,6 +461,17 @@ class Outbox(Pressure, Numbered):
 
     def _open(self, stream: str, payload: bytes) -> bytes:
         return payload if self.cipher is None else self.cipher.open(payload, stream.encode())
+
+    def _seal_extra(self, what: bytes, data: bytes | None) -> bytes | None:
+        """A dead letter's payload or a checkpoint value as stored (sealed with a cipher)."""
+        return data if data is None or self.cipher is None else \
+            SEALED + self.cipher.seal(data, what)
+
+    def _open_extra(self, what: bytes, data: bytes | None) -> bytes | None:
+        """`_seal_extra` undone; None for a sealed value without the cipher."""
+        if data is None or not data.startswith(SEALED):
+            return data  # stored in clear (no cipher, or before it was given)
+        return None if self.cipher is None else self.cipher.open(data[len(SEALED):], what)
 
     def capacity(self) -> int:
         """Bytes on disk the chunk rows may take now (`edgewise.outbox.disk`)."""
