@@ -8,6 +8,8 @@ policy (``--require-attestation-for``) and the operator views (attestation, quar
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -314,3 +316,25 @@ async def test_data_out_forwards_nothing_a_quarantined_node_sent(
         subscriber.close()
     assert sorted((t.split("/")[-2], orjson.loads(p)["seq"]) for t, p in got) == \
         [(lax[0], 0), (lax[0], 1), (lax[0], 2)]
+
+
+async def test_a_quarantine_set_by_another_replica_reaches_the_live_session(
+    cloud: Cloud, tmp_path: Path,
+) -> None:
+    node_id, key, cert = await plain_node(cloud, tmp_path, "n", {"site": "lax"})
+    async with NodeSession(cloud, key, cert) as session:
+        assert await session.send(1, 0, 2) == {"t": "ack", "ids": [1]}
+        # another control-plane process quarantines it: only the store changes here
+        await cloud.store.set_quarantine(node_id, "seen elsewhere", actor="operator:other")
+        seq, cid, deadline = 2, 2, time.monotonic() + 30
+        while True:  # this process's maintenance round (every 3 x 0.2 s here) picks it up
+            assert await session.send(cid, seq, 1) == {"t": "ack", "ids": [cid]}
+            chunks = await cloud.store.read_chunks(node_id, "raw", from_seq=seq,
+                                                   include_quarantined=True)
+            if chunks[0].quarantined:
+                break
+            assert time.monotonic() < deadline, "the live session never heard of it"
+            seq, cid = seq + 1, cid + 1
+            await asyncio.sleep(0.1)
+    [stats] = await cloud.store.stream_stats(node_id)
+    assert stats.contiguous == seq + 1  # every batch acknowledged and accounted for
