@@ -79,7 +79,7 @@ class PipelineRun:
         self.start = start
         self.forward = forward
         self._reader: run_state.PendingReader | None = None
-        self._shipped_state: bytes | None = None
+        self._shipped_state: run_state.RunState | None = None
         self._state_at = 0.0
         self.node = results_node(spec.name)
         self.outbox = Outbox(outbox_file(self.dir), spec.body.outbox.max_bytes,
@@ -108,7 +108,7 @@ class PipelineRun:
     async def run(self) -> None:
         if self.lease is not None and self.start is not None:
             await asyncio.to_thread(run_state.reset, self.dir, self.start)
-            self._shipped_state = self.start.encode()
+            self._shipped_state = self.start
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             await self._run()
@@ -164,15 +164,14 @@ class PipelineRun:
         takeover computes again only what came after it."""
         if self._reader is None:
             self._reader = run_state.PendingReader(self.dir)
-        chunks, state = await asyncio.to_thread(self._reader.read_pending)
         loop = asyncio.get_running_loop()
-        encoded = state.encode()
-        if not chunks and (encoded == self._shipped_state
-                           or (not final and loop.time() - self._state_at < STATE_EVERY)):
+        want = final or loop.time() - self._state_at >= STATE_EVERY
+        chunks, state = await asyncio.to_thread(self._reader.read_pending, want)
+        if state is None or (not chunks and state == self._shipped_state):
             return 0
         writes, marks = self._writes(chunks)
-        result = await self.store.commit_pipeline_results(lease, writes, marks, encoded)
-        self._shipped_state, self._state_at = encoded, loop.time()
+        result = await self.store.commit_pipeline_results(lease, writes, marks, state.encode())
+        self._shipped_state, self._state_at = state, loop.time()
         await self._shipped(chunks)
         if self.forward is not None and writes:
             try:  # data out is best effort after the commit, as for ingested chunks

@@ -63,7 +63,10 @@ class PendingReader:
         self.path = outbox_file(directory)
         self._db: sqlite3.Connection | None = None
 
-    def read_pending(self) -> tuple[list[Chunk], RunState]:
+    def read_pending(self, want_state: bool = True) -> tuple[list[Chunk], RunState | None]:
+        """The unshipped chunks, and the state right after them when there are chunks or
+        ``want_state`` (else None: a large checkpoint is not read for nothing)."""
+        state: RunState | None = None
         try:
             if self._db is None:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
@@ -74,16 +77,17 @@ class PendingReader:
                 rows = db.execute(
                     "SELECT id, stream, priority, seq_first, seq_count, records, compacted, "
                     "payload FROM chunks ORDER BY id").fetchall()
-                checkpoint = dict(db.execute("SELECT key, value FROM checkpoint").fetchall())
-                next_seq = dict(db.execute("SELECT stream, next_seq FROM streams").fetchall())
+                if rows or want_state:
+                    checkpoint = db.execute("SELECT key, value FROM checkpoint").fetchall()
+                    next_seq = db.execute("SELECT stream, next_seq FROM streams").fetchall()
+                    state = RunState({str(k): bytes(v) for k, v in checkpoint},
+                                     {str(k): int(v) for k, v in next_seq})
             finally:
                 db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the cloud pipeline's outbox {self.path}: "
                                f"{exc}") from None
-        chunks = [Chunk(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
-        return chunks, RunState({str(k): bytes(v) for k, v in checkpoint.items()},
-                                {str(k): int(v) for k, v in next_seq.items()})
+        return [Chunk(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows], state
 
     def close(self) -> None:
         if self._db is not None:
