@@ -3,6 +3,10 @@ shipments fenced by the term (nothing stored by a replica that lost the pipeline
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
+from collections.abc import Awaitable, Callable, Sequence, Set
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -79,3 +83,80 @@ async def test_the_same_replica_started_again_takes_over_at_once_in_a_new_term(
                                                 now=T + timedelta(seconds=2))
         assert await store.read_chunks("cloud:fleet", "total") == []
         assert await store.renew_pipeline_lease(new, now=T + timedelta(seconds=2))
+
+
+async def test_a_takeover_on_another_data_dir_continues_from_the_stored_state(
+        tmp_path: Path) -> None:
+    """Replica a runs the pipeline and dies abruptly (its task cancelled, whatever it had not
+    shipped lost with its folder); replica b, with a data directory of its own, takes over
+    from the state stored with a's last shipment: every window once, equal to the offline
+    computation, and data out is handed each stored result once."""
+    from test_cloud_pipeline_run import enrol, offline, put, readings, spec_text, stored, wait_for
+
+    from edgewise.cloud.pipelines.runner import PipelineRun
+    from edgewise.cloud.pipelines.spec import parse_cloud_pipeline
+    from edgewise.security.pki import CertificateAuthority
+
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    forwarded: list[tuple[str, str, int]] = []
+
+    async def forward(chunks: Sequence[ChunkWrite], inserted: Set[tuple[str, str, int]]
+                      ) -> None:
+        forwarded.extend(k for c in chunks if (k := (c.node_id, c.stream, c.seq_first))
+                         in inserted)
+
+    async with Store(database_url(None, tmp_path)) as store:
+        nodes = ["node-a", "node-b", "node-c"]
+        sent = []
+        for i, n in enumerate(nodes):
+            await enrol(store, ca, n)
+            seq = 0
+            for t in range(0, 120, 20):
+                cols = readings(i, T0S + t, T0S + t + 20)
+                sent.append(cols)
+                seq = await put(store, n, seq, cols)
+
+        async def windows() -> int:
+            return len((await stored(store, "cloud:fleet", "total")).get("count", []))
+
+        lease_a = await store.take_pipeline_lease("fleet", "host/a", 15)
+        assert lease_a is not None
+        run_a = PipelineRun(parse_cloud_pipeline(spec_text(), "fleet"), tmp_path / "a", store,
+                            lease=lease_a, start=None, forward=forward)
+        task = asyncio.create_task(run_a.run())
+        await wait_for(lambda: _at_least(windows, 4))
+        task.cancel()  # no final commit, no final shipment
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        shutil.rmtree(tmp_path / "a")  # a's disk is gone with it
+        lease_b = await store.take_pipeline_lease(
+            "fleet", "host/b", 15, now=datetime.now(UTC) + timedelta(seconds=20))
+        assert lease_b is not None and lease_b.term == 2
+        start = RunState.decode(await store.pipeline_state("fleet") or b"")
+        run_b = PipelineRun(parse_cloud_pipeline(spec_text(), "fleet"), tmp_path / "b", store,
+                            lease=lease_b, start=start, forward=forward)
+        task = asyncio.create_task(run_b.run())
+        try:
+            await wait_for(lambda: _at_least(windows, 11))
+            await asyncio.sleep(0.5)  # anything repeated would be stored by now
+        finally:
+            run_b.stop()
+            await asyncio.wait_for(task, 30)
+        got = await stored(store, "cloud:fleet", "total")
+        want = offline(sent)
+        starts = got["window_start"].tolist()
+        assert len(starts) == len(set(starts)) == 11  # each closed window once
+        for j, w in enumerate(starts):
+            c, s, lo, hi = want[w]
+            assert (int(got["count"][j]), got["min"][j], got["max"][j]) == (c, lo, hi)
+            assert got["sum"][j] == pytest.approx(s, rel=1e-12)
+        chunks = await store.read_chunks("cloud:fleet", "total", limit=1000)
+        assert sorted(k for k in forwarded if k[1] == "total") == [
+            ("cloud:fleet", "total", c.seq_first) for c in chunks]
+
+
+T0S = 1_700_000_000.0
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() >= n
