@@ -221,11 +221,30 @@ async def test_quarantined_tpm_node_is_kept_apart_then_attests_again_after_a_rel
                      ("node.unquarantine", "attestation", None)]
 
 
+async def strict_node(cloud: Cloud, tmp_path: Path) -> tuple[str, Path, Path]:
+    """A node without a TPM under the policy's selector: a token with the selector's labels
+    cannot enrol it (403, the token not used up), so it enrols as another site and is
+    relabelled (an operator moving it, or a node enrolled before the policy)."""
+    plain, record = EnrolmentToken.issue({"site": "strict"}, timedelta(hours=1), 1)
+    await cloud.store.add_enrolment_token(record)
+    key = pki.generate_key(tmp_path / "refused.key")
+    status, body = await cloud.post("/v1/device/enrol", {
+        "token": plain.get_secret_value(), "csr": pki.make_csr(key).decode()})
+    assert (status, body["error"]) == (403, "nodes with this token's labels must enrol with a "
+                                            "TPM (--require-attestation-for; enrol with --tpm)")
+    [left] = [t for t in await cloud.store.list_enrolment_tokens()
+              if t.hash_prefix == record.hash[:12]]
+    assert left.uses_left == 1
+    node_id, key_path, cert = await plain_node(cloud, tmp_path, "strict", {"site": "moved"})
+    await cloud.store.patch_node_labels(node_id, {"site": "strict"}, (), actor="test")
+    return node_id, key_path, cert
+
+
 async def test_selector_policy_quarantines_nodes_without_a_tpm_and_views_show_it(
     cloud: Cloud, tmp_path: Path,
 ) -> None:
     op = await operator(cloud)
-    strict_id, key, cert = await plain_node(cloud, tmp_path, "strict", {"site": "strict"})
+    strict_id, key, cert = await strict_node(cloud, tmp_path)
     lax_id, lax_key, lax_cert = await plain_node(cloud, tmp_path, "lax", {"site": "lax"})
     reason = "attestation required: this node has no TPM"
     async with NodeSession(cloud, key, cert) as session, \
@@ -303,7 +322,7 @@ async def test_data_out_forwards_nothing_a_quarantined_node_sent(
             running = await start(config, boot.ca, store=store)
             try:
                 cloud = Cloud(config.data_dir, running, store)
-                strict = await plain_node(cloud, tmp_path, "strict", {"site": "strict"})
+                strict = await strict_node(cloud, tmp_path)
                 lax = await plain_node(cloud, tmp_path, "lax", {"site": "lax"})
                 async with NodeSession(cloud, *strict[1:]) as s, \
                         NodeSession(cloud, *lax[1:]) as lx:

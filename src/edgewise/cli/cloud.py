@@ -120,7 +120,8 @@ def cloud() -> None:
               "present an EK certificate it issued.")
 @click.option("--require-attestation-for", "require_for", multiple=True, metavar="SELECTOR",
               help="Nodes whose labels match (e.g. site=plant1; repeatable) must attest: one "
-              "without a TPM is quarantined when its session starts (docs/security.md).")
+              "without a TPM is refused at enrolment (its token's labels) and quarantined when "
+              "its session starts (docs/security.md).")
 @click.option("--firmware-pcrs", default=None, metavar="0-7",
               help="Quote the firmware's measured-boot PCRs too (e.g. 0-7 or 0,2,7).")
 @click.option("--golden-firmware", type=click.Path(dir_okay=False, path_type=Path),

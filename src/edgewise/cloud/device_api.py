@@ -217,7 +217,8 @@ async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = 
                      ) -> tuple[int, dict[str, Any]]:
     """Enrol with ``token`` and ``csr``: (status, answer). ``tpm``: the caller checked the
     node's TPM (`edgewise.cloud.attestation.api`); without it a control plane that requires
-    attestation refuses (403)."""
+    attestation (of all nodes, or of those the token's labels match a selector of) refuses
+    (403)."""
     metrics = app[METRICS]
     if not tpm and app[CONFIG].attestation.require:
         metrics.enrolments.labels("AttestationRequired").inc()
@@ -236,6 +237,10 @@ async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = 
     try:
         token_hash = check_format(token, ENROLMENT_PREFIX)
         ca, config, store = app[CA], app[CONFIG], app[STORE]
+        if not tpm and config.attestation.require_for and config.attestation.required(
+                await store.token_labels(token_hash) or {}):  # the token is not used up
+            raise AttestationRequired("nodes with this token's labels must enrol with a TPM "
+                                      "(--require-attestation-for; enrol with --tpm)")
         node_id = new_node_id()
         issued = ca.sign_node_csr(csr, node_id, config.node_cert_lifetime)
         app[REVOCATIONS].check(issued.cert)  # a revoked key cannot come back

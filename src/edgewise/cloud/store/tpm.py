@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.cloud.store.db import Database, utc_now
-from edgewise.cloud.store.models import NodeHealthRow, NodeTpmRow
+from edgewise.cloud.store.models import EnrolmentTokenRow, NodeHealthRow, NodeTpmRow
 from edgewise.errors import PeerError
 
 
@@ -99,3 +99,11 @@ class TpmStore(Database):
             tpm = {r.node_id for r in (await conn.execute(
                 select(NodeTpmRow.node_id).where(NodeTpmRow.node_id.in_(list(node_ids))))).all()}
         return {n: "tpm" if n in tpm else "none" for n in node_ids}
+
+    async def token_labels(self, token_hash: str) -> dict[str, str] | None:
+        """The labels an enrolment token gives its nodes (None: no such token), for the
+        attestation policy's selectors at enrolment."""
+        async with self._tx(write=False) as conn:
+            row = (await conn.execute(select(EnrolmentTokenRow.labels).where(
+                EnrolmentTokenRow.hash == token_hash))).first()
+        return None if row is None else dict(row.labels or {})
