@@ -161,7 +161,7 @@ async def patch_labels(call: Call) -> oa.Node:
     both = sorted(set(body.set) & set(body.remove))
     if both:
         raise BadRequest(f"label(s) {', '.join(both)} both set and removed")
-    await quarantine.refuse_unless_release(call.store, call.node_id, "a label change")
+    await quarantine.refuse_if_quarantined(call.store, call.node_id, "a label change")
     try:  # read and written in one transaction: concurrent patches all keep their changes
         updated = await call.store.patch_node_labels(call.node_id, body.set, body.remove,
                                                      actor=call.actor, now=call.now)

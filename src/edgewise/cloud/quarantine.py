@@ -12,7 +12,7 @@ audited) and never holds an expected measurement. While it is quarantined:
 * it may **receive a new release** (a desired change that only assigns a release: ``config set
   --release``, rollouts) and be revoked or decommissioned;
 * **everything else** an operator would send it is refused (409) with the reason
-  (`refuse_unless_release`): pipelines, config, setpoints, labels. A push to a selector
+  (`refuse_if_quarantined`): pipelines, config, setpoints, labels. A push to a selector
   skips the quarantined nodes it matches and names them as ``held`` in its answer (`split`);
   nothing is queued for them: push again once the quarantine is lifted.
 
@@ -23,13 +23,10 @@ own (``edgewise node unquarantine``). Chunks stored while quarantined stay flagg
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from edgewise.cloud.desired import DesiredChange
-from edgewise.cloud.store import NodeInfo
+from edgewise.cloud.store import NodeInfo, Store
 from edgewise.errors import BadRequest
-
-ALLOWED = ("report", "release", "revoke", "decommission")  # what a quarantined node may do
 
 
 class NodeQuarantined(BadRequest):
@@ -51,7 +48,7 @@ def refusal(node_id: str, reason: str, what: str) -> NodeQuarantined:
         "quarantine is lifted (a successful attestation, or `edgewise node unquarantine`)")
 
 
-async def split(store: Any, nodes: Sequence[NodeInfo], change: DesiredChange | None
+async def split(store: Store, nodes: Sequence[NodeInfo], change: DesiredChange | None
                 ) -> tuple[list[NodeInfo], dict[str, str]]:
     """``nodes`` a desired ``change`` may go to, and the held ones ``{node: reason}`` (all
     quarantined nodes unless the change only assigns a release; ``change`` None: a config
@@ -64,7 +61,7 @@ async def split(store: Any, nodes: Sequence[NodeInfo], change: DesiredChange | N
     return [n for n in nodes if n.id not in held], held
 
 
-async def refuse_unless_release(store: Any, node_id: str, what: str) -> None:
+async def refuse_if_quarantined(store: Store, node_id: str, what: str) -> None:
     """Raise `NodeQuarantined` naming ``what`` if ``node_id`` is quarantined."""
     reason = (await store.quarantines([node_id])).get(node_id)
     if reason is not None:

@@ -71,11 +71,6 @@ class Policy:
         return cls(frozenset(agents), frozenset(release_digests), tuple(sorted(set(pcrs))),
                    tuple(sorted(set(firmware_pcrs))), frozenset(golden))
 
-    @property
-    def quoted(self) -> tuple[int, ...]:
-        """Every PCR the quote must cover."""
-        return tuple(sorted({*self.pcrs, *self.firmware_pcrs}))
-
 
 async def policy_from_store(store: Any, agents: Iterable[str],
                             pcrs: Iterable[int] = (DEFAULT_PCR,), firmware_pcrs: Iterable[int] = (),
