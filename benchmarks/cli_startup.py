@@ -4,7 +4,7 @@ source that ends after its first batch of 200 readings, committed to the outbox)
 at most 0.25 s CPU each.
 
     .venv/bin/python benchmarks/cli_startup.py [--runs 9] [--importtime] [--parts]
-                                               [--before OTHER/src]
+                                               [--before OTHER/src] [--steps]
 
 Each command runs ``--runs`` times as a child process, the commands taking turns (so a change
 of load hits all of them alike); its CPU (user + system, from ``os.wait4``) is the median. The
@@ -25,11 +25,15 @@ library of the floor alone, with the start-up settings, less ``python -c pass`` 
 costs on its own; the parts share some of the standard library, so they add up to more than
 the floor). ``--before DIR`` also runs ``--help`` and ``run`` with ``PYTHONPATH=DIR``
 (the ``src`` of another checkout, e.g. a ``git worktree`` of an older commit), taking turns
-with the others: a before-and-after under the same load."""
+with the others: a before-and-after under the same load. ``--steps`` runs the steps of
+``edgewise run`` one by one in a child with the same settings and prints the CPU of each
+(``time.process_time``; the last step, exit, is the child's total from ``os.wait4`` less what
+it measured), minimum and median of ``--runs`` children."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -49,6 +53,48 @@ spec:
     - {id: sensors, type: simulator, realtime: false, limit: 200, batch: 200}
   sinks:
     - {id: out, type: outbox, inputs: [sensors], stream: raw}
+"""
+
+STEPS = """\
+import json, time
+T = [("python start-up", time.process_time())]
+def step(name):
+    T.append((name, time.process_time()))
+from edgewise.cli import startup
+startup.own_process()
+step("click and our CLI modules")
+import gc
+gc.disable()
+import asyncio, sqlite3
+step("asyncio, sqlite3")
+import numpy
+step("numpy")
+import yaml
+step("yaml")
+from pydantic import BaseModel
+class M(BaseModel):
+    x: int
+step("pydantic and its first model")
+from edgewise.outbox import Outbox, outbox_file
+step("our outbox modules (with msgpack, zstandard)")
+from edgewise.outbox.quarantine import open_outbox
+from edgewise.pipeline.engine import Engine
+from edgewise.pipeline.spec import load_pipeline
+step("our engine and spec modules")
+spec = load_pipeline("p.yaml")
+step("loading the pipeline (its components' modules)")
+outbox = Outbox(outbox_file(".edgewise/startup"), spec.body.outbox.max_bytes,
+                spec.body.outbox.sync)
+open_outbox(outbox)
+step("creating the outbox")
+engine = Engine(spec, ".edgewise/startup", outbox=outbox)
+step("the engine (the simulator imports numpy.random)")
+gc.freeze()
+gc.enable()
+asyncio.run(engine.run())
+outbox.close()
+step("the first batch, committed")
+print(json.dumps([(b, t1 - t0) for (_, t0), (b, t1) in zip([("", 0.0), *T], T)]))
 """
 
 TARGET_S = 0.25
@@ -106,12 +152,33 @@ def slowest_imports(argv: list[str], cwd: Path, env: dict[str, str] | None = Non
     return sorted(rows, reverse=True)[:n]
 
 
+def print_steps(py: str, work: Path, env: dict[str, str], runs: int) -> None:
+    """The CPU of each step of ``edgewise run`` (`STEPS`), minimum and median of ``runs``."""
+    rows: dict[str, list[float]] = {}
+    for _ in range(runs):
+        subprocess.run(["rm", "-rf", str(work / ".edgewise")], check=True)
+        p = subprocess.Popen([py, "-c", STEPS], cwd=work, env=env, stdout=subprocess.PIPE)
+        out = p.stdout.read() if p.stdout else b""
+        _pid, status, usage = os.wait4(p.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"the steps exited {os.waitstatus_to_exitcode(status)}")
+        steps = json.loads(out)
+        steps.append(("exit", usage.ru_utime + usage.ru_stime - sum(t for _, t in steps)))
+        for name, t in steps:
+            rows.setdefault(name, []).append(t)
+    print(f"\nsteps of edgewise run, CPU ms (min / median of {runs}):")
+    for name, ts in rows.items():
+        print(f"  {min(ts) * 1e3:6.1f} {statistics.median(ts) * 1e3:6.1f}  {name}")
+    print(f"  {sum(min(ts) for ts in rows.values()) * 1e3:6.1f}         sum of the minimums")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--importtime", action="store_true")
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--before", type=Path, default=None, metavar="DIR")
+    ap.add_argument("--steps", action="store_true")
     args = ap.parse_args()
     py = sys.executable
     cli = [py, "-c", "from edgewise.cli import main; main()"]  # what the console script runs
@@ -153,6 +220,8 @@ def main() -> None:
                 print(f"\nslowest imports of {name.strip()} (cumulative us):")
                 for us, mod in slowest_imports(argv, work, env):
                     print(f"  {us:>9,}  {mod}")
+        if args.steps:
+            print_steps(py, work, cached, args.runs)
     base = med["python -c pass"]
     rows = [(name, f"{s:.3f} s", f"target <= {TARGET_S} s: "
              f"{'met' if s <= TARGET_S else 'NOT met'}; python -c pass {base:.3f} s"
