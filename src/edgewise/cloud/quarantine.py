@@ -10,9 +10,9 @@ audited) and never holds an expected measurement. While it is quarantined:
   ``data query``, data out and cloud pipelines skip them unless asked
   (``edgewise data query --include-quarantined``);
 * it may **receive a new release** (a desired change that only assigns a release: ``config set
-  --release``, rollouts) and be revoked or decommissioned;
-* **everything else** an operator would send it is refused (409) with the reason
-  (`refuse_if_quarantined`): pipelines, config, setpoints, labels. A push to a selector
+  --node ID --release V``; rollouts skip quarantined nodes) and be revoked or decommissioned;
+* **everything else** an operator would send it is refused (409) with the reason (`refusal`,
+  `refuse_if_quarantined`): pipelines, config, setpoints, labels. A push to a selector
   skips the quarantined nodes it matches and names them as ``held`` in its answer (`split`);
   nothing is queued for them: push again once the quarantine is lifted.
 
