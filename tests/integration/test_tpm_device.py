@@ -93,10 +93,12 @@ def test_ek_certificate_from_the_tpm_checked_against_the_makers_ca(
 
     from edgewise.security.tpm.credential import AttestationRefused, check_ek_certificate
 
-    issuer = x509.load_pem_x509_certificate(swtpm.localca_issuer().read_bytes())
     with Tpm(swtpm_factory("made", ek_cert=True)) as tpm:
         cert = tpm.ek_certificate()
         ek = tpm.ek_public()
+    # the local CA's certificate exists once swtpm_setup has made an EK certificate (on a
+    # fresh machine, not before: CI once read it first)
+    issuer = x509.load_pem_x509_certificate(swtpm.localca_issuer().read_bytes())
     with Tpm(swtpm_factory("plain")) as plain:
         assert plain.ek_certificate() is None  # no certificate in NV
         other_ek = plain.ek_public()
