@@ -10,6 +10,14 @@ every node has a session and 15 s more, then reads the server's CPU time from /p
 ``--window`` seconds; ack latencies are the simulator's in that window. Last line: one JSON
 object (``server_cpu_us_per_node_s``, ack p50/p99, RSS, how many pool timeouts the server
 logged).
+
+``--profile FILE``: py-spy (``pip install py-spy``) records the server over the window at
+100 Hz, every thread that is not idle, native frames included (OpenSSL, SQLite), one line per
+stack with the thread first (py-spy's raw format). Native stacks need py-spy to pause the
+process for each sample, so the CPU figure of such a run is not the one to compare: measure
+without ``--profile``. ``--cprofile FILE``: the server's event-loop thread under cProfile for
+the window (switched on and off by SIGUSR1 / SIGUSR2; pstats file): exact call counts per
+function, times inflated by the profiler.
 """
 
 from __future__ import annotations
@@ -26,6 +34,25 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
+# counters read from the server's /metrics before and after the window (rates in the output)
+WATCH = ("edgewise_batches_total", "edgewise_commit_seconds_count",
+         "edgewise_commit_seconds_sum", "edgewise_session_bytes_total",
+         "edgewise_node_writes_total", "edgewise_sessions_opened_total")
+
+
+CPROFILED = """
+import cProfile, signal, sys
+prof = cProfile.Profile()
+out = sys.argv[1]
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(out)
+signal.signal(signal.SIGUSR2, stop)
+sys.argv = ["edgewise", *sys.argv[2:]]
+from edgewise.cli.main import main
+main()
+"""
 
 
 def main() -> None:
@@ -34,6 +61,8 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=SRC)
     ap.add_argument("--window", type=float, default=30.0)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--profile", type=Path, default=None)
+    ap.add_argument("--cprofile", type=Path, default=None)
     args = ap.parse_args()
     n, work = args.nodes, args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-steady-"))
     env = dict(os.environ, PYTHONPATH=str(args.src))
@@ -42,10 +71,11 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = work / "serve.log"
+    serve = [*cli, "cloud", "serve", "--data", str(work / "cloud"), "--port", str(port)]
+    if args.cprofile is not None:  # the same command under a profiler switched by signals
+        serve = [sys.executable, "-c", CPROFILED, str(args.cprofile), *serve[3:]]
     with open(log, "w") as out:
-        srv = subprocess.Popen([*cli, "cloud", "serve", "--data", str(work / "cloud"),
-                                "--port", str(port)], env=env, stdout=out,
-                               stderr=subprocess.STDOUT)
+        srv = subprocess.Popen(serve, env=env, stdout=out, stderr=subprocess.STDOUT)
     cfg = work / "cloud" / "cli.json"
     for _ in range(1200):
         if cfg.exists() and "listening" in log.read_text():
@@ -70,6 +100,37 @@ def main() -> None:
         with open(events) as f:
             return sum(1 for line in f if '"e": "up"' in line)
 
+    def metrics() -> dict[str, float]:
+        """The server's counters (``/metrics``): what it did in the window, per second."""
+        import ssl
+        import urllib.request
+        ctx = ssl.create_default_context(cafile=str(work / "cloud" / "pki" / "ca.pem"))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=ctx,
+                                    timeout=30) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(WATCH):
+                name, _, value = line.rpartition(" ")
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+    def thread_cpu() -> dict[str, float]:
+        """CPU seconds of the server's event-loop thread (``main``) and of all its other
+        threads (aiosqlite's connection threads, executors, the cloud pipelines' loop)."""
+        out: dict[str, float] = {}
+        for task in Path(f"/proc/{srv.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            name = "main" if task.name == str(srv.pid) else "other threads"
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    tick = os.sysconf("SC_CLK_TCK")
+
     def cpu() -> float:
         fields = Path(f"/proc/{srv.pid}/stat").read_text().split()
         return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
@@ -80,9 +141,26 @@ def main() -> None:
             time.sleep(2)
         all_up = time.time() - started
         time.sleep(15)
+        spy = None
+        if args.profile is not None:
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
+                                    "--pid", str(srv.pid), "--format", "raw", "--rate", "100",
+                                    "--native", "--threads", "--duration",
+                                    str(int(args.window)), "-o", str(args.profile)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = thread_cpu()
+        m0 = metrics()
+        if args.cprofile is not None:
+            srv.send_signal(signal.SIGUSR1)
         c0, w0 = cpu(), time.time()
         time.sleep(args.window)
         c1, w1 = cpu(), time.time()
+        if args.cprofile is not None:
+            srv.send_signal(signal.SIGUSR2)
+        m1 = metrics()
+        t1 = thread_cpu()
+        if spy is not None:
+            spy.wait(120)
         acks: list[float] = []
         with open(events) as f:
             for line in f:
@@ -111,6 +189,9 @@ def main() -> None:
         "server_cpu_pct": round((c1 - c0) / (w1 - w0) * 100, 1),
         "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "rss_mb": round(rss_kb / 1024),
         "pool_timeouts_logged": log.read_text().count("QueuePool"),
+        "thread_cpu_pct": {k: round((t1[k] - t0.get(k, 0.0)) / (w1 - w0) * 100, 2)
+                           for k in sorted(t1) if t1[k] - t0.get(k, 0.0) > 0},
+        "per_s": {k: round((m1[k] - m0.get(k, 0.0)) / (w1 - w0), 1) for k in sorted(m1)},
         "load_average": round(os.getloadavg()[0], 1)}))
 
 

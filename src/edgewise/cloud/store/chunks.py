@@ -7,18 +7,24 @@ The group commit runs for every batch of every node, so its statements are built
 (issue 11, steady state): Core tables, not the ORM classes (the ORM's bulk path converted every
 row), and the marks as one statement compiled once and cached, run with executemany, not a
 multi-row VALUES clause compiled anew for each commit (each of its bound values visited by the
-compiler): 155 -> 40 µs of CPU per batch for 2,000 nodes, `benchmarks/ingest_many_nodes.py`."""
+compiler): 155 -> 40 µs of CPU per batch for 2,000 nodes, `benchmarks/ingest_many_nodes.py`.
+On SQLite the whole transaction runs in one hand-off to the write connection's thread
+(`db.Database._sqlite_tx`, the same statements compiled once for the driver: `_RawIngest`),
+not a dozen (cursor, execute, fetch, close of each statement, BEGIN, COMMIT)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from edgewise.cloud.store.db import Database
+from edgewise.cloud.store.db import Database, RawStatement
 from edgewise.cloud.store.models import ChunkRow, GapRow, StreamRow
 from edgewise.cloud.store.records import (
     ChunkWrite,
@@ -34,6 +40,76 @@ from edgewise.cloud.store.records import (
 _CHUNKS = ChunkRow.__table__
 _GAPS = GapRow.__table__
 _STREAMS = StreamRow.__table__
+
+
+_MARK_KEYS = ("node_id", "stream", "contiguous", "stored_records", "gap_records",
+              "last_received")
+
+
+@dataclass
+class _Counted:
+    """What one commit inserted, per stream: the base of the mark upserts and the result."""
+
+    inserted: set[tuple[str, str, int]]
+    gap_keys: set[tuple[str, str, int]]
+    stored: dict[tuple[str, str], int]
+    lost: dict[tuple[str, str], int]
+    last: dict[tuple[str, str], datetime]
+
+    @classmethod
+    def empty(cls) -> _Counted:
+        return cls(set(), set(), {}, {}, {})
+
+    def chunk(self, c: ChunkWrite) -> None:
+        key = (c.node_id, c.stream, c.seq_first)
+        self.inserted.add(key)
+        self.stored[key[:2]] = self.stored.get(key[:2], 0) + c.records
+        self.last[key[:2]] = max(self.last.get(key[:2], c.received_at), c.received_at)
+
+    def gap(self, g: GapWrite) -> None:
+        key = (g.node_id, g.stream, g.seq_first)
+        self.gap_keys.add(key)
+        self.lost[key[:2]] = self.lost.get(key[:2], 0) + g.seq_count
+
+    def mark_rows(self, marks: Sequence[MarkWrite]) -> list[dict[str, Any]]:
+        mark_of = {(m.node_id, m.stream): m for m in marks}
+        rows = []
+        for key in sorted(set(mark_of) | set(self.stored) | set(self.lost)):
+            m = mark_of.get(key)
+            rows.append({"node_id": key[0], "stream": key[1],
+                         "contiguous": m.contiguous if m else 0,
+                         "stored_records": self.stored.get(key, 0),
+                         "gap_records": self.lost.get(key, 0),
+                         "last_received": m.last_received if m else self.last.get(key)})
+        return rows
+
+    def result(self) -> IngestResult:
+        return IngestResult(frozenset(self.inserted), frozenset(self.gap_keys),
+                            sum(self.stored.values()))
+
+
+@dataclass(frozen=True)
+class _RawIngest:
+    """The group commit's statements for SQLite's driver (one row per execute: RETURNING)."""
+
+    chunk: RawStatement
+    gap: RawStatement
+    mark: RawStatement
+
+    def commit(self, chunks: Sequence[ChunkWrite], gaps: Sequence[GapWrite],
+               marks: Sequence[MarkWrite], conn: sqlite3.Connection) -> _Counted:
+        """In the write connection's thread, inside its transaction (`_sqlite_tx`)."""
+        counted = _Counted.empty()
+        for c in chunks:
+            if conn.execute(self.chunk.sql, self.chunk.params(vars(c))).fetchone() is not None:
+                counted.chunk(c)
+        for g in gaps:
+            if conn.execute(self.gap.sql, self.gap.params(vars(g))).fetchone() is not None:
+                counted.gap(g)
+        rows = counted.mark_rows(marks)
+        if rows:
+            conn.executemany(self.mark.sql, [self.mark.params(r) for r in rows])
+        return counted
 
 
 def _stream_info(row: Any) -> StreamInfo:
@@ -81,11 +157,10 @@ class ChunkStore(Database):
         ``fence`` runs first in the same transaction; what it raises rolls everything back
         (a cloud pipeline's lease: `CloudPipelineStore.commit_pipeline_results`).
         """
-        inserted: set[tuple[str, str, int]] = set()
-        gap_keys: set[tuple[str, str, int]] = set()
-        stored: dict[tuple[str, str], int] = {}
-        lost: dict[tuple[str, str], int] = {}
-        last: dict[tuple[str, str], datetime] = {}
+        if self.dialect == "sqlite" and fence is None:  # one hand-off for all of it
+            raw = self._raw_ingest()
+            return (await self._sqlite_tx(partial(raw.commit, chunks, gaps, marks))).result()
+        counted = _Counted.empty()
         by_key = {(c.node_id, c.stream, c.seq_first): c for c in chunks}
         gaps_by_key = {(g.node_id, g.stream, g.seq_first): g for g in gaps}
         chunk_insert, gap_insert, mark_upsert = self._ingest_statements()
@@ -95,32 +170,27 @@ class ChunkStore(Database):
             if chunks:
                 rows = await conn.execute(chunk_insert, [vars(c) for c in chunks])
                 for r in rows:
-                    key = (r.node_id, r.stream, r.seq_first)
-                    inserted.add(key)
-                    c = by_key[key]
-                    stored[key[:2]] = stored.get(key[:2], 0) + c.records
-                    last[key[:2]] = max(last.get(key[:2], c.received_at), c.received_at)
+                    counted.chunk(by_key[(r.node_id, r.stream, r.seq_first)])
             if gaps:
                 rows = await conn.execute(gap_insert, [vars(g) for g in gaps])
                 for r in rows:
-                    key = (r.node_id, r.stream, r.seq_first)
-                    gap_keys.add(key)
-                    g = gaps_by_key[key]
-                    lost[key[:2]] = lost.get(key[:2], 0) + g.seq_count
-            mark_of = {(m.node_id, m.stream): m for m in marks}
-            rows_ = []
-            for key in sorted(set(mark_of) | set(stored) | set(lost)):
-                m = mark_of.get(key)
-                rows_.append({"node_id": key[0], "stream": key[1],
-                              "contiguous": m.contiguous if m else 0,
-                              "stored_records": stored.get(key, 0),
-                              "gap_records": lost.get(key, 0),
-                              "last_received": m.last_received if m else last.get(key)})
+                    counted.gap(gaps_by_key[(r.node_id, r.stream, r.seq_first)])
             # one executemany upsert, not one statement per stream: with many nodes each
             # sending rarely, a group commit touches as many streams as batches
+            rows_ = counted.mark_rows(marks)
             if rows_:
                 await conn.execute(mark_upsert, rows_)
-        return IngestResult(frozenset(inserted), frozenset(gap_keys), sum(stored.values()))
+        return counted.result()
+
+    def _raw_ingest(self) -> _RawIngest:
+        raw = getattr(self, "_raw_ingest_stmts", None)
+        if raw is None:
+            chunk_insert, gap_insert, mark_upsert = self._ingest_statements()
+            raw = self._raw_ingest_stmts = _RawIngest(
+                self.raw_statement(chunk_insert, [c.name for c in _CHUNKS.c]),
+                self.raw_statement(gap_insert, [c.name for c in _GAPS.c]),
+                self.raw_statement(mark_upsert, _MARK_KEYS))
+        return raw
 
     def _ingest_statements(self) -> tuple[Any, Any, Any]:
         """The chunk and gap inserts and the mark upsert, built once per store: SQLAlchemy

@@ -15,16 +15,29 @@ transaction waits for a connection of the pool (SQLAlchemy's ``pool_timeout``; 3
 existing files with wider modes are tightened to 0600.
 
 Database failures surface as `StorageError`.
+
+**One hand-off per transaction** (SQLite, the hot writes: `_sqlite_tx`). aiosqlite runs every
+DBAPI call in the connection's own thread and hands the result back to the event loop: a
+cursor, an execute, a fetch and a close are four round trips each, so one group commit was about
+a dozen (issue 11: the thread hand-offs and the SQLAlchemy layers around each statement were the
+largest share of the steady-state CPU at a few hundred nodes). `_sqlite_tx` checks the write
+connection out of the pool as any transaction does, and runs a plain function with the raw
+``sqlite3`` connection in that thread, BEGIN IMMEDIATE to COMMIT, in ONE hand-off; the
+statements are SQLAlchemy's, compiled once for SQLite (`RawStatement`: the SQL text, its
+parameter order and SQLAlchemy's own bind processors, so what is stored is what the SQLAlchemy
+path stores).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import alembic.command
 import alembic.config
@@ -81,6 +94,35 @@ def private_sqlite_file(path: Path) -> None:
                 os.chmod(p, 0o600)
         except FileNotFoundError:
             pass
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RawStatement:
+    """A SQLAlchemy statement compiled once for SQLite's own driver (`Database._sqlite_tx`)."""
+
+    sql: str
+    names: tuple[str, ...]  # the parameters, in placeholder order
+    procs: tuple[Callable[[Any], Any] | None, ...]  # SQLAlchemy's bind processor of each
+
+    def params(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[n] if p is None else p(row[n])
+                     for n, p in zip(self.names, self.procs, strict=True))
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """In the connection's thread: ``fn`` between BEGIN IMMEDIATE and COMMIT (ROLLBACK if it
+    raises)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return out
 
 
 def utc_now(now: datetime | None) -> datetime:
@@ -195,6 +237,32 @@ class Database:
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {exc}") from None
+
+    def raw_statement(self, stmt: Any, keys: Iterable[str]) -> RawStatement:
+        """``stmt`` (with the columns ``keys`` bound) compiled for the write engine's dialect,
+        for `_sqlite_tx`."""
+        assert self._write is not None
+        dialect = self._write.dialect
+        compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
+        names = tuple(compiled.positiontup or ())
+        return RawStatement(compiled.string, names, tuple(
+            compiled.binds[n].type._cached_bind_processor(dialect) for n in names))
+
+    async def _sqlite_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """(SQLite) ``fn(connection)`` as one write transaction in one hand-off to the write
+        connection's thread (module docstring). ``fn`` runs off the event loop: it may use only
+        its connection and its own arguments. Raises `StorageError`."""
+        engine = self._write
+        if engine is None:
+            raise StorageError("store is not open")
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection  # the aiosqlite connection
+                # aiosqlite's queue into its thread (one call, one hand-off each way)
+                return await driver._execute(_in_transaction, driver._conn, fn)  # type: ignore[union-attr]
+        except (sqlite3.Error, SQLAlchemyError, ValueError) as exc:  # ValueError: closed
             raise StorageError(f"database error: {exc}") from None
 
     def _insert(self, model: Any) -> Any:

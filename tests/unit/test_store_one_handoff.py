@@ -1,0 +1,73 @@
+"""The group commit on SQLite runs in one hand-off to the write connection's thread, with the
+statements compiled once for the driver (`Database._sqlite_tx`, `chunks._RawIngest`). What it
+stores must be exactly what the SQLAlchemy path stores (that path still serves a commit with a
+``fence``, and PostgreSQL): the same rows, byte for byte, in the same tables."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from edgewise.cloud.store import Store, database_url
+from edgewise.cloud.store.db import DB_FILE
+from edgewise.cloud.store.records import ChunkWrite, GapWrite, MarkWrite
+from edgewise.errors import StorageError
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+async def _no_fence(_conn: AsyncConnection) -> None:
+    """A fence that lets everything through: it makes commit_ingest take the SQLAlchemy path."""
+
+
+def _rows(folder: Path) -> dict[str, list[tuple[object, ...]]]:
+    with sqlite3.connect(folder / DB_FILE) as db:
+        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
+                for t in ("chunks", "gaps", "streams")}
+
+
+async def _commits(store: Store, fenced: bool) -> list[tuple[int, int, int]]:
+    fence = _no_fence if fenced else None
+    out = []
+    for chunks, gaps, marks in (
+        ([ChunkWrite("n1", "raw", 0, 10, 10, False, b"\x00a", T0),
+          ChunkWrite("n1", "raw", 10, 5, 4, True, b"b", T0 + timedelta(seconds=1)),
+          ChunkWrite("n2", "alarms", 0, 2, 2, False, b"c", T0, quarantined=True)],
+         [], [MarkWrite("n1", "raw", 15, T0), MarkWrite("n2", "alarms", 2, T0)]),
+        ([ChunkWrite("n1", "raw", 10, 5, 5, False, b"again", T0),  # stored already: skipped
+          ChunkWrite("n1", "raw", 20, 3, 3, False, b"d", T0 + timedelta(seconds=2))],
+         [GapWrite("n1", "raw", 15, 5, "outbox full", T0)], [MarkWrite("n1", "raw", 12, T0)]),
+        ([], [GapWrite("n1", "raw", 15, 5, "twice", T0)], []),
+    ):
+        res = await store.commit_ingest(chunks, gaps, marks, fence=fence)
+        out.append((len(res.chunks), len(res.gaps), res.records))
+    return out
+
+
+async def test_one_handoff_commit_stores_what_the_sqlalchemy_path_stores(
+        tmp_path: Path) -> None:
+    results = {}
+    for path in ("one_handoff", "sqlalchemy"):
+        async with Store(database_url(None, tmp_path / path)) as store:
+            results[path] = await _commits(store, fenced=path == "sqlalchemy")
+    assert results["one_handoff"] == results["sqlalchemy"] == [(3, 0, 16), (1, 1, 3), (0, 0, 0)]
+    fast, reference = _rows(tmp_path / "one_handoff"), _rows(tmp_path / "sqlalchemy")
+    assert fast == reference
+    assert [len(fast[t]) for t in ("chunks", "gaps", "streams")] == [4, 1, 2]
+
+
+async def test_a_failed_one_handoff_commit_stores_nothing(tmp_path: Path) -> None:
+    async with Store(database_url(None, tmp_path)) as store:
+        naive = datetime(2026, 3, 1, 12, 0, 0)  # refused by the column type, mid-transaction
+        with pytest.raises((StorageError, ValueError)):
+            await store.commit_ingest(
+                [ChunkWrite("n1", "raw", 0, 1, 1, False, b"a", T0),
+                 ChunkWrite("n1", "raw", 1, 1, 1, False, b"b", naive)], [], [])
+        assert await store.read_chunks("n1", "raw") == []
+        res = await store.commit_ingest([ChunkWrite("n1", "raw", 0, 1, 1, False, b"a", T0)],
+                                        [], [MarkWrite("n1", "raw", 1, T0)])
+        assert res.records == 1  # the connection is usable again
