@@ -176,11 +176,11 @@ def nodes_table(nodes: list[Any], title: str) -> Table:
 
     t = Table(title=title)
     wide = _wide()
-    for c in ("node", "status", "attestation", "labels", "last seen", "certificate expires",
+    for c in ("node", "status", "TPM", "labels", "last seen", "certificate expires",
               *(("certificate serial", "key fingerprint") if wide else ())):
-        # the id is never cut or wrapped (it is what you copy); the others wrap, not too thin
+        # the id is never cut or wrapped (it is what you copy), nor a status word; others wrap
         t.add_column(c, no_wrap=True, min_width=len("node-") + 12) if c == "node" else \
-            t.add_column(c, overflow="fold", min_width=min(len(c), 10))
+            t.add_column(c, overflow="fold", min_width=14 if c == "status" else min(len(c), 10))
     for n in nodes:
         t.add_row(escape(n.id), _status(n) + (" (quarantined)" if n.quarantine else ""),
                   n.attestation or "-", escape(_labels(n.labels)), _when(n.last_seen),
@@ -193,7 +193,7 @@ def states_table(nodes: list[Any], title: str) -> Table:
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ("node", "state", "why", "attestation", "labels", "last seen"):
+    for c in ("node", "state", "why", "TPM", "labels", "last seen"):  # TPM: tpm or none
         t.add_column(c)
     for n in nodes:
         t.add_row(escape(n.id), n.state, escape("; ".join(n.reasons) or "-"),
