@@ -6,7 +6,7 @@ the new release, complete (every file's hash, its wheels installed), never a mix
 Each trial is a small forked process running the updater's real steps (`stage`, `switch`,
 `on_start`, `commit`/`rollback`) against a `DirectorySource`, killed with SIGKILL by a timer
 armed when it reaches the trial's phase, a random delay into it; the trials continue one from
-the other's leftovers, as a node would. 300 trials here; EDGEWISE_LONG_TESTS=1 runs 1,000.
+the other's leftovers, as a node would. 100 trials here; EDGEWISE_LONG_TESTS=1 runs 1,000.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from edgewise.edge.updater.updater import Updater, UpdaterConfig
 from release_kit import make_wheel, pipeline_yaml, write_release
 
 LONG = os.environ.get("EDGEWISE_LONG_TESTS") == "1"
-TRIALS = 1000 if LONG else 300
+TRIALS = 1000 if LONG else 100
 PHASES = ("start", "prepare", "download", "verify", "install", "validate", "complete",
           "switch", "gate", "end")
 MAX_ATTEMPTS = 3
@@ -116,13 +116,15 @@ def test_kill_9_at_random_points_old_or_new_never_a_mix(tmp_path: Path) -> None:
         if before.pending is not None:  # a trial left on trial: the gate may roll it back
             allowed.add(before.previous.version if before.previous else None)
         # a new release each trial (as a node would get); every fifth fails its gate, so kills
-        # land in rollbacks too; every third good one has a plugin wheel to install
+        # land in rollbacks too; every third good one, and each killed during its install (so
+        # that the kill lands there, not after a quick install), has a plugin wheel to install
         target = f"bad{i}" if i % 5 == 4 else f"good{i}"
-        folder = write_release(tmp_path / f"r{i}", _release_files(
-            tmp_path, target, target.startswith("good") and i % 3 == 0, rng, f"mode {i // 4}"))
-        digests[target] = publish(folder, target, repo).digest()
         # every sixth trial runs to its end, so releases also follow one another whole
         kill_phase = "none" if i % 6 == 5 else PHASES[i % len(PHASES)]
+        plugin = (target.startswith("good") and i % 3 == 0) or kill_phase == "install"
+        folder = write_release(tmp_path / f"r{i}", _release_files(
+            tmp_path, target, plugin, rng, f"mode {i // 4}"))
+        digests[target] = publish(folder, target, repo).digest()
         marks = tmp_path / "marks"
         p = ctx.Process(target=_trial, args=(data, repo, target, marks, kill_phase,
                                              rng.choice((0.0, rng.uniform(0.0, 0.002),
