@@ -19,7 +19,7 @@ import aiohttp
 import numpy as np
 import pytest
 from sqlalchemy import insert
-from test_tpm_cloud_api import Cloud, _cloud, attest, enrol
+from test_tpm_cloud_api import Cloud, attest, enrol
 
 import swtpm
 from edgewise.cloud.config import AttestationSettings
@@ -39,10 +39,33 @@ RELEASE, RELEASE_DIGEST = "2.0.0", "cd" * 32
 
 
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    async for c in _cloud(tmp_path, AttestationSettings(
-            agents=(AGENT,), require_for=((("site", "strict"),),))):
-        yield c
+def backend() -> str:
+    return "sqlite"  # the tests marked with BOTH run on PostgreSQL too
+
+
+BOTH = pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path, backend: str, request: pytest.FixtureRequest
+                ) -> AsyncIterator[Cloud]:
+    from edgewise.cloud.app import start
+    from edgewise.cloud.bootstrap import bootstrap
+    from edgewise.cloud.config import CloudConfig
+    from edgewise.cloud.store import Store
+
+    config = CloudConfig(
+        data_dir=tmp_path / "cloud", port=0, maintenance_interval=0.2, node_write_interval=0.05,
+        db=request.getfixturevalue("postgres") if backend == "postgres" else None,
+        attestation=AttestationSettings(agents=(AGENT,), require_for=((("site", "strict"),),)))
+    async with Store(config.db_url) as store:
+        boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
+                               trust_domain="edgewise.local")
+        running = await start(config, boot.ca, store=store)
+        try:
+            yield Cloud(config.data_dir, running, store)
+        finally:
+            await running.stop()
 
 
 class Operator:
@@ -130,6 +153,7 @@ def reboot(node: TpmNode) -> None:
     node.tpm._ctx.pcr_reset(ESYS_TR.PCR16)
 
 
+@BOTH
 async def test_quarantined_tpm_node_is_kept_apart_then_attests_again_after_a_release(
     cloud: Cloud, swtpm_factory: Callable[[str], str], tmp_path: Path,
 ) -> None:
@@ -240,6 +264,7 @@ async def strict_node(cloud: Cloud, tmp_path: Path) -> tuple[str, Path, Path]:
     return node_id, key_path, cert
 
 
+@BOTH
 async def test_selector_policy_quarantines_nodes_without_a_tpm_and_views_show_it(
     cloud: Cloud, tmp_path: Path,
 ) -> None:
