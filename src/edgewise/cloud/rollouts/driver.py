@@ -15,7 +15,8 @@ rollout's release means the write landed, and it is only marked; otherwise it is
 So a restart neither writes a node twice nor skips one. Rollbacks (``rolling_back``) are
 settled the same way. The writes go through `Store.update_desired_states` (audited as
 ``desired.set`` per node, by actor ``rollout:<id>``) and the pokes through the fan-out task,
-as ``config set`` does; the rollout's intents carry an expiry (``intent_ttl_s``), rollbacks
+as ``config set`` does (each node's new state inline in its poke when small, so a node applies
+it without a fetch); the rollout's intents carry an expiry (``intent_ttl_s``), rollbacks
 none.
 """
 
@@ -200,5 +201,5 @@ class Driver:
             targets, change.apply, expires_at=expires, actor=f"rollout:{r.id}", now=now,
             release=release)
         self.pokes.poke({n: s.version for n, s in states.items()},
-                        fetch_jitter(len(nodes), self.fetch_rate, self.max_jitter))
+                        fetch_jitter(len(nodes), self.fetch_rate, self.max_jitter), states)
         return {n: s.version for n, s in states.items()}
