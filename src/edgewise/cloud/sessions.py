@@ -107,7 +107,9 @@ class SessionRegistry:
 
     async def refresh_quarantines(self) -> None:
         """Quarantines set or lifted by another replica reach the live sessions here."""
-        flagged = await self.store.quarantines(list(self._sessions))
+        ids, flagged = list(self._sessions), {}
+        for i in range(0, len(ids), 1000):  # bound values per statement
+            flagged.update(await self.store.quarantines(ids[i:i + 1000]))
         for node_id, session in list(self._sessions.items()):
             session.quarantined = node_id in flagged
 
