@@ -382,3 +382,36 @@ async def test_a_quarantine_set_by_another_replica_reaches_the_live_session(
             await asyncio.sleep(0.1)
     [stats] = await cloud.store.stream_stats(node_id)
     assert stats.contiguous == seq + 1  # every batch acknowledged and accounted for
+
+
+async def test_a_tpm_node_that_stops_attesting_is_quarantined_as_overdue(
+    swtpm_factory: Callable[[str], str], tmp_path: Path,
+) -> None:
+    """The control plane wants a fresh quote from every TPM node with a live session (the
+    agent attests every 600 s; here the allowed age is 3 s): one that stops attesting, or a
+    copy of its TLS key that never does, is quarantined; a quote lifts it."""
+    from test_tpm_cloud_api import _cloud
+
+    overdue = "attestation overdue: no attestation within the allowed time"
+    async for cloud in _cloud(tmp_path, AttestationSettings(agents=(AGENT,), max_age_s=3.0)):
+        with TpmNode(swtpm_factory("a"), tmp_path / "a") as a:
+            key = tmp_path / "a" / "node.key"
+            node_id, cert = await enrol(cloud, a, key)
+            a.measure(AGENT, None)
+            assert not (await attest(cloud, a, key, cert))["quarantined"]
+            async with NodeSession(cloud, key, cert) as session:
+                deadline = time.monotonic() + 30
+                while not await cloud.store.quarantines([node_id]):
+                    assert time.monotonic() < deadline, "never found overdue"
+                    await asyncio.sleep(0.1)
+                assert await cloud.store.quarantines([node_id]) == {node_id: overdue}
+                assert await session.send(1, 0, 2) == {"t": "ack", "ids": [1]}
+                [chunk] = await cloud.store.read_chunks(node_id, "raw", include_quarantined=True)
+                assert chunk.quarantined
+                verdict = await attest(cloud, a, key, cert)  # a fresh quote lifts it at once
+                assert not verdict["quarantined"]
+                assert await cloud.store.quarantines([node_id]) == {}
+        audit = await cloud.store.list_audit(target=f"node:{node_id}", limit=10)
+        assert [(e.action, e.actor, e.detail.get("reason")) for e in reversed(audit)
+                if "quarantine" in e.action][:2] == [
+            ("node.quarantine", "attestation", overdue), ("node.unquarantine", "attestation", None)]

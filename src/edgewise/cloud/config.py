@@ -104,6 +104,9 @@ class AttestationSettings:
     # {pcr: sha256 hex}); none: the firmware PCRs are not checked
     firmware_pcrs: tuple[int, ...] = ()
     golden_firmware: tuple[tuple[tuple[int, str], ...], ...] = ()
+    # a TPM node with a live session whose newest attestation is older than this (3 of the
+    # agent's 600 s intervals) is quarantined as overdue
+    max_age_s: float = 1800.0
 
     def required(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with ``labels`` must attest (`require`, or a matching selector)."""

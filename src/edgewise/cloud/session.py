@@ -124,6 +124,7 @@ class Session:
         # its node is quarantined: its chunks are stored flagged, apart from trusted data
         # (docs/security.md, "What quarantine allows"); kept current by the registry
         self.quarantined = False
+        self.opened = time.monotonic()  # when its node must have attested by (`sessions`)
         # its writes are done and it submits no more (the reader has stopped and every commit
         # it submitted has ended): what a newer session of the node waits for (`attach`)
         self.settled = asyncio.Event()

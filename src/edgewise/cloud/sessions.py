@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -67,6 +68,10 @@ class SessionRegistry:
         # node -> its quarantine reason or None, at a session's hello: the attestation policy
         # (`attestation.api`) may quarantine a node there; the store's reason otherwise
         self.quarantine_policy: Callable[[str], Awaitable[str | None]] | None = None
+        # (node, seconds its session is open) of the live sessions, every third round: the
+        # attestation quarantines TPM nodes whose attestation is overdue (`attestation.api`)
+        self.attestation_check: Callable[[list[tuple[str, float]]], Awaitable[None]] | None = \
+            None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -218,6 +223,10 @@ class SessionRegistry:
                     for fp in fingerprints:
                         self.revocations.revoke_key(fp)
                     await self.refresh_quarantines()
+                    if self.attestation_check is not None:
+                        now = time.monotonic()
+                        await self.attestation_check([(n, now - s.opened)
+                                                      for n, s in self._sessions.items()])
                 await self.tell_decommissioned()
                 self.enforce()
             except StorageError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -58,6 +59,8 @@ ENROLMENTS = web.AppKey("tpm_enrolments", TpmEnrolments)
 ATTESTATIONS = web.AppKey("attestations", Attestations)
 MAX_BODY = 64 << 10
 ATTESTOR = "attestation"  # the actor of quarantines the verifier sets
+OVERDUE = "attestation overdue: no attestation within the allowed time"
+GRACE_S = 120.0  # s a session has to attest before it can be overdue
 
 
 async def _body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
@@ -152,11 +155,25 @@ async def _quarantine(app: web.Application, node_id: str, reason: str | None,
     set; a quarantine that is not the attestation's own (an operator's) stays. Through
     `state.set_quarantine`: audited, and the node's live session stores accordingly."""
     current = (await app[STORE].quarantines([node_id])).get(node_id)
-    ours = current is not None and current == before
+    ours = current is not None and current in (before, OVERDUE)
     if reason is not None and (current is None or ours) and current != reason:
         await set_quarantine(app, node_id, reason, actor=ATTESTOR)
     elif reason is None and ours:
         await set_quarantine(app, node_id, None, actor=ATTESTOR)
+
+
+async def overdue(app: web.Application, live: list[tuple[str, float]]) -> None:
+    """Quarantine the TPM nodes among ``live`` ((node, seconds its session is open)) whose
+    newest attestation (or enrolment) is older than ``max_age_s``: a node that stops quoting,
+    or a copy of its TLS key that never does, is not trusted for long. A session gets
+    `GRACE_S` (at most ``max_age_s``) to attest first. A successful attestation lifts it."""
+    max_age = app[CONFIG].attestation.max_age_s
+    ids = [n for n, age in live if age >= min(GRACE_S, max_age)]
+    now = datetime.now(UTC)
+    for i in range(0, len(ids), 1000):
+        for node_id, at in (await app[STORE].attested_at(ids[i:i + 1000])).items():
+            if (now - at).total_seconds() > max_age:
+                await _quarantine(app, node_id, OVERDUE, OVERDUE)
 
 
 async def at_hello(app: web.Application, node_id: str) -> str | None:
@@ -198,3 +215,4 @@ def setup(app: web.Application) -> None:
         app.router.add_route(route.method, route.path, handlers[route.name])
     app[OPENAPI].update(oa.path_items(ROUTES))
     app[SESSIONS].quarantine_policy = lambda node_id: at_hello(app, node_id)
+    app[SESSIONS].attestation_check = lambda live: overdue(app, live)

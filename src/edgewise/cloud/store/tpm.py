@@ -107,3 +107,14 @@ class TpmStore(Database):
             row = (await conn.execute(select(EnrolmentTokenRow.labels).where(
                 EnrolmentTokenRow.hash == token_hash))).first()
         return None if row is None else dict(row.labels or {})
+
+    async def attested_at(self, node_ids: Sequence[str]) -> dict[str, datetime]:
+        """``{node: time of its newest verdict, or of its enrolment before any}`` of the TPM
+        nodes among ``node_ids`` (at most 1,000; one query)."""
+        if not node_ids:
+            return {}
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(select(
+                NodeTpmRow.node_id, NodeTpmRow.attested_at, NodeTpmRow.created).where(
+                NodeTpmRow.node_id.in_(list(node_ids))))).all()
+        return {r.node_id: r.attested_at or r.created for r in rows}
