@@ -15,7 +15,9 @@
   operator's). A node enrolled without a TPM gets ``attestation: none`` (quarantined when the
   policy requires attestation of it: ``--require-attestation``, or a selector of
   ``--require-attestation-for`` its labels match; also checked when its session starts,
-  `at_hello`). What a quarantined node may still do: `edgewise.cloud.quarantine`.
+  `at_hello`). A TPM node with a live session that has not attested within ``max_age_s`` is
+  quarantined as overdue (`overdue`, from the session registry's maintenance). What a
+  quarantined node may still do: `edgewise.cloud.quarantine`.
 """
 
 from __future__ import annotations
