@@ -50,6 +50,14 @@ def nats_server() -> tuple[str, int]:
     return need_service("nats")
 
 
+@pytest.fixture(scope="session")
+def plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One planner calibration cache (EDGEWISE_CACHE_DIR) for the session: calibration is per
+    machine, so the engine and MQTT are calibrated once for every plan that uses it (a fresh
+    cache and its reuse are test_plan_examples.test_calibration_is_cached_per_machine's)."""
+    return tmp_path_factory.mktemp("plan-cache")
+
+
 # the long suite: heavier variants of tests whose main case runs by default
 LONG_ONLY = pytest.mark.skipif(
     os.environ.get("EDGEWISE_LONG_TESTS") != "1",

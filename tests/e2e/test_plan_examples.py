@@ -104,8 +104,8 @@ def test_there_are_seven_examples() -> None:
 
 @pytest.mark.slow
 def test_factory_line_with_simulation_agrees_with_its_estimate(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    cache = tmp_path_factory.mktemp("cache")
+        tmp_path_factory: pytest.TempPathFactory, plan_cache: Path) -> None:
+    cache = plan_cache
     summary = check_example("factory-line", tmp_path_factory.mktemp("factory"), cache)
     site = summary["sites"]["plant"]
     assert set(site["measured"]["stage_cpu_us"]) == {"windows", "alarms"}
@@ -176,14 +176,14 @@ def test_bad_workload_exits_2_with_file_line_field(tmp_path: Path) -> None:
         " ".join(res.output.split())
 
 
-def test_interactive_asks_writes_the_workload_and_plans(tmp_path: Path) -> None:
+def test_interactive_asks_writes_the_workload_and_plans(tmp_path: Path, plan_cache: Path) -> None:
     answers = "\n".join([
         "cold-store", "temperatures of cold rooms", "room", "3",
         "temps", "40", "0.5", "8.5", "gdpr", "personal", "n",
         "120", "250ms", "12h",  # a latency without a unit is asked again
         "120", "2Mbit/s", "4.5", "30", "30m", "2", "active-active", ""])
     res = CliRunner().invoke(main, ["plan", "--interactive", "-o", str(tmp_path)],
-                             input=answers, env={"EDGEWISE_CACHE_DIR": str(tmp_path / "c")})
+                             input=answers, env={"EDGEWISE_CACHE_DIR": str(plan_cache)})
     assert res.exit_code == 0, res.output
     assert "Inferred for everything else:" in res.output
     assert "  unknown tag(s) gdpr; use personal, phi, pci, biometric, location, " \

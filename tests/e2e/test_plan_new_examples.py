@@ -87,7 +87,7 @@ spec:
 
 
 @pytest.mark.slow
-def test_a_path_dead_in_simulation_is_a_finding(tmp_path) -> None:
+def test_a_path_dead_in_simulation_is_a_finding(tmp_path, plan_cache) -> None:
     import json
 
     from click.testing import CliRunner
@@ -101,7 +101,7 @@ def test_a_path_dead_in_simulation_is_a_finding(tmp_path) -> None:
     (tmp_path / "w.yaml").write_text(DEAD)
     res = CliRunner().invoke(main, ["plan", str(tmp_path / "w.yaml"), "-o",
                                     str(tmp_path / "out"), "--simulate"],
-                             env={"EDGEWISE_CACHE_DIR": str(tmp_path / "cache")})
+                             env={"EDGEWISE_CACHE_DIR": str(plan_cache)})
     assert res.exit_code == 0, res.output
     # 4 sensors x 5 Hz x 5% = 1 record/s expected; the throughput run is 30 s of data
     line = ("FINDING: cell: stage 'detect' emitted nothing in 30 s of simulated data where the "
