@@ -9,7 +9,7 @@ fixed table used with ``--no-calibrate``. See `edgewise.plan.costs` for the mode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgewise.pipeline import registry
@@ -117,6 +117,10 @@ class StageCost:
     snapshot_rt_us: float = 0.0  # snapshot at a commit in real time (caches cooled)
     calls: int = 0  # calls timed per repetition when calibrated
     compression: float = 1.0  # how much faster event time ran in the calibration
+    snapshot_gcs: float = 0.0  # collector runs a snapshot triggers (`edgewise.plan.gc_cost`)
+    gc_coef: dict[str, float] = field(default_factory=dict)  # ... its calls, per feature unit
+    snapshot_promoted: float = 0.0  # objects a snapshot's collections promote to the oldest
+    promoted_coef: dict[str, float] = field(default_factory=dict)  # ... its calls', per unit
 
     def per_second(self, rates: dict[str, float]) -> float:
         return sum(self.coef.get(k, 0.0) * v for k, v in rates.items())
@@ -174,6 +178,18 @@ def stage_cpu_us(stage: StageSpec, cost: StageCost, fin: F.Flow, fout: F.Flow) -
     if cost.source == "declared" or stage.function is not None:
         return cost.coef["record"] * fin.rate + cost.coef.get("call", 0.0) * fin.calls
     return cost.per_second(feature_rates(stage, config_of(stage), fin, fout))
+
+
+def stage_gcs_per_s(stage: StageSpec, cost: StageCost, fin: F.Flow,
+                    fout: F.Flow) -> tuple[float, float]:
+    """Garbage-collector runs and objects promoted to the oldest generation per second that a
+    stage's calls cause (`edgewise.plan.gc_cost`), from its calibrated coefficients per
+    feature; 0 where it has none."""
+    if not cost.gc_coef or cost.source == "declared" or stage.function is not None:
+        return 0.0, 0.0
+    rates = feature_rates(stage, config_of(stage), fin, fout)
+    return (sum(cost.gc_coef.get(k, 0.0) * v for k, v in rates.items()),
+            sum(cost.promoted_coef.get(k, 0.0) * v for k, v in rates.items()))
 
 
 def _declared(stage: StageSpec) -> StageCost | None:

@@ -16,7 +16,8 @@ reading and per batch (`ingest_us`: MQTT calibrated with the real source against
 broker, `edgewise.plan.ingest_calibration`; Modbus and OPC UA with the real sources against a
 device server in a child process, `edgewise.plan.device_calibration`; other protocols from
 `INGEST_US`) and, because
-the engine sleeps between batches, a wake-up cost per call of every stage. A user function
+the engine sleeps between batches, a wake-up cost per call of every stage; and the garbage
+collector's full collections (`edgewise.plan.gc_cost`). A user function
 costs its declared microseconds per record plus the calibrated hand-over per call.
 
 Calibration (the default). `Calibrator.site` runs the site's own operators (same classes and
@@ -72,6 +73,7 @@ from edgewise.plan.cost_model import (
     CALIBRATED,
     INGEST_US,
     INGEST_WAKE_US,
+    PACE_S,
     PLUGIN_CALL_US,
     PLUGIN_WAKE_US,
     START_TS,
@@ -84,13 +86,14 @@ from edgewise.plan.cost_model import (
 from edgewise.plan.device_calibration import calibrate_modbus, calibrate_opcua
 from edgewise.plan.encoding import encoded_bytes, synth_chunk
 from edgewise.plan.engine_calibration import _calibrate_engine, calibrate_site_engine
+from edgewise.plan.gc_cost import full_collection
 from edgewise.plan.ingest_calibration import calibrate_mqtt, calibrate_plugin_call
 from edgewise.plan.machine import machine_fingerprint
 from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_site
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
 SITE_ENGINE_S = 3.0  # seconds the engine runs with a site's sources at the real pace
@@ -134,6 +137,12 @@ class Costs:
     def ingest_us(self, protocol: str) -> tuple[float, float]:
         """(CPU us per reading, per batch handed over) of decoding a protocol's messages."""
         return INGEST_US.get(protocol, 10.0), INGEST_WAKE_US.get(protocol, 0.0)
+
+    def gc_full(self, site: SiteSpec, stages: list[StageSpec]) -> tuple[float, float]:
+        """CPU us of one full collection of the garbage collector with the site's operator
+        state alive, and the objects it leaves alive (`edgewise.plan.gc_cost`); the static
+        table has no collector part."""
+        return 0.0, 0.0
 
     def plugin_call_us(self) -> float:
         """Event-loop CPU us of one call of a user function (the hand-over to its thread)."""
@@ -269,6 +278,15 @@ class Calibrator(Costs):
             self.say(f"{protocol} decoding not calibrated ({exc}); the static table is used")
             return Costs.ingest_us(self, protocol)
         return entry["us_per_reading"], entry["us_per_batch"]
+
+    def gc_full(self, site: SiteSpec, stages: list[StageSpec]) -> tuple[float, float]:
+        entry = self._entries.get(_site_key(site, _runnable(site, stages) + _passengers(
+            site, stages, _runnable(site, stages))))
+        if entry is None or "gc_full_us" not in entry:
+            # no operator calibrated at this site: the process as it is (libraries, no state)
+            entry = self._cached("gc-full", lambda: dict(zip(
+                ("gc_full_us", "gc_heap"), full_collection(PACE_S), strict=True)))
+        return float(entry["gc_full_us"]), float(entry["gc_heap"])
 
     def plugin_call_us(self) -> float:
         return self._cached("plugin-call", calibrate_plugin_call)["call_us"]
@@ -414,7 +432,8 @@ def _site_costs(base: dict[str, StageCost], entry: dict[str, Any]) -> dict[str, 
     for sid, e in entry["stages"].items():
         out[sid] = StageCost(e["operator"], e["coef"], e["snapshot_us"], e["snapshot_bytes"],
                              e["timer_us"], "calibrated", e["wake_us"], e["snapshot_rt_us"],
-                             e["calls"], entry["compression"])
+                             e["calls"], entry["compression"], e["snapshot_gcs"],
+                             e["gc_coef"], e["snapshot_promoted"], e["promoted_coef"])
     return out
 
 

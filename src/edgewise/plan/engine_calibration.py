@@ -22,6 +22,7 @@ import yaml
 
 from edgewise.pipeline.batch import Batch
 from edgewise.plan.cost_model import PACE_S, SLOW_PACE_S, START_TS, TICK_S
+from edgewise.plan.gc_cost import GcWatch
 from edgewise.plan.workload import SiteSpec
 
 
@@ -205,7 +206,9 @@ def calibrate_site_engine(site: SiteSpec, span: float) -> dict[str, Any]:
     wake-up the site's own gaps between batches cause (the longer the engine sleeps, the
     colder it wakes up: a pause of 10 ms does not show what one of 250 ms costs). The same
     sample of sensors as the realtime run of ``--simulate``, scaled back; the sources' batches
-    out of step as unsynchronised devices arrive. Also the group commits per second."""
+    out of step as unsynchronised devices arrive. Also the group commits per second, and the
+    garbage collector's runs and the objects it promotes per second (its full collections are
+    left out of the cores: `edgewise.plan.gc_cost` counts them)."""
     from edgewise.pipeline.spec import parse_pipeline
     from edgewise.plan import flows as F
     from edgewise.plan.source import (
@@ -235,15 +238,18 @@ def calibrate_site_engine(site: SiteSpec, span: float) -> dict[str, Any]:
            "metadata": {"name": f"{site.name}-engine"},
            "spec": {"sources": sources, "outbox": {"sync": "full", "max_bytes": "1GiB"}}}
     fields = split_fields(doc)
-    with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp, \
+            GcWatch(promotions=True) as watch:
         spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False), "<calibration>")
         engine, srcs = plan_engine(spec, Path(tmp), fields=fields)
         out_of_step(srcs)
-        marks: list[tuple[float, float, float, int]] = []
+        marks: list[tuple[float, float, float, int, int, float, int]] = []
 
         def mark() -> None:
             marks.append((time.process_time(), time.perf_counter(),
-                          sum(s.generation_s for s in srcs.values()), engine.commits))
+                          sum(s.generation_s for s in srcs.values()), engine.commits,
+                          watch.all_collections(), watch.all_full_s(),
+                          watch.all_promoted()))
 
         async def main() -> None:
             task = asyncio.create_task(engine.run())
@@ -256,8 +262,11 @@ def calibrate_site_engine(site: SiteSpec, span: float) -> dict[str, Any]:
             await task
 
         asyncio.run(main())
-    (c0, w0, g0, k0), (c1, w1, g1, k1) = marks
+    (c0, w0, g0, k0, n0, f0, p0), (c1, w1, g1, k1, n1, f1, p1) = marks
     wall = max(w1 - w0, 1e-3)
     share = got / max(full, 1e-9)
-    return {"cores": max(0.0, (c1 - c0) - (g1 - g0)) / wall / share,
-            "commits_per_s": (k1 - k0) / wall, "span_s": wall, "fraction": share}
+    # full collections are the collector's part (`edgewise.plan.gc_cost`), counted there
+    return {"cores": max(0.0, (c1 - c0) - (g1 - g0) - (f1 - f0)) / wall / share,
+            "commits_per_s": (k1 - k0) / wall, "span_s": wall, "fraction": share,
+            "collections_per_s": (n1 - n0) / wall / share,
+            "promoted_per_s": (p1 - p0) / wall / share}

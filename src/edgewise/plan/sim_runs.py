@@ -23,6 +23,7 @@ import yaml
 from edgewise.pipeline.batch import Batch
 from edgewise.pipeline.engine import Engine, RouteObserver
 from edgewise.pipeline.spec import parse_pipeline
+from edgewise.plan.gc_cost import GcWatch
 from edgewise.plan.sim_pipeline import CPU_SEGMENTS, PROBE, START_TS
 from edgewise.plan.source import (
     PlanSimulator,
@@ -93,16 +94,18 @@ class CpuRun:
 
         engine, _srcs = sim_engine(self.doc, self.work, observer=observe)
         self.samples = {sid: [] for sid in engine.stages}
+        watch = GcWatch()  # full collections are the node's, not a stage's (gc_cost)
         for sid, op in engine.stages.items():
             fn = op.process
 
             def process(batch: Batch, _fn: Callable[..., Any] = fn,
                         _out: list[tuple[float, float]] = self.samples[sid]) -> Any:
+                f0 = watch.full_s()
                 t0 = time.thread_time()
                 try:
                     return _fn(batch)
                 finally:
-                    _out.append((clock[0], time.thread_time() - t0))
+                    _out.append((clock[0], time.thread_time() - t0 - (watch.full_s() - f0)))
 
             op.process = process  # type: ignore[method-assign]
             inner = getattr(op, "inner", None)  # a user function: its calls run in a thread
@@ -111,15 +114,18 @@ class CpuRun:
 
                 def inner_process(batch: Batch, _fn: Callable[..., Any] = fn_inner,
                                   _out: list[tuple[float, float]] = self.samples[sid]) -> Any:
+                    f0 = watch.full_s()
                     t0 = time.thread_time()  # in the stage's worker thread
                     try:
                         return _fn(batch)
                     finally:
-                        _out.append((clock[0], time.thread_time() - t0))
+                        _out.append((clock[0],
+                                     time.thread_time() - t0 - (watch.full_s() - f0)))
 
                 inner.process = inner_process
         self.at_turn(0)
-        asyncio.run(engine.run())
+        with watch:
+            asyncio.run(engine.run())
         while seen[0] < self.turns - 1:
             seen[0] += 1
             self.at_turn(seen[0])
@@ -201,7 +207,10 @@ def realtime_run(doc: dict[str, Any], data: Path, warm: float, span: float,
     anchor_start(srcs, backlog, window, warm + span / 2)
     probe = {PROBE: 0.0}
     if PROBE in engine.stages:
-        _timed(engine.stages[PROBE], probe, PROBE, ("process", "on_timer"))
+        # its calls and its state in every group commit's snapshot
+        _timed(engine.stages[PROBE], probe, PROBE, ("process", "on_timer", "snapshot"))
+    if f"{PROBE}-sink" in engine.sinks:
+        _timed(engine.sinks[f"{PROBE}-sink"], probe, PROBE, ("write",))
     marks: list[tuple[float, float, float, float]] = []
 
     def mark() -> None:

@@ -88,6 +88,9 @@ REALTIME_S = 2.0  # measured span of the realtime run, at least
 REALTIME_MAX_S = 6.0  # ... and at most: a small site is measured longer
 REALTIME_CPU_S = 0.06  # process CPU the measured span should hold (by the estimate)
 REALTIME_WARM_S = 0.5  # not measured: start-up, first commits
+REALTIME_GC_CYCLES = 4.0  # full collections the measured span should hold (by the estimate)
+REALTIME_GC_MAX_S = 10.0  # ... in at most this long
+REALTIME_GC_SHARE = 0.05  # ... where they are at least this share of the node's cores
 REALTIME_MAX_RATE = 250_000.0  # readings/s in the realtime run
 CPU_TURNS = 48  # the calibration's turns during the processing-cost run
 DEAD_MIN_RECORDS = 5.0  # expected records in the throughput run for "emitted nothing" to count
@@ -260,7 +263,7 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
     # the engine with the site's sources alone at the real pace, calibrated again just
     # before the run that measures the whole (a shared machine's speed changes from one
     # minute to the next)
-    span = realtime_span(sp)
+    span = realtime_span(sp, costs.gc_full(sp.site, sp.stages)[0])
     engine_site = costs.site_engine_now(sp.site, span)
     engine, summary, cpu_total, wall, gen, elapsed = realtime_run(
         doc, work / "realtime", REALTIME_WARM_S, span, backlog, state_window(sp))
@@ -304,12 +307,21 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
     )
 
 
-def realtime_span(sp: SitePlan) -> float:
+def realtime_span(sp: SitePlan, full_gc_us: float = 0.0) -> float:
     """Seconds the realtime run measures: REALTIME_S, longer for a small site (whose few
     milliseconds of CPU a second a shared machine's noise moves by a fifth in 2 s), so that
-    the span holds about REALTIME_CPU_S of CPU by the estimate, at most REALTIME_MAX_S."""
+    the span holds about REALTIME_CPU_S of CPU by the estimate, at most REALTIME_MAX_S; and
+    long enough for REALTIME_GC_CYCLES of the garbage collector's full collections by the
+    estimate where they are at least REALTIME_GC_SHARE of it (one of ``full_gc_us`` every
+    1.5 s on the wind farm: a 2 s span caught one or two, 10-20 ms/s apart), at most
+    REALTIME_GC_MAX_S."""
     cores = sum(v for k, v in sp.node_cpu.items() if k != "ingest")
-    return min(REALTIME_MAX_S, max(REALTIME_S, REALTIME_CPU_S / max(cores, 1e-6)))
+    span = min(REALTIME_MAX_S, max(REALTIME_S, REALTIME_CPU_S / max(cores, 1e-6)))
+    collector = sp.node_cpu.get("garbage collector", 0.0)
+    full_per_s = collector / max(full_gc_us * 1e-6, 1e-9)
+    if full_per_s > 0 and collector >= REALTIME_GC_SHARE * cores:
+        span = max(span, min(REALTIME_GC_MAX_S, REALTIME_GC_CYCLES / full_per_s))
+    return span
 
 
 def link_result(sp: SitePlan, stored: dict[str, float], outbox: int) -> LinkResult:

@@ -33,6 +33,7 @@ from edgewise.plan.cost_model import (
     stage_cpu_us,
     static_stage,
 )
+from edgewise.plan.gc_cost import GcWatch, full_collection
 from edgewise.plan.source import split_fields, value_columns
 from edgewise.plan.workload import SiteSpec, StageSpec
 
@@ -256,8 +257,13 @@ class SiteCalibration:
         self.feats = {st.id: features_of(st.operator or "") for st in stages}
         self.rows: dict[str, list[list[float]]] = {st.id: [] for st in stages}
         self.costs: dict[str, list[float]] = {st.id: [] for st in stages}
+        # collections and objects promoted to the oldest generation, per call
+        self.gcs: dict[str, list[tuple[float, float]]] = {st.id: [] for st in stages}
         self.paced: dict[str, list[bool]] = {st.id: [] for st in stages}
-        self.snaps: dict[str, list[tuple[float, int, int]]] = {st.id: [] for st in stages}
+        # (CPU, bytes, values held, collections, promoted) per snapshot
+        self.snaps: dict[str, list[tuple[float, int, int, int, int]]] = {
+            st.id: [] for st in stages}
+        self.watch = GcWatch(promotions=True)
         self.last: dict[str, Any] = {}
         # pause before about PACED_CALLS batches of every source, as long as the engine idles
         # between two batches in real time (most of the gap; at most MAX_PACE_S)
@@ -290,7 +296,7 @@ class SiteCalibration:
             paused.discard(id(batch))
             return routed
 
-        with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp, self.watch:
             engine, srcs = plan_engine(self.spec, Path(tmp), observer=observe,
                                        fields=self.fields)
             for sid, src in srcs.items():
@@ -299,7 +305,7 @@ class SiteCalibration:
             for st in self.stages:
                 _instrument(engine.stages[st.id], st, self.cfgs[st.id], self.feats[st.id],
                             self.rows[st.id], self.costs[st.id], self.snaps[st.id],
-                            self.paced[st.id], now)
+                            self.paced[st.id], now, self.watch, self.gcs[st.id])
             for st in self.passengers:
                 _instrument_function(engine.stages[st.id], self.pcalls[st.id], now)
             asyncio.run(engine.run())
@@ -314,24 +320,38 @@ class SiteCalibration:
             feats = self.feats[sid]
             n = min(len(self.costs[sid]), len(self.rows[sid]), len(self.paced[sid]))
             coef = np.zeros(len(feats))
+            gc_coef = np.zeros(len(feats))
+            promoted_coef = np.zeros(len(feats))
             wake = 0.0
             if n > WARM_CALLS + 1:
                 x = np.array(self.rows[sid][WARM_CALLS:n])
                 y = np.array(self.costs[sid][WARM_CALLS:n]) * 1e6
                 paced = np.array(self.paced[sid][WARM_CALLS:n], dtype=bool)
                 coef = nnls(x[~paced], y[~paced])
+                # the collections its calls trigger and the objects they promote, per unit
+                # of the same features
+                g = np.array(self.gcs[sid][WARM_CALLS:n], dtype=float).reshape(-1, 2)
+                gc_coef = nnls(x, g[:, 0])
+                promoted_coef = nnls(x, g[:, 1])
                 if paced.any():  # what a call after a pause costs beyond the model
                     wake = max(0.0, float(np.median(y[paced] - x[paced] @ coef)))
             snap_us, snap_bytes = _snapshot_cost(self.snaps[sid], self.cfgs[sid], st,
                                                  self.compression)
             op = self.last.get(sid)
+            snaps = self.snaps[sid]
             out["stages"][sid] = {
                 "operator": st.operator, "coef": dict(zip(feats, coef.tolist(), strict=True)),
+                "gc_coef": dict(zip(feats, gc_coef.tolist(), strict=True)),
+                "promoted_coef": dict(zip(feats, promoted_coef.tolist(), strict=True)),
+                "snapshot_gcs": float(np.mean([s[3] for s in snaps])) if snaps else 0.0,
+                "snapshot_promoted": float(np.mean([s[4] for s in snaps])) if snaps else 0.0,
                 "snapshot_us": snap_us, "snapshot_bytes": snap_bytes,
                 "snapshot_rt_us": snap_us + (_paced_extra(op.snapshot, self.pace)
                                              if op else 0.0),
                 "timer_us": _timer_us(op) if op is not None else 0.0,
                 "wake_us": wake, "calls": n, "paced_calls": int(np.sum(self.paced[sid]))}
+        # a full collection of this process with the operators' state alive (self.last)
+        out["gc_full_us"], out["gc_heap"] = full_collection(self.pace)
         out["functions"] = {}
         for sid, calls in self.pcalls.items():  # user functions: per call and per record
             rows = [(n, c) for n, c, paced in calls[WARM_CALLS:] if not paced]
@@ -383,17 +403,21 @@ def _instrument_function(op: Any, calls: list[tuple[int, float, bool]],
 
 def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],
                 rows: list[list[float]], costs: list[float],
-                snaps: list[tuple[float, int, int]], paced: list[bool],
-                now: list[bool]) -> None:
-    """Wrap a stage's process (features, thread CPU per call) and snapshot (CPU, bytes)."""
+                snaps: list[tuple[float, int, int, int, int]], paced: list[bool],
+                now: list[bool], watch: GcWatch, gcs: list[tuple[float, float]]) -> None:
+    """Wrap a stage's process (features, thread CPU per call, collections it triggered) and
+    snapshot (CPU, bytes, collections); full collections are left out of the CPU (they are a
+    part of their own, `edgewise.plan.gc_cost`)."""
     tracker = _WindowTracker(cfg) if st.operator == "window" else None
     key_by = list(getattr(cfg, "key_by", []) or [])
     process, snapshot = op.process, op.snapshot
 
     def timed_process(batch: Batch) -> Any:
+        g0, p0, f0 = watch.collections(), watch.promoted(), watch.full_s()
         c0 = time.thread_time()
         result = process(batch)
-        costs.append(time.thread_time() - c0)
+        costs.append(time.thread_time() - c0 - (watch.full_s() - f0))
+        gcs.append((float(watch.collections() - g0), float(watch.promoted() - p0)))
         # features after the call: reading the batch first would warm the operator's caches
         f = {"call": 1.0, "record": float(batch.n), "out": float(_out_records(result))}
         if "key" in feats:
@@ -405,24 +429,28 @@ def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],
         return result
 
     def timed_snapshot() -> Any:
+        g0, p0, f0 = watch.collections(), watch.promoted(), watch.full_s()
         c0 = time.thread_time()
         state = snapshot()
         size = len(ckpt.pack(state))
-        spent = time.thread_time() - c0
-        snaps.append((spent, size, tracker.values_open() if tracker is not None else 0))
+        spent = time.thread_time() - c0 - (watch.full_s() - f0)
+        snaps.append((spent, size, tracker.values_open() if tracker is not None else 0,
+                      watch.collections() - g0, watch.promoted() - p0))
         return state
 
     op.process = timed_process
     op.snapshot = timed_snapshot
 
 
-def _snapshot_cost(snaps: list[tuple[float, int, int]], cfg: Any, st: StageSpec,
+def _snapshot_cost(snaps: list[tuple[float, int, int, int, int]], cfg: Any, st: StageSpec,
                    compression: float) -> tuple[float, float]:
-    """Median CPU and mean size of the stage's snapshots; for percentile windows run faster,
-    scaled to the values a window of real length holds (9 bytes each, packed)."""
+    """Mean CPU (full collections left out: `edgewise.plan.gc_cost`) and mean size of the
+    stage's snapshots; for percentile windows run faster, scaled to the values a window of
+    real length holds (9 bytes each, packed)."""
     if not snaps:
         return 0.0, 0.0
-    cost = float(np.median([s[0] for s in snaps])) * 1e6
+    timed = snaps[WARM_CALLS:] if len(snaps) > 2 * WARM_CALLS else snaps  # after a warm-up
+    cost = float(np.mean([s[0] for s in timed])) * 1e6
     size = float(np.mean([s[1] for s in snaps]))
     if st.operator == "window" and _has_percentiles(cfg) and compression > 1:
         extra = 9.0 * float(np.mean([s[2] for s in snaps])) * (compression - 1)

@@ -14,9 +14,10 @@ import numpy as np
 
 from edgewise.pipeline import registry
 from edgewise.plan import flows as F
-from edgewise.plan.cost_model import COMMIT_INTERVAL_S, TICK_S
+from edgewise.plan.cost_model import COMMIT_INTERVAL_S, TICK_S, stage_gcs_per_s
 from edgewise.plan.costs import Costs
 from edgewise.plan.encoding import json_reading_bytes, mqtt_message_bytes
+from edgewise.plan.gc_cost import full_per_s
 from edgewise.plan.linksim import SecondRoute
 from edgewise.plan.placement import Decision
 from edgewise.plan.results import Calibration, Figures, Latency, SitePlan, Sizing, Stream
@@ -177,7 +178,8 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
     """Cores the edge node needs at the real rate, by part (see plan/cost_model.py): protocol
     decoding, the edge stages, the engine per batch and record, the group commits (hand-over,
     every operator's snapshot, the writer's transaction with the checkpoint and one chunk per
-    stream) and the engine ticks; each at the real pace, i.e. woken up for every batch."""
+    stream), the engine ticks and the garbage collector's full collections
+    (`edgewise.plan.gc_cost`); each at the real pace, i.e. woken up for every batch."""
     site = sp.site
     eng = sp.engine_cost or costs.engine()
     edge = [st.id for st in sp.stages if sp.where(st.id) in ("edge", "split")]
@@ -208,19 +210,33 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
     stages = sum(cal.stage_cpu_us[i] + sp.flows_in(i).calls * sc[i].wake_us
                  for i in edge) / 1e6
     timers = sum(sc[i].timer_us for i in edge) / TICK_S / 1e6
+    # the collector's full collections: those the snapshots, the stages' calls and the
+    # engine trigger, each costing a full traversal of the process (`edgewise.plan.gc_cost`)
+    by_id = {st.id: st for st in sp.stages}
+    calls = [stage_gcs_per_s(by_id[i], sc[i], sp.flows_in(i), sp.flows[i]) for i in edge]
+    runs = commits * sum(sc[i].snapshot_gcs for i in edge) + sum(r for r, _p in calls)
+    promoted = commits * sum(sc[i].snapshot_promoted for i in edge) + sum(p for _r, p in calls)
+    if alone is not None:
+        runs += alone.get("collections_per_s", 0.0)
+        promoted += alone.get("promoted_per_s", 0.0)
+    full_us, heap = costs.gc_full(site, sp.stages)
+    collector = full_per_s(runs, promoted, heap) * full_us / 1e6
     if alone is not None:  # batches, records, commits and ticks at the site's own pace
         return {
             "ingest": ingest_cores(site, costs), "stages": stages,
             "engine at the site's pace": alone["cores"],
             "commits: state and chunks": (commits * state + chunks_us) / 1e6,
-            "ticks": timers,
+            "ticks": timers, "garbage collector": collector,
         }
-    return {
+    parts = {
         "ingest": ingest_cores(site, costs), "stages": stages,
         "engine": (batches * eng.batch_rt_us + readings * eng.record_us) / 1e6,
         "commits": (commits * per_commit + chunks_us) / 1e6,
         "ticks": eng.tick_rt_us / TICK_S / 1e6 + timers,
     }
+    if collector > 0:  # the static table has no collector figures
+        parts["garbage collector"] = collector
+    return parts
 
 
 def _size_node(workload: Workload, site: SiteSpec, stages: list[StageSpec],
