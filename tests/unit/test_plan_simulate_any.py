@@ -64,9 +64,9 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One calibration cache for the module: the engine and MQTT are calibrated once."""
-    return tmp_path_factory.mktemp("cache")
+def cache(plan_cache: Path) -> Path:
+    """The session's calibration cache: the engine and MQTT are calibrated once."""
+    return plan_cache
 
 
 @pytest.fixture
