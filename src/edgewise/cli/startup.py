@@ -6,15 +6,15 @@ the tests, keeps its settings.
 
 * **One BLAS thread.** numpy's OpenBLAS starts a thread per core when numpy is imported, and
   those threads spin while they wait for work; no command of Edgewise gives BLAS work that
-  threads would speed up (the engine's column operations are not BLAS; the planner's least
-  squares are a few hundred rows). That start cost 0.05-0.08 s of CPU per process on the
+  threads would speed up (the engine's column operations are not BLAS; the planner's
+  least-squares fits are small). That start cost 0.05-0.08 s of CPU per process on the
   benchmark machine (2 cores; numpy issue 29193 shows more cores cost more). So
   ``OPENBLAS_NUM_THREADS=1`` is set unless the environment already says how many BLAS threads
   to use (`BLAS_THREADS`): set one of those to give a plugin's own numpy work more threads.
 * **The garbage collector while loading.** Importing numpy, pydantic, asyncio and our modules
-  and loading a pipeline makes about 50,000 objects that live as long as the process; the
-  cyclic garbage collector would walk them again and again while they are made and twice more
-  at exit. `loading` turns it off while a command loads and then freezes what exists
+  and loading a pipeline makes about 45,000 objects that live as long as the process; the
+  cyclic garbage collector would walk them again and again while they are made and again at
+  exit. `loading` turns it off while a command loads and then freezes what exists
   (`gc.freeze`: later collections, the ones at exit too, skip those objects); objects made
   afterwards, while the command works, are collected as usual.
 """
