@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,13 @@ def check_exactly_once(agent: AgentProcess, cloud_dir: Path, readings: int) -> d
     """Every record the agent produced is in the cloud store once; returns produced counts."""
     node = agent.node_id
     assert node is not None
-    status = cli_json("agent", "status", "--data", str(agent.data_dir))
+    with ThreadPoolExecutor(3) as pool:  # the three CLIs at once: the agent has stopped
+        answers = [pool.submit(cli_json, *args) for args in (
+            ("agent", "status", "--data", str(agent.data_dir)),
+            ("data", "stats", "--node", node, "--data", str(cloud_dir)),
+            ("data", "query", "--node", node, "--stream", "alarms", "--limit", "100000",
+             "--data", str(cloud_dir)))]
+    status, stats_doc, alarms_doc = (a.result() for a in answers)
     assert status["node_id"] == node and status["running"] is False
     streams = status["streams"]
     assert set(streams) == {"alarms", "aggregates"}, streams
@@ -154,8 +161,7 @@ def check_exactly_once(agent: AgentProcess, cloud_dir: Path, readings: int) -> d
         assert (s["pending"], s["dropped"], s["refused"], s["compacted"]) == (0, 0, 0, 0), \
             (name, s)
         assert s["acknowledged"] == s["produced"] > 0, (name, s)
-    stats = {s["stream"]: s for s in cli_json("data", "stats", "--node", node, "--data",
-                                               str(cloud_dir))["streams"]}
+    stats = {s["stream"]: s for s in stats_doc["streams"]}
     chunks = stored_chunks(cloud_dir / "edgewise.db", node)
     for name, s in streams.items():
         c = stats[name]
@@ -170,8 +176,7 @@ def check_exactly_once(agent: AgentProcess, cloud_dir: Path, readings: int) -> d
             expect = first + count
         assert expect == s["produced"]
     # the content: the alarms are exactly the readings above 100.0, in order
-    alarms = cli_json("data", "query", "--node", node, "--stream", "alarms", "--limit", "100000",
-                      "--data", str(cloud_dir))["records"]
+    alarms = alarms_doc["records"]
     assert [r["seq"] for r in alarms] == list(range(streams["alarms"]["produced"]))
     got = [(r["data"]["sensor"], r["data"]["ts"], r["data"]["value"]) for r in alarms]
     want = expected_alarms(readings, start_ts_of(agent.data_dir))
@@ -305,7 +310,9 @@ async def scenario(tmp_path: Path, mosquitto: tuple[str, int], cut_s: float) -> 
             assert codes == [0, 0], [x.child.log_tail() for x in agents if x.child]
             elapsed = time.monotonic() - t0
 
-            produced = {x.name: check_exactly_once(x, cloud.data_dir, readings) for x in agents}
+            # both nodes checked at once (each check waits on three CLI processes)
+            produced = dict(zip("ab", await asyncio.gather(*(asyncio.to_thread(
+                check_exactly_once, x, cloud.data_dir, readings) for x in agents)), strict=True))
             assert produced["a"] == produced["b"]  # same seed, same readings, same records
             assert b.starts == 2
     finally:
