@@ -10,12 +10,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from edgewise.cloud.store import Store, database_url
 from edgewise.cloud.store.db import DB_FILE
-from edgewise.cloud.store.records import ChunkWrite, GapWrite, MarkWrite
+from edgewise.cloud.store.records import ChunkWrite, GapWrite, MarkWrite, SeqRange
 from edgewise.errors import StorageError
+from edgewise.security.pki import CertificateAuthority, make_csr
+from edgewise.security.tokens import EnrolmentToken
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -71,3 +74,42 @@ async def test_a_failed_one_handoff_commit_stores_nothing(tmp_path: Path) -> Non
         res = await store.commit_ingest([ChunkWrite("n1", "raw", 0, 1, 1, False, b"a", T0)],
                                         [], [MarkWrite("n1", "raw", 1, T0)])
         assert res.records == 1  # the connection is usable again
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return database_url(None, tmp_path)
+    return str(request.getfixturevalue("postgres"))
+
+
+async def test_session_start_reads_what_the_separate_reads_read(store_url: str,
+                                                                tmp_path: Path) -> None:
+    """A hello's reads in one transaction (one hand-off on SQLite): the same marks, ranges
+    above them and desired version as `load_streams`, `settled_above`, `desired_version`."""
+    ca = CertificateAuthority.create(tmp_path / "ca", now=T0 - timedelta(days=1))
+    async with Store(store_url) as store:
+        assert await store.session_start("n1") == ({}, 0)
+        _plain, token = EnrolmentToken.issue({"site": "s"}, timedelta(days=3650), 1, now=T0)
+        await store.add_enrolment_token(token, now=T0)
+        key = ec.generate_private_key(ec.SECP256R1())
+        await store.enrol_node(token.hash, "n1", ca.sign_node_csr(make_csr(key), "n1"))
+        for i in range(3):
+            await store.put_desired_state("n1", config={"i": i}, actor="op:test")
+        await store.commit_ingest(
+            [ChunkWrite("n1", "raw", 0, 10, 10, False, b"a", T0),
+             ChunkWrite("n1", "raw", 30, 5, 5, False, b"b", T0),  # above the mark
+             ChunkWrite("n1", "raw", 20, 2, 2, False, b"c", T0),
+             ChunkWrite("n1", "alarms", 0, 3, 3, False, b"d", T0),
+             ChunkWrite("n2", "raw", 50, 1, 1, False, b"e", T0)],  # another node
+            [GapWrite("n1", "raw", 12, 3, "lost", T0)],
+            [MarkWrite("n1", "raw", 10, T0), MarkWrite("n1", "alarms", 3, T0)])
+        streams, version = await store.session_start("n1")
+        assert streams == {"raw": (10, [SeqRange(12, 3, gap=True), SeqRange(20, 2),
+                                        SeqRange(30, 5)]),
+                           "alarms": (3, [])}
+        assert version == await store.desired_version("n1") == 3
+        separate = {name: (info.contiguous,
+                           await store.settled_above("n1", name, info.contiguous))
+                    for name, info in (await store.load_streams("n1")).items()}
+        assert streams == separate

@@ -308,17 +308,17 @@ class Session:
             return False
         store = self.registry.store
         self.quarantined = await self.registry.quarantine_at_hello(self.node_id)
-        streams = await store.load_streams(self.node_id)
-        for name, info in streams.items():
-            above = await store.settled_above(self.node_id, name, info.contiguous)
-            self._trackers[name] = StreamTracker(info.contiguous, above)
+        # marks, settled ranges and the desired version: one read transaction (a storm)
+        streams, desired_version = await store.session_start(self.node_id)
+        for name, (contiguous, above) in streams.items():
+            self._trackers[name] = StreamTracker(contiguous, above)
         marks = {name: 0 for name in msg["streams"]}
         marks.update({name: tr.contiguous for name, tr in self._trackers.items()})
         self.hello_read = True
         self.registry.node_writes.status(self.node_id, "online")  # written with the next group
         self._enqueue({
             "t": protocol.WELCOME, "node_id": self.node_id, "streams": marks,
-            "desired_version": await store.desired_version(self.node_id),
+            "desired_version": desired_version,
         })
         return True
 

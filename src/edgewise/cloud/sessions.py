@@ -244,11 +244,15 @@ class SessionRegistry:
 
 
 async def handle_session(request: web.Request, registry: SessionRegistry, node_id: str,
-                         cert: x509.Certificate) -> web.WebSocketResponse:
+                         cert: x509.Certificate) -> web.StreamResponse:
     """Upgrade an authenticated request to the session and run it to its end."""
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME_BYTES,
                                heartbeat=registry.limits.heartbeat, compress=False)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:  # the node gave up before its upgrade was answered (a storm)
+        registry.metrics.session_errors.labels("gone before the upgrade").inc()
+        return web.Response(status=400)  # nobody reads it; not an error of ours to log
     session = Session(node_id, cert, ws, registry, request)
     try:
         try:

@@ -50,6 +50,8 @@ operator tokens                                     (audit)
                                                     and role, add it; one transaction, audited
 ingest and data                                     (chunks)
     load_streams(node_id) -> {stream: StreamInfo}
+    session_start(node_id) -> ({stream: (mark, [SeqRange above])}, desired version)
+                                                    a hello's reads, one read transaction
     settled_above(node_id, stream, from_seq) -> [SeqRange]          chunks and gaps above a mark
     commit_ingest(chunks: [ChunkWrite], gaps: [GapWrite], marks: [MarkWrite]) -> IngestResult
                                                     one transaction; PK conflicts skipped

@@ -21,11 +21,11 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, select
+from sqlalchemy import and_, bindparam, case, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from edgewise.cloud.store.db import Database, RawStatement
-from edgewise.cloud.store.models import ChunkRow, GapRow, StreamRow
+from edgewise.cloud.store.models import ChunkRow, DesiredStateRow, GapRow, StreamRow
 from edgewise.cloud.store.records import (
     ChunkWrite,
     GapInfo,
@@ -112,6 +112,32 @@ class _RawIngest:
         return counted
 
 
+@dataclass(frozen=True)
+class _RawStart:
+    """`ChunkStore.session_start`'s reads for SQLite's driver (ints and text only: no result
+    processing needed)."""
+
+    streams: RawStatement
+    chunks: RawStatement
+    gaps: RawStatement
+    desired: RawStatement
+
+    def read(self, node_id: str, conn: sqlite3.Connection
+             ) -> tuple[dict[str, tuple[int, list[SeqRange]]], int]:
+        out: dict[str, tuple[int, list[SeqRange]]] = {}
+        for stream, contiguous in conn.execute(self.streams.sql,
+                                               self.streams.params({"node_id": node_id})):
+            params = {"node_id": node_id, "stream": stream, "seq": contiguous}
+            above = [SeqRange(f, c) for f, c in conn.execute(self.chunks.sql,
+                                                             self.chunks.params(params))]
+            above += [SeqRange(f, c, gap=True)
+                      for f, c in conn.execute(self.gaps.sql, self.gaps.params(params))]
+            out[stream] = (contiguous, sorted(above, key=lambda r: r.first))
+        row = conn.execute(self.desired.sql, self.desired.params({"node_id": node_id}))
+        version = row.fetchone()[0]
+        return out, int(version or 0)
+
+
 def _stream_info(row: Any) -> StreamInfo:
     return StreamInfo(row.node_id, row.stream, row.contiguous, row.stored_records,
                       row.gap_records, row.last_received)
@@ -119,6 +145,51 @@ def _stream_info(row: Any) -> StreamInfo:
 
 class ChunkStore(Database):
     """Chunks, gaps and stream marks (part of `Store`)."""
+
+    async def session_start(self, node_id: str) -> tuple[dict[str, tuple[int, list[SeqRange]]],
+                                                         int]:
+        """What a session needs before its welcome, in ONE read transaction: per stream of the
+        node its contiguous mark and the ranges settled above it (`settled_above`), and the
+        node's newest desired version (0 if none). On SQLite one hand-off to a reader's
+        thread: in a reconnect storm thousands of hellos read at once, and three or more
+        transactions each, several hand-offs a statement, held the four reader connections so
+        long that waiters ran out of ``store_wait`` (issue 11)."""
+        if self.dialect == "sqlite":
+            return await self._sqlite_tx(partial(self._raw_start().read, node_id), write=False)
+        stmts = self._start_statements()
+        out: dict[str, tuple[int, list[SeqRange]]] = {}
+        async with self._tx(write=False) as conn:
+            for stream, contiguous in (await conn.execute(stmts[0], {"node_id": node_id})).all():
+                params = {"node_id": node_id, "stream": stream, "seq": contiguous}
+                above = [SeqRange(f, c) for f, c in await conn.execute(stmts[1], params)]
+                above += [SeqRange(f, c, gap=True) for f, c in await conn.execute(stmts[2],
+                                                                                 params)]
+                out[stream] = (contiguous, sorted(above, key=lambda r: r.first))
+            version = (await conn.execute(stmts[3], {"node_id": node_id})).scalar()
+        return out, int(version or 0)
+
+    def _start_statements(self) -> tuple[Any, Any, Any, Any]:
+        stmts = getattr(self, "_start_stmts", None)
+        if stmts is None:
+            node, stream, seq = bindparam("node_id"), bindparam("stream"), bindparam("seq")
+            stmts = self._start_stmts = (
+                select(StreamRow.stream, StreamRow.contiguous).where(StreamRow.node_id == node),
+                select(ChunkRow.seq_first, ChunkRow.seq_count)
+                .where(ChunkRow.node_id == node, ChunkRow.stream == stream,
+                       ChunkRow.seq_first >= seq).order_by(ChunkRow.seq_first),
+                select(GapRow.seq_first, GapRow.seq_count)
+                .where(GapRow.node_id == node, GapRow.stream == stream,
+                       GapRow.seq_first >= seq).order_by(GapRow.seq_first),
+                select(func.max(DesiredStateRow.version))
+                .where(DesiredStateRow.node_id == node))
+        return stmts
+
+    def _raw_start(self) -> _RawStart:
+        raw = getattr(self, "_raw_start_stmts", None)
+        if raw is None:
+            raw = self._raw_start_stmts = _RawStart(
+                *(self.raw_statement(s, ()) for s in self._start_statements()))
+        return raw
 
     async def load_streams(self, node_id: str) -> dict[str, StreamInfo]:
         async with self._tx(write=False) as conn:

@@ -112,10 +112,11 @@ class RawStatement:
                      for n, p in zip(self.names, self.procs, strict=True))
 
 
-def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """In the connection's thread: ``fn`` between BEGIN IMMEDIATE and COMMIT (ROLLBACK if it
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T],
+                    begin: str = "BEGIN IMMEDIATE") -> T:
+    """In the connection's thread: ``fn`` between ``begin`` and COMMIT (ROLLBACK if it
     raises)."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(begin)
     try:
         out = fn(conn)
     except BaseException:
@@ -249,11 +250,14 @@ class Database:
         return RawStatement(compiled.string, names, tuple(
             compiled.binds[n].type._cached_bind_processor(dialect) for n in names))
 
-    async def _sqlite_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """(SQLite) ``fn(connection)`` as one write transaction in one hand-off to the write
-        connection's thread (module docstring). ``fn`` runs off the event loop: it may use only
-        its connection and its own arguments. Raises `StorageError`."""
-        engine = self._write
+    async def _sqlite_tx(self, fn: Callable[[sqlite3.Connection], T], *,
+                         write: bool = True) -> T:
+        """(SQLite) ``fn(connection)`` as one transaction in one hand-off to the connection's
+        thread (module docstring): the write connection (BEGIN IMMEDIATE), or with
+        ``write=False`` a reader (BEGIN: one snapshot for all its reads). ``fn`` runs off the
+        event loop: it may use only its connection and its own arguments. Raises
+        `StorageError`."""
+        engine = self._write if write else self._read
         if engine is None:
             raise StorageError("store is not open")
         try:
@@ -261,7 +265,9 @@ class Database:
                 raw = await conn.get_raw_connection()
                 driver = raw.driver_connection  # the aiosqlite connection
                 # aiosqlite's queue into its thread (one call, one hand-off each way)
-                return await driver._execute(_in_transaction, driver._conn, fn)  # type: ignore[union-attr]
+                return await driver._execute(  # type: ignore[union-attr]
+                    _in_transaction, driver._conn, fn,  # type: ignore[union-attr]
+                    "BEGIN IMMEDIATE" if write else "BEGIN")
         except (sqlite3.Error, SQLAlchemyError, ValueError) as exc:  # ValueError: closed
             raise StorageError(f"database error: {exc}") from None
 
