@@ -374,7 +374,12 @@ async def desired(request: web.Request) -> web.Response:
 
 async def session(request: web.Request) -> web.StreamResponse:
     node_id, cert = await authenticate(request)
-    return await handle_session(request, request.app[SESSIONS], node_id, cert)
+    registry = request.app[SESSIONS]
+    wait = registry.session_retry_after()  # a storm waits outside (429), not in a queue
+    if wait > 0:
+        registry.metrics.session_errors.labels("busy: told to retry").inc()
+        raise TooManyRequests("too many sessions starting at once; retry later", wait)
+    return await handle_session(request, registry, node_id, cert)
 
 
 def _op(summary: str, auth: str) -> dict[str, Any]:

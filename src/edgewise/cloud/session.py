@@ -83,6 +83,8 @@ class SessionHost(Protocol):
 
     async def quarantine_at_hello(self, node_id: str) -> bool: ...
 
+    def hello_done(self) -> None: ...
+
 
 _CLOSE = object()
 
@@ -315,6 +317,7 @@ class Session:
         marks = {name: 0 for name in msg["streams"]}
         marks.update({name: tr.contiguous for name, tr in self._trackers.items()})
         self.hello_read = True
+        self.registry.hello_done()
         self.registry.node_writes.status(self.node_id, "online")  # written with the next group
         self._enqueue({
             "t": protocol.WELCOME, "node_id": self.node_id, "streams": marks,
