@@ -7,10 +7,14 @@ import socket
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from edgewise.pipeline.spec import PipelineSpec, parse_pipeline
+
+if TYPE_CHECKING:
+    from edgewise.testbed.system import ControlPlane
 
 REQUIRE = os.environ.get("EDGEWISE_REQUIRE_SERVICES") == "1"
 
@@ -48,6 +52,24 @@ def mosquitto() -> tuple[str, int]:
 @pytest.fixture
 def nats_server() -> tuple[str, int]:
     return need_service("nats")
+
+
+@pytest.fixture(scope="module")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One ``edgewise cloud serve`` for a module whose tests each enrol agents of their own and
+    read only their own nodes' data: ``System(tmp_path, cloud=control_plane)``."""
+    import asyncio
+
+    from edgewise.testbed.system import ControlPlane, free_port
+
+    work = tmp_path_factory.mktemp("control-plane")
+    cloud = ControlPlane(work / "cloud", free_port(), work / "logs")
+    try:
+        asyncio.run(cloud.start())
+        yield cloud
+    finally:
+        cloud.close()
+        asyncio.run(cloud.stop())
 
 
 @pytest.fixture(scope="session")

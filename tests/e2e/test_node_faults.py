@@ -1,5 +1,6 @@
 """An edge node under storage faults, with real processes: a control plane (``edgewise cloud
-serve``) and an agent (``edgewise agent run``) behind a `LinkProxy` (docs/agent.md, "Faults").
+serve``, one for the module) and an agent (``edgewise agent run``) behind a `LinkProxy`, one per
+test (docs/agent.md, "Faults").
 
 * the outbox moved away while the agent is stopped: the new outbox continues the numbers, its
   records are all stored, what was pending in the old file is a gap with its reason;
@@ -40,7 +41,7 @@ from conftest import LONG_ONLY
 from edgewise.pipeline import checkpoint as ckpt
 from edgewise.sim.signals import SignalGroup, SignalSet
 from edgewise.sync import codec
-from edgewise.testbed.system import AgentProcess, System, link_state
+from edgewise.testbed.system import AgentProcess, ControlPlane, System, link_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -296,11 +297,11 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 async def test_outbox_moved_away_new_records_continue_and_what_it_held_is_a_gap(
-        tmp_path: Path) -> None:
+        tmp_path: Path, control_plane: ControlPlane) -> None:
     readings = 80_000
     pipe, _ = pipeline(tmp_path, readings)
-    async with System(tmp_path) as system:
-        cloud = await system.start_cloud()
+    async with System(tmp_path, cloud=control_plane) as system:
+        cloud = control_plane
         agent = await system.add_agent("a", pipe, await cloud.token({"site": "f3"}))
         assert agent.link is not None
         await until(lambda: connected(agent) and acked(agent) > 0, 60, "the first acks")
@@ -357,11 +358,11 @@ time.sleep(600)
 @pytest.mark.parametrize("damage", [pytest.param("truncated", marks=LONG_ONLY), "overwritten",
                                     "wal-deleted"])
 async def test_damaged_outbox_the_node_keeps_running_and_reports_what_was_lost(
-        tmp_path: Path, damage: str) -> None:
+        tmp_path: Path, damage: str, control_plane: ControlPlane) -> None:
     readings = 80_000
     pipe, _ = pipeline(tmp_path, readings)
-    async with System(tmp_path) as system:
-        cloud = await system.start_cloud()
+    async with System(tmp_path, cloud=control_plane) as system:
+        cloud = control_plane
         agent = await system.add_agent("a", pipe, await cloud.token({"site": "f4"}))
         assert agent.link is not None and agent.child is not None
         await until(lambda: connected(agent) and acked(agent) > 0, 60, "the first acks")
@@ -454,12 +455,12 @@ def fill(directory: Path) -> Path:
 
 
 async def test_full_disk_alarms_go_on_status_says_so_and_records_flow_again(
-        tmp_path: Path) -> None:
+        tmp_path: Path, control_plane: ControlPlane) -> None:
     readings = 300_000  # 30 s
     pipe, alarm_file = pipeline(tmp_path, readings, raw=True)
     with tmpfs(tmp_path / "a", "24m") as data:
-        async with System(tmp_path) as system:
-            cloud = await system.start_cloud()
+        async with System(tmp_path, cloud=control_plane) as system:
+            cloud = control_plane
             agent = await system.add_agent("a", pipe, await cloud.token({"site": "f7"}))
             assert agent.link is not None and agent.data_dir == data
             await until(lambda: connected(agent) and acked(agent) > 0, 60, "the first acks")
@@ -520,11 +521,12 @@ async def test_full_disk_alarms_go_on_status_says_so_and_records_flow_again(
 # -- finding 8: a re-enrolment ---------------------------------------------------------------------
 
 
-async def test_reenrolment_reports_no_false_gap_and_loses_nothing(tmp_path: Path) -> None:
+async def test_reenrolment_reports_no_false_gap_and_loses_nothing(
+        tmp_path: Path, control_plane: ControlPlane) -> None:
     readings = 80_000
     pipe, _ = pipeline(tmp_path, readings)
-    async with System(tmp_path) as system:
-        cloud = await system.start_cloud()
+    async with System(tmp_path, cloud=control_plane) as system:
+        cloud = control_plane
         agent = await system.add_agent("a", pipe, await cloud.token({"site": "f8"}))
         assert agent.link is not None
         await until(lambda: connected(agent) and acked(agent) > 500, 60, "acks")
@@ -575,13 +577,13 @@ def on_disk(data: Path) -> int:
 
 
 async def test_small_bound_holds_on_disk_and_chunks_evicted_in_flight_are_gaps(
-        tmp_path: Path) -> None:
+        tmp_path: Path, control_plane: ControlPlane) -> None:
     bound = 1024 * 1024
     speed = 4.0  # 40,000 readings/s: the raw stream fills the bound in seconds
     readings = int(10_000 * speed * 16)
     pipe, _ = pipeline(tmp_path, readings, raw=True, speed=speed, max_bytes=bound)
-    async with System(tmp_path) as system:
-        cloud = await system.start_cloud()
+    async with System(tmp_path, cloud=control_plane) as system:
+        cloud = control_plane
         agent = await system.add_agent("a", pipe, await cloud.token({"site": "f10"}))
         assert agent.link is not None
         await until(lambda: connected(agent) and acked(agent) > 0, 60, "the first acks")

@@ -280,12 +280,15 @@ class AgentProcess:
 
 class System:
     """A control plane, agents and their link proxies, all stopped on exit (also on errors
-    and cancellation): ``async with System(workdir) as system: ...``."""
+    and cancellation): ``async with System(workdir) as system: ...``. ``cloud``: a control
+    plane started elsewhere (shared by several system tests), used but neither stopped nor
+    killed here."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cloud: ControlPlane | None = None) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
-        self.cloud: ControlPlane | None = None
+        self.cloud: ControlPlane | None = cloud
+        self._own_cloud = cloud is None
         self.agents: list[AgentProcess] = []
         self._stack = contextlib.AsyncExitStack()
 
@@ -296,7 +299,7 @@ class System:
     async def __aexit__(self, *exc: object) -> None:
         try:
             await asyncio.gather(*(a.stop() for a in self.agents))
-            if self.cloud is not None:
+            if self.cloud is not None and self._own_cloud:
                 self.cloud.close()
                 await self.cloud.stop()
         finally:
@@ -307,11 +310,12 @@ class System:
         """SIGKILL every process group started here (safe from a signal handler)."""
         for a in self.agents:
             a.kill()
-        if self.cloud is not None:
+        if self.cloud is not None and self._own_cloud:
             self.cloud.child.kill()
 
     async def start_cloud(self, port: int | None = None,
                           extra_args: Sequence[str] = ()) -> ControlPlane:
+        self._own_cloud = True
         self.cloud = ControlPlane(self.workdir / "cloud", port or free_port(), self.logs,
                                   extra_args)
         await self.cloud.start()
