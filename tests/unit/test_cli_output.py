@@ -102,7 +102,7 @@ def test_node_list_never_cuts_the_node_id() -> None:
     n = SimpleNamespace(id="node-0123456789ab", decommissioned_at=None, revoked=False,
                         status="online", wipe=False, cert_serial=123, key_fingerprint="ab" * 32,
                         labels={"site": "plant1", "line": "1", "rack": "r17-east-long"},
-                        last_seen=T, cert_expiry=T)
+                        last_seen=T, cert_expiry=T, attestation="none", quarantine=None)
     for fmt, width in (("table", 80), ("table", 64), ("wide", 100_000)):
         console = Console(width=width, record=True, file=io.StringIO())
         with using(Output(fmt, utc=True)):
