@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,40 @@ async def test_recovery_is_logged_at_the_level_of_the_failure(
     assert lines[-1] == ("ERROR", "pipeline late running again")
     assert set(lines[first:]) <= {("ERROR", "pipeline late failed"),
                                   ("ERROR", "pipeline late running again")}
+
+
+async def test_a_pipeline_that_failed_and_runs_again_still_says_why(
+    tmp_path: Path, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release's health gate samples the supervisor about once a second; an engine that
+    crashed and already runs again by then must still say why it was restarted (CI saw the
+    gate report only "the engine was restarted" for a plugin's crash)."""
+    from edgewise.edge.updater.updater import SupervisorHooks
+
+    mod = tmp_path / "plug"
+    mod.mkdir()
+    (mod / "crashonce_sup.py").write_text(
+        "class Crash:\n"
+        "    def __init__(self, options):\n        self.n = 0\n"
+        "    def process(self, batch):\n"
+        "        self.n += 1\n"
+        "        if self.n > 3:\n            raise RuntimeError('crash after start')\n"
+        "        return batch\n")
+    monkeypatch.syspath_prepend(str(mod))
+    text = PIPE.format(name="cr", source=LIVE).replace(
+        "  sinks:\n", "  stages:\n    - {id: plug, type: python, inputs: [cr-src], "
+        "class: 'crashonce_sup:Crash'}\n  sinks:\n").replace("inputs: [cr-src]\n      stream",
+                                                             "inputs: [plug]\n      stream")
+    sup = EngineSupervisor(tmp_path, outbox, Backoff(0.01, 0.05))
+    hooks = SupervisorHooks(sup, lambda: None, lambda _: None, lambda: None, lambda: None)
+    task = asyncio.create_task(sup.run(parse_pipeline(text, "cr.yaml")))
+    try:
+        await until(lambda: sup.starts >= 2 and sup.state == "running")
+        state, starts, error, _, _ = hooks.sample()
+        assert (state, starts >= 2) == ("running", True)
+        assert sup.error is None  # the running engine has no error of its own
+        assert error is not None and "crash after start" in error
+    finally:
+        sup.stop()
+        await asyncio.wait_for(task, 10)
+    sys.modules.pop("crashonce_sup", None)

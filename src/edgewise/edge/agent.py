@@ -117,7 +117,8 @@ class EngineSupervisor:
         self.healthy_s = healthy_s  # an engine running this long forgets earlier failures
         self.engine: Engine | None = None
         self.state = "starting"
-        self.error: str | None = None
+        self.error: str | None = None  # cleared when an engine runs again
+        self.last_error: str | None = None  # the last failure of this process, kept
         self.starts = 0
         self._spec: PipelineSpec | None = None
         self._changed: asyncio.Event | None = None
@@ -194,6 +195,7 @@ class EngineSupervisor:
                     continue
                 delay = retry.failed()
                 self.state, self._failed = "restarting", True
+                self.last_error = self.error
                 log.error("pipeline %s failed: %s; restarting in %.1f s", spec.name, self.error,
                           delay)
                 with contextlib.suppress(TimeoutError):

@@ -358,7 +358,10 @@ class SupervisorHooks:
     def sample(self) -> tuple[str, int, str | None, int, int]:
         sv = self.supervisor
         c = sv.counters()
-        return sv.state, sv.starts, sv.error, c.get("readings_in", 0), c.get("alarms", 0)
+        # an engine that failed and runs again has no error any more: its last failure says
+        # why it was restarted (a gate sampling between the two would see only the restart)
+        error = sv.error or getattr(sv, "last_error", None)
+        return sv.state, sv.starts, error, c.get("readings_in", 0), c.get("alarms", 0)
 
     def alarm_rate(self) -> float | None:
         """The running pipeline's alarms per second, an upper estimate: (alarms + 3) / elapsed,
