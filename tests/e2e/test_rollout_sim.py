@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LONG_ONLY
+from edgewise.testbed.fleet.node import BUG
 from edgewise.testbed.fleet.rollout_scenario import RolloutScenarioConfig, run_rollouts
 
 pytestmark = pytest.mark.timeout(900)
@@ -35,8 +36,15 @@ async def test_a_rollout_completes_at_0_percent_and_halts_at_its_threshold_at_5(
     good, bad = res["rollouts"]
     quarantined = n - 1
     assert list(res["quarantined"]) == [quarantined]
-    assert res["sim"]["enrolled"] == res["sim"]["connected_at_stop"] == n
-    assert res["sim"]["problems"] == []
+    sim = res["sim"]
+    why = {k: sim[k] for k in ("reconnects", "failures", "problems")}
+    assert sim["problems"] == [] and sim["enrolled"] == n, why
+    assert not [f for f in sim["failures"] if f.startswith(BUG)], why  # no node died of a bug
+    # every node has its session at the stop, but for one that lost it (counted as a
+    # reconnect, its reason in failures: CI saw one under load) and was still reconnecting
+    assert n - sim["reconnects"] <= sim["connected_at_stop"] <= n, why
+    if sim["reconnects"] == 0:
+        assert sim["connected_at_stop"] == n, why
     targeted = n - 1
     allowed = targeted * 2 // 100  # 2% of the nodes in waves, rounded down
     # 0%: completes; every node but the quarantined one updated exactly once

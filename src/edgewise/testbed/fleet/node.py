@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import ssl
 import time
@@ -60,6 +61,9 @@ AGENT = "edgewise-sim/1"
 MAX_JITTER_S = 60.0  # s: the most of a poke's jitter hint a node waits (as the agent)
 SEND_TIMEOUT_S = 30.0  # s a frame may wait for room in the socket
 RTO_S = 0.2  # Linux's minimum TCP retransmission timeout: what one lost segment costs
+BUG = "bug in the simulator: "  # the failure's prefix for an unexpected exception
+
+log = logging.getLogger(__name__)
 
 
 class LinkDown(Exception):
@@ -420,6 +424,10 @@ class VirtualNode:
                     pace = exc.retry_after
                 except (aiohttp.ClientError, OSError, TimeoutError, PeerError) as exc:
                     rec.failure(_short(exc))
+                except Exception as exc:  # never a silent dead node: counted, and it goes on
+                    if not any(k.startswith(BUG) for k in rec.failures):
+                        log.exception("virtual node %d: unexpected error", self.index)
+                    rec.failure(f"{BUG}{type(exc).__name__}: {exc}")
                 if self.shared.stop.is_set() and not self.buf:
                     break
                 if self.shared.stop.is_set():  # stopped while away: try again to drain

@@ -320,7 +320,7 @@ async def run_rollouts(cfg: RolloutScenarioConfig) -> dict[str, Any]:
         summary = _last_json(sim.log)
         out["sim"] = {k: summary.get(k) for k in (
             "enrolled", "connected_at_stop", "enrol_rate_per_s", "connect_p99_s",
-            "reconnects", "releases", "problems", "sim_kb_per_node")}
+            "reconnects", "releases", "problems", "failures", "sim_kb_per_node")}
         out["rollouts"] = [asdict(f) for f in out["rollouts"]]
         return out
     finally:
