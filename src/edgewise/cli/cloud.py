@@ -106,7 +106,8 @@ def cloud() -> None:
               "read_timeout, idle_timeout (s), max_unauthenticated, device_rate (/s), "
               "device_burst, handshake_rate (/s), handshake_burst, handshake_queue, backlog, "
               "enrol_rate (/s), enrol_burst, enrol_queue, push_fetch_rate (/s), "
-              "push_max_jitter (s), pipeline_lease (s); see docs/control-plane.md.")
+              "push_max_jitter (s), store_wait (s), pipeline_lease (s); see "
+              "docs/control-plane.md.")
 @click.option("--require-attestation", is_flag=True,
               help="Enrol only nodes with a TPM; a node without one is refused at enrolment "
               "and quarantined when it asks to attest (docs/security.md).")
