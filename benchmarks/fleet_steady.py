@@ -8,8 +8,9 @@ its baseline on the same machine.
 Starts ``edgewise cloud serve`` (SQLite) and ``edgewise sim fleet --processes 2``, waits until
 every node has a session and 15 s more, then reads the server's CPU time from /proc over
 ``--window`` seconds; ack latencies are the simulator's in that window. Last line: one JSON
-object (``server_cpu_us_per_node_s``, ack p50/p99, RSS, how many pool timeouts the server
-logged).
+object (``server_cpu_us_per_node_s``, ack p50/p99, RSS and ``server_kb_per_node``: the RSS
+growth from the idle server before any node, per node, as ``fleet_scale.py`` gives it; how
+many pool timeouts the server logged).
 
 ``--profile FILE``: py-spy (``pip install py-spy``) records the server over the window at
 100 Hz, every thread that is not idle, native frames included (OpenSSL, SQLite), one line per
@@ -55,6 +56,11 @@ main()
 """
 
 
+def rss_now(pid: int) -> int:
+    """The resident set of process ``pid`` in KB (``/proc/<pid>/status``)."""
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=300)
@@ -65,6 +71,7 @@ def main() -> None:
     ap.add_argument("--cprofile", type=Path, default=None)
     args = ap.parse_args()
     n, work = args.nodes, args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-steady-"))
+    work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(args.src))
     cli = [sys.executable, "-m", "edgewise.cli"]
     with socket.socket() as s:
@@ -81,6 +88,7 @@ def main() -> None:
         if cfg.exists() and "listening" in log.read_text():
             break
         time.sleep(0.1)
+    idle_kb = rss_now(srv.pid)  # before any node: what the sessions add is measured from here
     token = subprocess.run([sys.executable, "-c", (
         "import sys; from pathlib import Path; from edgewise.cloud.client import OperatorClient;"
         f"print(OperatorClient.from_file(Path({str(cfg)!r})).create_enrolment_token("
@@ -169,8 +177,7 @@ def main() -> None:
                     if w0 <= ev["t"] <= w1 + 5:  # each covers the 5 s before it
                         acks += ev["ms"]
         acks.sort()
-        rss_kb = int(Path(f"/proc/{srv.pid}/status").read_text()
-                     .split("VmRSS:")[1].split()[0])
+        rss_kb = rss_now(srv.pid)
     finally:
         sim.send_signal(signal.SIGTERM)
         srv.send_signal(signal.SIGTERM)
@@ -188,6 +195,7 @@ def main() -> None:
         "server_cpu_us_per_node_s": round((c1 - c0) / (w1 - w0) / n * 1e6, 1),
         "server_cpu_pct": round((c1 - c0) / (w1 - w0) * 100, 1),
         "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "rss_mb": round(rss_kb / 1024),
+        "server_kb_per_node": round(max(0, rss_kb - idle_kb) / n, 1),
         "pool_timeouts_logged": log.read_text().count("QueuePool"),
         "thread_cpu_pct": {k: round((t1[k] - t0.get(k, 0.0)) / (w1 - w0) * 100, 2)
                            for k in sorted(t1) if t1[k] - t0.get(k, 0.0) > 0},

@@ -359,3 +359,23 @@ async def test_pending_setpoints_are_cloud_writes_the_node_has_not_reported(stor
     later.set("limit", 80.0, HLC(3000, 0, "cloud"))
     await store.merge_setpoints("node-p", later, actor="op:alice", now=NOW)
     assert (await store.get_reported_state("node-p")).pending == ("limit",)
+
+
+async def test_health_writes_replace_the_body_keep_the_quarantine_and_skip_unknown_nodes(
+        store: Store) -> None:
+    """`write_health` (one cached executemany upsert): the newest body and time per node, an
+    operator's quarantine untouched, nodes the store does not know left out."""
+    rows = [{"id": n, "labels": {"fleet": "t"}, "key_fingerprint": f"{i:064x}",
+             "cert_serial": f"{i + 1:x}", "cert_expiry": NOW, "status": "online",
+             "created": NOW, "last_seen": NOW} for i, n in enumerate(("ha", "hb"))]
+    await store.add_simulated_nodes(rows)
+    first, second = NOW + timedelta(seconds=15), NOW + timedelta(seconds=30)
+    await store.write_health({"ha": ({"cpu": 1.0}, first), "hb": ({"cpu": 2.0}, first),
+                              "ghost": ({"cpu": 3.0}, first)})
+    await store.set_quarantine("hb", "bad firmware", actor="op")
+    await store.write_health({"hb": ({"cpu": 4.0, "disk_free": 5}, second),
+                              "ghost": ({"cpu": 6.0}, second)})
+    page = {r.node.id: (r.health, r.health_at, r.quarantine) for r in await store.fleet_page()}
+    assert page == {"ha": ({"cpu": 1.0}, first, None),
+                    "hb": ({"cpu": 4.0, "disk_free": 5}, second, "bad firmware")}
+    assert await store.quarantines(["ha", "hb", "ghost"]) == {"hb": "bad firmware"}

@@ -182,6 +182,7 @@ async def _serve(config: object) -> None:
     from edgewise.cloud.bootstrap import bootstrap, prepare_data_dir, server_url, write_cli_config
     from edgewise.cloud.config import CloudConfig
     from edgewise.cloud.store import Store
+    from edgewise.common.collector import tune_for_server
 
     assert isinstance(config, CloudConfig)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731 - progress goes to stderr
@@ -195,6 +196,8 @@ async def _serve(config: object) -> None:
         if boot.admin_token is not None:  # already saved: shown even if the port is taken
             click.echo(f"admin token (shown once): {boot.admin_token}")
             echo(f"saved with the URL and CA to {boot.cli_config} (mode 0600)")
+        # a process holding thousands of sessions: fewer, cheaper collections (issue 11)
+        tune_for_server()
         running = await start(config, boot.ca, store=store)
         try:
             url = server_url(config.host, running.port)

@@ -76,7 +76,11 @@ class Metrics:
         self.auth_failures = Counter("edgewise_device_auth_failures",
                                      "Device requests refused (401/403)", ["status"], registry=r)
         for d in ("in", "out"):
-            self.session_bytes.labels(d)
             self.wire_bytes.labels(d)
-        for o in ("stored", "duplicate", "refused"):
-            self.batches.labels(o)
+        # the children counted on every session frame and batch, looked up once: a
+        # ``labels(...)`` lookup costs five times the increment (6 against 1.2 µs here)
+        self.bytes_in = self.session_bytes.labels("in")
+        self.bytes_out = self.session_bytes.labels("out")
+        self.batches_stored = self.batches.labels("stored")
+        self.batches_duplicate = self.batches.labels("duplicate")
+        self.batches_refused = self.batches.labels("refused")

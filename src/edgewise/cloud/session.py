@@ -212,7 +212,7 @@ class Session:
                 self._closing = True
                 self.wire = tcp_bytes(self.sock)
                 return
-            self.metrics.session_bytes.labels("out").inc(len(item))
+            self.metrics.bytes_out.inc(len(item))
 
     # -- acknowledgements ---------------------------------------------------------------------
     async def _acker(self) -> None:
@@ -242,9 +242,9 @@ class Session:
                     self._room.set()
                 ids.extend(q.ids)
                 if q.duplicate:
-                    self.metrics.batches.labels("duplicate").inc(len(q.ids))
+                    self.metrics.batches_duplicate.inc(len(q.ids))
                 elif q.ids:
-                    self.metrics.batches.labels("stored").inc(len(q.ids))
+                    self.metrics.batches_stored.inc(len(q.ids))
                     self.metrics.records.inc(q.records)
             if ids:
                 self._enqueue({"t": protocol.ACK, "ids": ids})
@@ -270,7 +270,7 @@ class Session:
                       else "receive timed out")
             return None
         if msg.type == WSMsgType.BINARY:
-            self.metrics.session_bytes.labels("in").inc(len(msg.data))
+            self.metrics.bytes_in.inc(len(msg.data))
             try:
                 return protocol.decode(msg.data)
             except PeerError as exc:
@@ -364,7 +364,7 @@ class Session:
         await self._submit(_Pending(fut, [cid], len(payload), records, False))
 
     def _refuse(self, cid: int, reason: str) -> None:
-        self.metrics.batches.labels("refused").inc()
+        self.metrics.batches_refused.inc()
         self._enqueue({"t": protocol.REFUSE, "id": cid, "reason": reason})
 
     async def _gap(self, msg: dict[str, Any]) -> bool:

@@ -5,9 +5,8 @@ recovers the release slots (`edgewise.edge.updater`: a release on trial whose at
 up is rolled back before anything else runs), loads the twin, then runs in one
 `asyncio.TaskGroup`:
 
-* the **engine supervisor**: runs the pipeline (the one the persisted desired state names; else,
-  while the cloud has named none, ``--pipeline``);
-  restarts it when the twin applies a new one, restarts it with backoff when it fails;
+* the **engine supervisor**: runs the pipeline (the persisted desired state's; while the cloud
+  has named none, ``--pipeline``); restarts it when the twin applies a new one or when it fails;
 * the **uplink** (`edgewise.edge.uplink`), the **renewal loop** (`edgewise.edge.identity`),
   the **twin** (`edgewise.edge.twin`), the **status writer** (``DATA/status.json`` every
   second) and the **updater** (`edgewise.edge.updater.updater`: the health gate of a release
@@ -194,8 +193,7 @@ class EngineSupervisor:
                     await self._idle()
                     continue
                 delay = retry.failed()
-                self.state, self._failed = "restarting", True
-                self.last_error = self.error
+                self.state, self._failed, self.last_error = "restarting", True, self.error
                 log.error("pipeline %s failed: %s; restarting in %.1f s", spec.name, self.error,
                           delay)
                 with contextlib.suppress(TimeoutError):

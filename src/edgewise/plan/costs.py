@@ -93,7 +93,7 @@ from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_si
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
 SITE_ENGINE_S = 3.0  # seconds the engine runs with a site's sources at the real pace
@@ -125,12 +125,15 @@ class Costs:
                                      wake_us=self.plugin_wake_us())
         return out
 
-    def site_engine(self, site: SiteSpec) -> dict[str, float] | None:
+    def site_engine(self, site: SiteSpec, checkpoint_bytes: float = 0.0
+                    ) -> dict[str, float] | None:
         """The engine with the site's sources alone at the real pace (cores, commits per
-        second), calibrated; None: the static table models it part by part."""
+        second), each commit writing ``checkpoint_bytes`` of operator state, calibrated; None:
+        the static table models it part by part."""
         return None
 
-    def site_engine_now(self, site: SiteSpec, span: float) -> dict[str, float] | None:
+    def site_engine_now(self, site: SiteSpec, span: float, checkpoint_bytes: float = 0.0
+                        ) -> dict[str, float] | None:
         """`site_engine` measured again now, over ``span`` seconds (beside a measurement)."""
         return None
 
@@ -244,19 +247,21 @@ class Calibrator(Costs):
         entry = self._cached("engine", _calibrate_engine)
         return EngineCost(**{k: v for k, v in entry.items() if k in EngineCost.__annotations__})
 
-    def site_engine(self, site: SiteSpec) -> dict[str, float] | None:
+    def site_engine(self, site: SiteSpec, checkpoint_bytes: float = 0.0
+                    ) -> dict[str, float] | None:
         def make() -> dict[str, Any]:
             self.say(f"calibrating the engine at the real pace: site {site.name}")
-            return calibrate_site_engine(site, SITE_ENGINE_S)
+            return calibrate_site_engine(site, SITE_ENGINE_S, checkpoint_bytes)
 
-        return self._cached(_site_engine_key(site), make)
+        return self._cached(_site_engine_key(site, checkpoint_bytes), make)
 
-    def site_engine_now(self, site: SiteSpec, span: float) -> dict[str, float] | None:
+    def site_engine_now(self, site: SiteSpec, span: float, checkpoint_bytes: float = 0.0
+                        ) -> dict[str, float] | None:
         t0 = time.perf_counter()
-        entry = calibrate_site_engine(site, span)
+        entry = calibrate_site_engine(site, span, checkpoint_bytes)
         entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.seconds += time.perf_counter() - t0
-        self.store(_site_engine_key(site), entry)
+        self.store(_site_engine_key(site, checkpoint_bytes), entry)
         return entry
 
     def ingest_us(self, protocol: str) -> tuple[float, float]:
@@ -415,8 +420,9 @@ def _importable(protocol: str) -> bool:
         is not None
 
 
-def _site_engine_key(site: SiteSpec) -> str:
-    return "site-engine:" + _digest(repr([s.model_dump_json() for s in site.sources]))
+def _site_engine_key(site: SiteSpec, checkpoint_bytes: float = 0.0) -> str:
+    return "site-engine:" + _digest(repr(([s.model_dump_json() for s in site.sources],
+                                          round(checkpoint_bytes))))
 
 
 def _site_key(site: SiteSpec, runnable: list[StageSpec]) -> str:

@@ -31,6 +31,7 @@ from edgewise.plan.site_figures import (
     ENGINE_LATENCY_BASE_S,
     LATENCY_SAMPLES,
     STORE_OVERHEAD,
+    checkpoint_bytes,
     compute_figures,
     lan_path,
     lognormal,
@@ -78,8 +79,8 @@ def _plan_site(workload: Workload, site: SiteSpec, costs: Costs) -> SitePlan:
     streams = make_streams(site, stages, decisions)
     cal = _with_streams(site, flows, streams, cal)
     sp = SitePlan(site, stages, flows, facts, decisions, streams, None,  # type: ignore[arg-type]
-                  stage_costs=stage_costs, engine_cost=engine,
-                  engine_site=costs.site_engine(site))
+                  stage_costs=stage_costs, engine_cost=engine)
+    sp.engine_site = costs.site_engine(site, checkpoint_bytes(sp))
     sp.node_cpu = node_cpu_model(sp, cal, costs)
     sp.estimate = compute_figures(workload, site, stages, decisions, streams, cal,
                                   sp.node_cpu)

@@ -76,6 +76,7 @@ from edgewise.plan.site_figures import (
     DEFAULT_OUTBOX,
     OUTBOX_HEADROOM,
     STORE_OVERHEAD,
+    checkpoint_bytes,
     second_route,
 )
 from edgewise.plan.source import value_columns
@@ -264,7 +265,7 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
     # before the run that measures the whole (a shared machine's speed changes from one
     # minute to the next)
     span = realtime_span(sp, costs.gc_full(sp.site, sp.stages)[0])
-    engine_site = costs.site_engine_now(sp.site, span)
+    engine_site = costs.site_engine_now(sp.site, span, checkpoint_bytes(sp, stage_costs))
     engine, summary, cpu_total, wall, gen, elapsed = realtime_run(
         doc, work / "realtime", REALTIME_WARM_S, span, backlog, state_window(sp))
     elapsed += backlog  # seconds of data the outbox holds

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgewise.pipeline import registry
 from edgewise.plan import flows as F
-from edgewise.plan.cost_model import COMMIT_INTERVAL_S, TICK_S, stage_gcs_per_s
+from edgewise.plan.cost_model import COMMIT_INTERVAL_S, TICK_S, StageCost, stage_gcs_per_s
 from edgewise.plan.costs import Costs
 from edgewise.plan.encoding import json_reading_bytes, mqtt_message_bytes
 from edgewise.plan.gc_cost import full_per_s
@@ -174,6 +174,13 @@ def commits_per_s(batches: float, interval: float = COMMIT_INTERVAL_S) -> float:
     return 1.0 / (interval + 0.5 / batches)
 
 
+def checkpoint_bytes(sp: SitePlan, stage_costs: dict[str, StageCost] | None = None) -> float:
+    """Packed bytes of the edge operators' state, written with every group commit."""
+    sc = sp.stage_costs if stage_costs is None else stage_costs
+    return sum(sc[st.id].snapshot_bytes for st in sp.stages
+               if sp.where(st.id) in ("edge", "split") and st.id in sc)
+
+
 def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, float]:
     """Cores the edge node needs at the real rate, by part (see plan/cost_model.py): protocol
     decoding, the edge stages, the engine per batch and record, the group commits (hand-over,
@@ -193,7 +200,10 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
     snapshots = sum(sc[i].snapshot_us for i in edge)
     if not batch_driven(batches):  # cut by the commit timer: the first snapshot runs cold
         snapshots += max((sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
-    state = snapshots + eng.checkpoint_byte_us * sum(sc[i].snapshot_bytes for i in edge)
+    # the writer's CPU for the checkpoint's bytes; the engine's run at the site's pace wrote
+    # ``checkpoint_bytes`` of them with every commit, in its cores already
+    paid = alone.get("checkpoint_bytes", 0.0) if alone is not None else 0.0
+    state = snapshots + eng.checkpoint_byte_us * (sum(sc[i].snapshot_bytes for i in edge) - paid)
     if batch_driven(batches):  # cut right after a batch, on a warm loop; woken to complete
         loop = eng.commit_cut_us + eng.commit_done_rt_us
     else:  # cut by the commit timer: the loop wakes up for it

@@ -120,13 +120,14 @@ def decode(frame: bytes) -> dict[str, Any]:
     """Unpack and validate one frame. Raises `PeerError` saying what is wrong."""
     if len(frame) > MAX_FRAME_BYTES:
         raise PeerError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} byte limit")
-    try:
-        fields = len(frame) - _payload_bytes(frame)
-    except Exception:  # not a map, or broken: the unpacking below says which
-        fields = len(frame)
-    if fields > MAX_FIELDS_BYTES:
-        raise PeerError(f"frame holds {fields} bytes besides a batch payload; at most "
-                        f"{MAX_FIELDS_BYTES} are allowed")
+    if len(frame) > MAX_FIELDS_BYTES:  # else its fields cannot be over: no need to measure
+        try:
+            fields = len(frame) - _payload_bytes(frame)
+        except Exception:  # not a map, or broken: the unpacking below says which
+            fields = len(frame)
+        if fields > MAX_FIELDS_BYTES:
+            raise PeerError(f"frame holds {fields} bytes besides a batch payload; at most "
+                            f"{MAX_FIELDS_BYTES} are allowed")
     budget = Budget(MAX_FRAME_OBJECTS, "lists, maps and items in one frame")
     try:
         with no_gc():
