@@ -29,7 +29,10 @@ from release_kit import agent_wheel, make_wheel, pipeline_yaml, write_release
 LONG = os.environ.get("EDGEWISE_LONG_TESTS") == "1"
 ROUNDS = 20 if LONG else 1  # of the five broken releases: 100 rollbacks with the flag
 GATE_WINDOW = 2.0
-RESTART_ALLOWANCE = 8.0  # a fresh agent process: imports, TLS, engine start (loaded 2 cores)
+# a fresh agent process: imports, TLS, engine start. 2-4 s here at a load of 6; a CI run on a
+# machine loaded by other jobs took 21 s once. This bound tells a prompt rollback from one that
+# waits on a node timeout or never comes; the time itself is printed, not a speed test.
+RESTART_ALLOWANCE = 45.0
 
 CRASH_PLUGIN = '''
 class Crash:
@@ -196,7 +199,8 @@ async def test_good_release_then_five_broken_ones_rolled_back(tmp_path: Path) ->
                       f"{back_after:.1f} s later")
                 st = _status(data)
                 assert st["release"]["failed"][-1] == version
-                assert back_after <= GATE_WINDOW + RESTART_ALLOWANCE, (version, back_after)
+                assert back_after <= GATE_WINDOW + RESTART_ALLOWANCE, (
+                    version, back_after, agent.log_tail(60))
                 # the reported state reaches the control plane (node show)
                 shown = ""
                 for _ in range(50):
