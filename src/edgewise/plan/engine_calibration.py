@@ -239,9 +239,9 @@ def calibrate_site_engine(site: SiteSpec, span: float,
     packed size of the site's operator state, written with every commit as the node writes it
     (`_with_ballast`): the writer's CPU for those bytes is then in the cores, and the commits
     per second are those of a writer that stores them: on the pump station's 400 KB, the
-    writer's commit took 4-7 ms (median) instead of 2-3 and longer than the 20 ms interval a
-    few times a second (up to 230 ms when the shared disk stalled), and the realtime run made
-    28-49 commits a second where the engine without them made 44-49."""
+    writer's commit took 4-7 ms (median) instead of 1-3 and longer than the 20 ms interval up
+    to three times a second (230 ms once, when the shared disk stalled), and the realtime run
+    made 28-49 commits a second where the engine without them made 44-49."""
     from edgewise.pipeline.spec import parse_pipeline
     from edgewise.plan import flows as F
     from edgewise.plan.source import (
