@@ -152,6 +152,35 @@ async def test_revoked_live_stops_the_agent_and_the_upgrade_is_refused(tmp_path:
         assert cloud.counts["refused_403"] == 1
 
 
+async def test_revoked_as_the_session_opens_the_agent_still_reads_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane says ``revoked`` and closes before the agent's hello went out (CI:
+    the agent's outbox snapshot before the hello took long on a loaded machine); the hello's
+    send then fails on the closed socket, and the agent must still read the last word it was
+    sent rather than take it for a dropped link (it was then refused at the next upgrade, with
+    another reason)."""
+    from edgewise.outbox.view import OutboxView
+
+    plain = OutboxView.snapshot
+
+    def slow(self: OutboxView, *args: object, **kwargs: object) -> object:
+        import time
+        time.sleep(0.5)  # in the uplink's worker thread: the revocation goes first
+        return plain(self, *args, **kwargs)
+
+    data = tmp_path / "node"
+    async with FakeCloud(tmp_path) as cloud:
+        agent = make_agent(data, cloud, token=cloud.token())
+        monkeypatch.setattr(OutboxView, "snapshot", slow)
+        task = asyncio.create_task(agent.run())
+        await wait_for(lambda: "node-1" in cloud.sessions, 10, "a session")
+        cloud.revoke("node-1")
+        with pytest.raises(Revoked, match="revoked by an operator"):
+            await asyncio.wait_for(task, 10)
+        assert cloud.counts["refused_403"] == 0  # it did not come back to be refused
+
+
 async def _cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edgewise.cli", *args,

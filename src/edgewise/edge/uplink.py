@@ -1,43 +1,34 @@
 """The uplink: one long-lived WebSocket session carrying the outbox to the control plane.
 
 Protocol: docs/decisions/0004-device-protocol.md, messages in `edgewise.sync.protocol`.
-
-Per session: ``hello`` → ``welcome`` (the cloud's contiguous mark per stream: chunks wholly
-below it are already stored, so they are acknowledged locally without resending) → then four
-tasks until the link drops:
+Per session: ``hello`` → ``welcome`` (the cloud's mark per stream: chunks below it are stored,
+acknowledged locally without resending) → four tasks until the link drops:
 
 * **feeder**: takes chunks with `Outbox.peek` (highest priority first, oldest first) while the
   unacknowledged bytes stay under the window, and queues them as ``batch`` frames;
 * **sender**: the only writer of the socket; two lanes with strict priority, so control
   (``report``, ``heartbeat``) always goes before data (``batch``, ``gap``). A data frame
   already on the wire is not interrupted: control waits at most one chunk;
-* **receiver**: ``ack`` releases the window and hands the ids to the acker, ``refuse`` marks a
-  chunk as never to be sent again (persisted, counted in status), ``desired`` pokes the twin,
-  ``revoked`` stops the agent (`Revoked`; decommissioned, and maybe told to wipe, when it
-  says so), ``error`` ends the session;
+* **receiver**: ``ack`` releases the window (acker), ``refuse`` marks a chunk as never to be
+  sent again, ``desired`` pokes the twin, ``revoked`` stops the agent (`Revoked`, maybe
+  decommissioned and told to wipe; also read after a failed send), ``error`` ends the session;
 * **ticker**: heartbeats (with the node's health: `edge.health`), reports, gaps, wire bytes.
 
 The **acker** runs across sessions: it records the acknowledged sequence ranges, then deletes
 the chunks with the engine's own `Outbox.ack` (so the engine's counters stay right), off the
 event loop. A chunk stays excluded from sending until its deletion is done.
 
-**Gaps.** The outbox records the sequence range of everything it evicts or loses, with the
-reason (`edgewise.outbox.numbering`); the transfer reports each range above the cloud's mark as
-a ``gap`` (chunks evicted while in flight included: the cloud records as lost only what it does
-not hold) and again after a reconnect until the mark has passed it. A small persisted `Ledger`
-(``DATA/uplink/ledger.msgpack``, written with fsync *before* the frames it describes are sent)
-remembers the highest numbers the cloud may have heard of, so a replaced outbox continues above
-them.
+**Gaps.** What the outbox evicts or loses (`edgewise.outbox.numbering`) above the cloud's mark
+is reported as a ``gap``, again after a reconnect until the mark has passed it. A persisted
+`Ledger` (fsynced *before* the frames it describes are sent) remembers the highest numbers the
+cloud may have heard of, so a replaced outbox continues above them.
 
-**Reconnect**: the shared policy of `edgewise.common.backoff` (full jitter up to a cap; a session
-welcomed and up for ``healthy_s`` forgets earlier failures, one that drops sooner keeps backing
-off); everything unacknowledged is sent again (the cloud dedupes by (node, stream, seq)).
+**Reconnect**: `edgewise.common.backoff` (full jitter; a session up for ``healthy_s`` forgets
+earlier failures); everything unacknowledged is sent again (the cloud dedupes by seq).
 
-**Bytes**: ``wire_sent`` / ``wire_received`` are the TCP payload bytes of the session socket
-(TLS records, WebSocket framing and our frames) from the kernel's ``TCP_INFO``
-(``tcpi_bytes_acked`` / ``tcpi_bytes_received``, Linux), sampled every 0.25 s and at the end of
-a session; ``ws_sent`` / ``ws_received`` are the WebSocket message payload bytes (our msgpack
-frames), counted everywhere. HTTPS requests (enrolment, renewal, desired state) are not counted.
+**Bytes**: ``wire_sent`` / ``wire_received``: the session socket's TCP payload bytes (Linux
+``TCP_INFO``, sampled every 0.25 s and at the end); ``ws_sent`` / ``ws_received``: our frames'
+bytes. HTTPS requests (enrolment, renewal, desired state) are not counted.
 
 This module keeps the connection: link state, the connect loop, the session with its sender,
 receiver and ticker, reports and the status block. Its parts live beside it:
@@ -46,13 +37,10 @@ receiver and ticker, reports and the status block. Its parts live beside it:
   ``ack`` and ``refuse`` bookkeeping, the cloud's marks and the gaps;
 * `edgewise.edge.uplink_store` (`UplinkStore`): refused chunk ids and the ledger, on disk;
 * `edgewise.edge.frames`: ``batch`` and ``gap`` frames, outbox reads, the welcome's marks;
-* `edgewise.edge.ledger` (`Ledger`, `IntervalSet`), `edgewise.edge.flow`
-  (`Lanes`, `Window`, `Sent`), `edgewise.edge.wire` (`WireMeter`, `tcp_bytes`) and
-  `edgewise.common.backoff` (`Backoff`, `Retry`).
+* `edgewise.edge.ledger`, `edgewise.edge.flow` (`Lanes`, `Window`), `edgewise.edge.wire`
+  (`WireMeter`) and `edgewise.common.backoff` (`Backoff`, `Retry`).
 
-`Uplink` still shows the counters, marks, refused chunks and ledger of its parts as its own
-attributes. Chunks are read and acknowledged through the agent's one `Outbox` (open for the
-agent's lifetime, shared with whichever engine runs), in worker threads.
+`Uplink` shows its parts' counters, marks, refused chunks and ledger as its own attributes.
 """
 
 from __future__ import annotations
@@ -375,11 +363,14 @@ class Uplink:
     async def _run_session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         cfg = self.config
         snap = await asyncio.to_thread(self.view.snapshot, True)
-        await self._send_now(ws, {
-            "t": P.HELLO, "agent": f"edgewise/{__version__}",
-            "streams": {name: row.priority for name, row in snap.streams.items()},
-            "applied_version": self.twin.applied_version(),
-        })
+        try:
+            await self._send_now(ws, {
+                "t": P.HELLO, "agent": f"edgewise/{__version__}",
+                "streams": {name: row.priority for name, row in snap.streams.items()},
+                "applied_version": self.twin.applied_version(),
+            })
+        except (aiohttp.ClientError, ConnectionError) as exc:  # closed while we connected
+            await self._last_word(ws, LinkDown(f"cannot send: {describe_network_error(exc)}"))
         welcome = await self._receive_one(ws, cfg.welcome_timeout_s)
         if welcome["t"] != P.WELCOME:
             raise PeerError(f"expected welcome, got {welcome['t']}")
@@ -449,6 +440,15 @@ class Uplink:
                 raise LinkDown(f"cannot send: {describe_network_error(exc)}") from None
             self.ws_sent += len(frame)
             self.frames_sent += 1
+
+    async def _last_word(self, ws: aiohttp.ClientWebSocketResponse, down: LinkDown) -> None:
+        """A send failed: what the cloud said before it closed ends the session (``revoked``:
+        `Revoked`); else ``down`` is raised."""
+        with contextlib.suppress(LinkDown, PeerError, TimeoutError):
+            async with asyncio.timeout(self.config.close_grace_s):
+                while True:
+                    await self._receive_one(ws, None)
+        raise down
 
     async def _receiver(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while True:
