@@ -274,6 +274,18 @@ class Database:
     def _insert(self, model: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(model)
 
+    def _upsert(self, model: Any, *columns: str) -> Any:
+        """Insert or replace a row by ``node_id``, setting ``columns`` (executemany); built once
+        per store and table, so SQLAlchemy's cache key for it is computed once."""
+        cache: dict[Any, Any] = self.__dict__.setdefault("_upserts", {})
+        stmt = cache.get(model)
+        if stmt is None:
+            ins = self._insert(model.__table__)
+            stmt = cache[model] = ins.on_conflict_do_update(
+                index_elements=[model.__table__.c.node_id],
+                set_={c: getattr(ins.excluded, c) for c in columns})
+        return stmt
+
     async def schema_revision(self) -> str | None:
         async with self._tx(write=False) as conn:
             row = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).first()

@@ -167,19 +167,7 @@ class FleetStore(Database):
             rows = [r for r in rows if r["node_id"] in known]
             if not rows:
                 return
-            await conn.execute(self._health_upsert(), rows)
-
-    def _health_upsert(self) -> Any:
-        """Insert or replace a node's health, its quarantine kept (executemany); built once
-        per store, so SQLAlchemy's cache key for it is computed once."""
-        stmt = getattr(self, "_health_upsert_stmt", None)
-        if stmt is None:
-            t = NodeHealthRow.__table__
-            ins = self._insert(t)
-            stmt = self._health_upsert_stmt = ins.on_conflict_do_update(
-                index_elements=[t.c.node_id],
-                set_={"body": ins.excluded.body, "received": ins.excluded.received})
-        return stmt
+            await conn.execute(self._upsert(NodeHealthRow, "body", "received"), rows)
 
     async def set_quarantine(self, node_id: str, reason: str | None, *, actor: str,
                              now: datetime | None = None) -> None:

@@ -264,21 +264,9 @@ class TwinStore(Database):
                     audits += [{"ts": t, "actor": target, "action": "setpoint.overwritten",
                                 "target": target, "detail": loss_detail(loss)}
                                for loss in (*losses.get(node_id, ()), *lost)]
-                await conn.execute(self._reported_upsert(), rows)
+                await conn.execute(self._upsert(ReportedStateRow, "body", "updated"), rows)
                 if audits:
                     await conn.execute(insert(AuditRow), audits)
-
-    def _reported_upsert(self) -> Any:
-        """Insert or replace a node's reported body (executemany); built once per store, so
-        SQLAlchemy's cache key for it is computed once."""
-        stmt = getattr(self, "_reported_upsert_stmt", None)
-        if stmt is None:
-            t = ReportedStateRow.__table__
-            ins = self._insert(t)
-            stmt = self._reported_upsert_stmt = ins.on_conflict_do_update(
-                index_elements=[t.c.node_id],
-                set_={"body": ins.excluded.body, "updated": ins.excluded.updated})
-        return stmt
 
     async def merge_setpoints(self, node_id: str, setpoints: LwwMap, *, actor: str,
                               at: HLC | None = None, now: datetime | None = None
