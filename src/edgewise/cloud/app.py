@@ -47,7 +47,6 @@ from edgewise.cloud.http_errors import json_errors
 from edgewise.cloud.ingest import GroupCommitter
 from edgewise.cloud.listener import Gate, GatedSite, track_requests
 from edgewise.cloud.metrics import Metrics
-from edgewise.cloud.node_writes import NodeWrites
 from edgewise.cloud.pipelines import api as pipelines_api
 from edgewise.cloud.pokes import PokeFanout
 from edgewise.cloud.releases import api as releases_api
@@ -119,11 +118,13 @@ class GateMetrics(Collector):
 
 
 class WriteMetrics(Collector):
-    """The counters of the poke fan-out and the node status/report group writes."""
+    """The counters of the poke fan-out, the node status/report group writes and the sessions
+    starting."""
 
-    def __init__(self, pokes: PokeFanout, node_writes: NodeWrites) -> None:
+    def __init__(self, pokes: PokeFanout, sessions: SessionRegistry) -> None:
         self.pokes = pokes
-        self.node_writes = node_writes
+        self.sessions = sessions
+        self.node_writes = sessions.node_writes
 
     def collect(self) -> Any:
         p, w = self.pokes, self.node_writes
@@ -148,6 +149,17 @@ class WriteMetrics(Collector):
         pending.add_metric(["pokes"], len(p))
         pending.add_metric(["node_writes"], len(w))
         yield pending
+        starting = GaugeMetricFamily("edgewise_sessions_starting",
+                                     "Sessions upgraded whose hello is not answered yet "
+                                     "(admission: beyond what the process answers in 4 s, "
+                                     "an upgrade is told to retry)")
+        starting.add_metric([], self.sessions.admission.starting)
+        yield starting
+        admission = self.sessions.admission
+        yield GaugeMetricFamily("edgewise_sessions_waiting", "Session upgrades in line for a "
+                                "start slot (admission)", value=admission.waiting)
+        yield CounterMetricFamily("edgewise_sessions_admitted_after_wait", "Session upgrades "
+                                  "admitted after waiting in line", value=admission.waited)
 
 
 GATE_METRICS = web.AppKey("gate_metrics", GateMetrics)
@@ -177,7 +189,7 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
     app[SESSIONS] = sessions
     pokes = PokeFanout(sessions.get)
     app[POKES] = pokes
-    metrics_.registry.register(WriteMetrics(pokes, sessions.node_writes))
+    metrics_.registry.register(WriteMetrics(pokes, sessions))
     app[OPENAPI] = {}
     app.router.add_get("/healthz", healthz)
     health.setup(app)  # /readyz: store reachable, schema migrated

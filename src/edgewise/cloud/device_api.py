@@ -375,7 +375,8 @@ async def desired(request: web.Request) -> web.Response:
 async def session(request: web.Request) -> web.StreamResponse:
     node_id, cert = await authenticate(request)
     registry = request.app[SESSIONS]
-    wait = registry.session_retry_after()  # a storm waits outside (429), not in a queue
+    # a storm waits in line for a start slot, or outside (429) beyond a few seconds' line
+    wait = await registry.admission.admit()
     if wait > 0:
         registry.metrics.session_errors.labels("busy: told to retry").inc()
         raise TooManyRequests("too many sessions starting at once; retry later", wait)

@@ -29,6 +29,7 @@ from edgewise.cloud.ingest import GroupCommitter
 from edgewise.cloud.metrics import Metrics
 from edgewise.cloud.node_writes import NodeWrites
 from edgewise.cloud.session import Session, SessionLimits
+from edgewise.cloud.session_admission import StartAdmission
 from edgewise.cloud.store import Store
 from edgewise.errors import PeerError, StorageError
 from edgewise.security.tls import RevocationList
@@ -37,13 +38,6 @@ from edgewise.sync.health import clean as clean_health
 from edgewise.sync.hlc import Clock
 
 log = logging.getLogger(__name__)
-
-# sessions waiting for their hello's answer: what this process answers in STARTING_WAIT s,
-# within MIN_STARTING..MAX_STARTING (`SessionRegistry.session_retry_after`)
-STARTING_WAIT = 4.0
-MIN_STARTING = 64
-MAX_STARTING = 2048
-
 
 class SessionRegistry:
     """The live sessions of this process, one per node; see the module docstring."""
@@ -66,11 +60,8 @@ class SessionRegistry:
         # status and report writes, grouped (the app runs its task: ``async with``)
         self.node_writes = NodeWrites(store, interval=node_write_interval)
         self.checks = asyncio.Semaphore(self.limits.check_threads)  # payload checks at once
-        # sessions upgraded whose hello is not answered yet (admission: `session_retry_after`)
-        self.starting = 0
-        self.welcome_rate: float | None = None  # hellos answered per second, smoothed
-        self._welcomed = 0
-        self._rate_since = time.monotonic()
+        # sessions upgraded whose hello is not answered yet, and upgrades in line for that
+        self.admission = StartAdmission()
         self._sessions: dict[str, Session] = {}
         self._seen: dict[str, datetime] = {}
         self._health: dict[str, tuple[dict[str, Any], datetime]] = {}  # one per node
@@ -129,30 +120,9 @@ class SessionRegistry:
         for node_id, session in list(self._sessions.items()):
             session.quarantined = node_id in flagged
 
-    def session_retry_after(self) -> float:
-        """Admission of a session upgrade (issue 11, the storm): 0.0 while fewer sessions are
-        waiting for their hello's answer than this process answers in `STARTING_WAIT`
-        seconds at its measured rate (at least `MIN_STARTING`, at most `MAX_STARTING`); else
-        the seconds after which to retry (the device API answers 429 with ``Retry-After``).
-        A node whose welcome takes longer than its welcome timeout (10 s) gives up and
-        connects again, and the server would go on working for a session nobody waits for:
-        beyond that backlog the node is told to come back instead."""
-        now = time.monotonic()
-        if now - self._rate_since >= 1.0:
-            sample = self._welcomed / (now - self._rate_since)
-            self.welcome_rate = sample if self.welcome_rate is None else \
-                0.7 * self.welcome_rate + 0.3 * sample
-            self._welcomed, self._rate_since = 0, now
-        rate = self.welcome_rate or MIN_STARTING / STARTING_WAIT
-        limit = max(MIN_STARTING, min(MAX_STARTING, int(rate * STARTING_WAIT)))
-        if self.starting < limit:
-            return 0.0
-        return max(1.0, self.starting / max(rate, 1.0))
-
     def hello_done(self) -> None:
         """A session's hello was answered: it no longer counts as starting."""
-        self.starting -= 1
-        self._welcomed += 1
+        self.admission.ended(welcomed=True)
 
     def mark_seen(self, node_id: str) -> None:
         self._seen[node_id] = datetime.now(UTC)
@@ -284,15 +254,16 @@ async def handle_session(request: web.Request, registry: SessionRegistry, node_i
     """Upgrade an authenticated request to the session and run it to its end."""
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME_BYTES,
                                heartbeat=registry.limits.heartbeat, compress=False)
-    registry.starting += 1  # until its hello is answered (`hello_done`) or it ends
+    # admitted (`session_admission`): counted as starting until its hello is answered
+    # (`hello_done`) or it ends
     try:
         await ws.prepare(request)
     except ConnectionResetError:  # the node gave up before its upgrade was answered (a storm)
-        registry.starting -= 1
+        registry.admission.ended(welcomed=False)
         registry.metrics.session_errors.labels("gone before the upgrade").inc()
         return web.Response(status=400)  # nobody reads it; not an error of ours to log
     except BaseException:
-        registry.starting -= 1
+        registry.admission.ended(welcomed=False)
         raise
     session = Session(node_id, cert, ws, registry, request)
     try:
@@ -310,7 +281,7 @@ async def handle_session(request: web.Request, registry: SessionRegistry, node_i
             await session.run()
     finally:
         if not session.hello_read:
-            registry.starting -= 1
+            registry.admission.ended(welcomed=False)
         session.settled.set()
         session.finished.set()
         await registry.detach(session)
