@@ -264,3 +264,43 @@ def test_checkpoint_bytes_the_engines_run_wrote_are_not_counted_again() -> None:
     assert unpaid["commits: state and chunks"] - paid["commits: state and chunks"] == \
         pytest.approx(40.0 * per_byte * 64.0 * 24 / 1e6, rel=1e-9)
     assert paid["engine at the site's pace"] == 0.1
+
+
+def test_a_batch_driven_sites_snapshots_are_costed_as_after_a_sleep() -> None:
+    from dataclasses import replace
+
+    from edgewise.plan.costs import Costs
+    from edgewise.plan.site_figures import checkpoint_bytes
+
+    costs = Costs()
+    sp = build_plan(load_workload(WORKLOADS / "retail.yaml"), costs).sites[0]
+    edge = [st.id for st in sp.stages if sp.where(st.id) in ("edge", "split")]
+    alone = {"cores": 0.005, "commits_per_s": 4.0, "collections_per_s": 0.0,
+             "promoted_per_s": 0.0, "checkpoint_bytes": checkpoint_bytes(sp)}
+    sp = replace(sp, engine_site=alone)
+    cal = sp.estimate.calibration
+    before = node_cpu_model(sp, cal, costs)["commits: state and chunks"]
+    # every batch of the store (4 a second) starts a commit after the engine slept: each
+    # stage's snapshot costs what it does after a sleep, 100 us more here
+    woken = {i: replace(c, snapshot_woken_us=c.snapshot_us + 100.0)
+             for i, c in sp.stage_costs.items()}
+    after = node_cpu_model(replace(sp, stage_costs=woken), cal, costs)
+    assert after["commits: state and chunks"] - before == pytest.approx(
+        4.0 * 100.0 * len(edge) / 1e6, rel=1e-9)
+    # not calibrated (0): the snapshot's figure between batches
+    assert woken[edge[0]].woken_snapshot_us() == sp.stage_costs[edge[0]].snapshot_us + 100.0
+    assert sp.stage_costs[edge[0]].woken_snapshot_us() == sp.stage_costs[edge[0]].snapshot_us
+
+
+def test_the_site_calibration_times_snapshots_after_a_sleep() -> None:
+    from edgewise.plan.costs import Costs, _runnable
+    from edgewise.plan.site_calibration import PACED_CALLS, SiteCalibration
+
+    sp = build_plan(load_workload(WORKLOADS / "retail.yaml"), Costs()).sites[0]
+    cal = SiteCalibration(sp.site, _runnable(sp.site, sp.stages), sp.flows)
+    cal.run()
+    # one after every batch that came after a pause, every stage each time (as a commit)
+    counts = {len(v) for v in cal.woken.values()}
+    assert len(counts) == 1 and counts.pop() >= PACED_CALLS
+    result = cal.result()["stages"]
+    assert all(e["snapshot_woken_us"] > 0 for e in result.values())

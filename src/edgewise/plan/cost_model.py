@@ -121,6 +121,12 @@ class StageCost:
     gc_coef: dict[str, float] = field(default_factory=dict)  # ... its calls, per feature unit
     snapshot_promoted: float = 0.0  # objects a snapshot's collections promote to the oldest
     promoted_coef: dict[str, float] = field(default_factory=dict)  # ... its calls', per unit
+    # snapshot after the engine slept (a group commit at a site whose every batch starts one);
+    # 0: not calibrated, `snapshot_us` counts
+    snapshot_woken_us: float = 0.0
+
+    def woken_snapshot_us(self) -> float:
+        return self.snapshot_woken_us or self.snapshot_us
 
     def per_second(self, rates: dict[str, float]) -> float:
         return sum(self.coef.get(k, 0.0) * v for k, v in rates.items())

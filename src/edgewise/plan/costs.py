@@ -93,7 +93,7 @@ from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_si
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 7
+CACHE_VERSION = 8
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
 SITE_ENGINE_S = 3.0  # seconds the engine runs with a site's sources at the real pace
@@ -439,7 +439,8 @@ def _site_costs(base: dict[str, StageCost], entry: dict[str, Any]) -> dict[str, 
         out[sid] = StageCost(e["operator"], e["coef"], e["snapshot_us"], e["snapshot_bytes"],
                              e["timer_us"], "calibrated", e["wake_us"], e["snapshot_rt_us"],
                              e["calls"], entry["compression"], e["snapshot_gcs"],
-                             e["gc_coef"], e["snapshot_promoted"], e["promoted_coef"])
+                             e["gc_coef"], e["snapshot_promoted"], e["promoted_coef"],
+                             e["snapshot_woken_us"])
     return out
 
 

@@ -197,9 +197,11 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
     if alone is not None:
         commits = alone["commits_per_s"]
     sc = sp.stage_costs
-    snapshots = sum(sc[i].snapshot_us for i in edge)
-    if not batch_driven(batches):  # cut by the commit timer: the first snapshot runs cold
-        snapshots += max((sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
+    if batch_driven(batches):  # every batch starts a commit, after the engine slept
+        snapshots = sum(sc[i].woken_snapshot_us() for i in edge)
+    else:  # cut by the commit timer between batches: the first snapshot runs cold
+        snapshots = sum(sc[i].snapshot_us for i in edge) + max(
+            (sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
     # the writer's CPU for the checkpoint's bytes; the engine's run at the site's pace wrote
     # ``checkpoint_bytes`` of them with every commit, in its cores already
     paid = alone.get("checkpoint_bytes", 0.0) if alone is not None else 0.0
