@@ -72,6 +72,10 @@ def main(paths: list[Path]) -> None:
                     worst.get("cores_without_decoding", 0.0), abs(ratio - 1.0))
                 print("  node cores by part, estimate: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in est_all["cores_parts"].items()))
+                if est_all.get("commits_per_s") is not None:  # the commits part's factors
+                    print(f"  commits part: {est_all['commits_per_s']:.2f} commits/s (the "
+                          "engine's run at the site's pace) x snapshots "
+                          f"{est_all['snapshot_us_per_commit']:,.0f} us a commit")
                 print("  node cores by part, measured: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in meas_all["cores_parts"].items()))
                 row["cores_parts"] = {"estimate": est_all["cores_parts"],

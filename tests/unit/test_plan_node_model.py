@@ -270,7 +270,7 @@ def test_a_batch_driven_sites_snapshots_are_costed_as_after_a_sleep() -> None:
     from dataclasses import replace
 
     from edgewise.plan.costs import Costs
-    from edgewise.plan.site_figures import checkpoint_bytes
+    from edgewise.plan.site_figures import checkpoint_bytes, snapshot_us_per_commit
 
     costs = Costs()
     sp = build_plan(load_workload(WORKLOADS / "retail.yaml"), costs).sites[0]
@@ -287,6 +287,8 @@ def test_a_batch_driven_sites_snapshots_are_costed_as_after_a_sleep() -> None:
     after = node_cpu_model(replace(sp, stage_costs=woken), cal, costs)
     assert after["commits: state and chunks"] - before == pytest.approx(
         4.0 * 100.0 * len(edge) / 1e6, rel=1e-9)
+    assert snapshot_us_per_commit(replace(sp, stage_costs=woken)) == pytest.approx(
+        sum(sp.stage_costs[i].snapshot_us for i in edge) + 100.0 * len(edge), rel=1e-12)
     # not calibrated (0): the snapshot's figure between batches
     assert woken[edge[0]].woken_snapshot_us() == sp.stage_costs[edge[0]].snapshot_us + 100.0
     assert sp.stage_costs[edge[0]].woken_snapshot_us() == sp.stage_costs[edge[0]].snapshot_us

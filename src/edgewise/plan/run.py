@@ -78,6 +78,8 @@ def run_plan(workload_path: Path, out: Path | None, simulate: bool,
 
 
 def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str, Any]:
+    from edgewise.plan.site_figures import snapshot_us_per_commit
+
     sites = {}
     for sp in the_plan.sites:
         e, f = sp.estimate, sp.final
@@ -97,6 +99,9 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                          "stage_cpu_us": {st.id: e.calibration.stage_cpu_us[st.id]
                                           for st in sp.stages if sp.where(st.id) != "cloud"},
                          "cores_parts": dict(e.sizing.parts),
+                         # the commits part's two factors (`node_cpu_model`)
+                         "commits_per_s": (sp.engine_site or {}).get("commits_per_s"),
+                         "snapshot_us_per_commit": snapshot_us_per_commit(sp),
                          "stage_records_per_s": {st.id: e.calibration.stage_out[st.id]
                                                  for st in sp.stages
                                                  if sp.where(st.id) != "cloud"},

@@ -181,6 +181,17 @@ def checkpoint_bytes(sp: SitePlan, stage_costs: dict[str, StageCost] | None = No
                if sp.where(st.id) in ("edge", "split") and st.id in sc)
 
 
+def snapshot_us_per_commit(sp: SitePlan) -> float:
+    """CPU microseconds of the edge operators' snapshots (packed) at one group commit."""
+    sc = sp.stage_costs
+    edge = [st.id for st in sp.stages if sp.where(st.id) in ("edge", "split")]
+    if batch_driven(source_batches(sp.site)):  # every batch starts one, after a sleep
+        return sum(sc[i].woken_snapshot_us() for i in edge)
+    # cut by the commit timer between batches: the first snapshot runs cold
+    return sum(sc[i].snapshot_us for i in edge) + max(
+        (sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
+
+
 def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, float]:
     """Cores the edge node needs at the real rate, by part (see plan/cost_model.py): protocol
     decoding, the edge stages, the engine per batch and record, the group commits (hand-over,
@@ -197,11 +208,7 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
     if alone is not None:
         commits = alone["commits_per_s"]
     sc = sp.stage_costs
-    if batch_driven(batches):  # every batch starts a commit, after the engine slept
-        snapshots = sum(sc[i].woken_snapshot_us() for i in edge)
-    else:  # cut by the commit timer between batches: the first snapshot runs cold
-        snapshots = sum(sc[i].snapshot_us for i in edge) + max(
-            (sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
+    snapshots = snapshot_us_per_commit(sp)
     # the writer's CPU for the checkpoint's bytes; the engine's run at the site's pace wrote
     # ``checkpoint_bytes`` of them with every commit, in its cores already
     paid = alone.get("checkpoint_bytes", 0.0) if alone is not None else 0.0
