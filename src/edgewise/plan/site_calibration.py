@@ -280,11 +280,12 @@ class SiteCalibration:
         source_ids = {c.id for c in self.spec.sources}
         paused: set[int] = set()
         now = [False]  # routing a batch that came after a pause
+        woken = [False, False]  # after this batch, `_woken_snapshots`; they slept before it
 
         def routed() -> None:  # a source's batch has been through the pipeline
-            if now[0]:
+            if woken[0]:  # it came after a source's pause; the next comes after their sleep
                 self._woken_snapshots(raw)
-            now[0] = False
+            now[0], woken[0], woken[1] = False, False, woken[0]
             if turns is not None:
                 turns.maybe_yield()
                 if turns.stopping:
@@ -293,7 +294,8 @@ class SiteCalibration:
         def observe(node: str, port: str, batch: Batch) -> Callable[[], None] | None:
             if node not in source_ids:
                 return None
-            now[0] = id(batch) in paused
+            woken[0] = id(batch) in paused
+            now[0], woken[1] = woken[0] or woken[1], False
             paused.discard(id(batch))
             return routed
 
@@ -316,9 +318,8 @@ class SiteCalibration:
     def _woken_snapshots(self, raw: dict[str, Callable[[], Any]]) -> None:
         """Every stage's snapshot, packed, in the engine's order, after the engine slept
         ``pace`` seconds (at a site whose every batch starts a group commit after a sleep):
-        timed, not kept, full collections left out; their mean is scaled like the snapshots'
-        (`_snapshot_cost`). The retail store's 22 KB: 711-924 us, the run's snapshots between
-        back-to-back batches 521-715 (the same as these without the sleep)."""
+        timed, not kept, full collections left out. The retail store's 22 KB: 711-959 us,
+        the run's snapshots between back-to-back batches 521-797 (as these without a sleep)."""
         time.sleep(self.pace)  # the engine asleep: nothing else runs meanwhile
         for sid, snapshot in raw.items():
             f0 = self.watch.full_s()
