@@ -306,3 +306,27 @@ def test_the_site_calibration_times_snapshots_after_a_sleep() -> None:
     assert len(counts) == 1 and counts.pop() >= PACED_CALLS
     result = cal.result()["stages"]
     assert all(e["snapshot_woken_us"] > 0 for e in result.values())
+
+
+def test_a_timer_cut_sites_first_snapshot_pays_its_extra_after_a_sleep() -> None:
+    from dataclasses import replace
+
+    from edgewise.plan.costs import Costs
+    from edgewise.plan.site_figures import batch_driven, snapshot_us_per_commit, source_batches
+
+    sp = build_plan(load_workload(WORKLOADS / "vehicle-fleet.yaml"), Costs()).sites[0]
+    assert not batch_driven(source_batches(sp.site))  # 72 batches a second: the timer cuts
+    edge = [st.id for st in sp.stages if sp.where(st.id) in ("edge", "split")]
+    base = sum(sp.stage_costs[i].snapshot_us for i in edge)
+    # the static table: the paced figure (twice the snapshot), the largest extra counts
+    assert snapshot_us_per_commit(sp) == pytest.approx(
+        base + max(sp.stage_costs[i].snapshot_rt_us - sp.stage_costs[i].snapshot_us
+                   for i in edge), rel=1e-12)
+    # calibrated: the extra after a sleep comes from the snapshots timed after one (a mean of
+    # many), not from the paced figure (a median of five less the best of five)
+    timed = {i: replace(c, snapshot_rt_us=c.snapshot_us + 1000.0,
+                        snapshot_woken_us=c.snapshot_us + 7.0 * (k + 1))
+             for k, (i, c) in enumerate(sp.stage_costs.items())}
+    extra = max(7.0 * (k + 1) for k, i in enumerate(sp.stage_costs) if i in edge)
+    assert snapshot_us_per_commit(replace(sp, stage_costs=timed)) == pytest.approx(
+        base + extra, rel=1e-12)

@@ -128,6 +128,11 @@ class StageCost:
     def woken_snapshot_us(self) -> float:
         return self.snapshot_woken_us or self.snapshot_us
 
+    def cold_extra_us(self) -> float:
+        """What the snapshot costs more after the engine slept than between batches: from the
+        snapshots timed after a sleep (a mean of many), else the paced figure."""
+        return max(0.0, (self.snapshot_woken_us or self.snapshot_rt_us) - self.snapshot_us)
+
     def per_second(self, rates: dict[str, float]) -> float:
         return sum(self.coef.get(k, 0.0) * v for k, v in rates.items())
 

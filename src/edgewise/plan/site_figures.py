@@ -189,7 +189,7 @@ def snapshot_us_per_commit(sp: SitePlan) -> float:
         return sum(sc[i].woken_snapshot_us() for i in edge)
     # cut by the commit timer between batches: the first snapshot runs cold
     return sum(sc[i].snapshot_us for i in edge) + max(
-        (sc[i].snapshot_rt_us - sc[i].snapshot_us for i in edge), default=0.0)
+        (sc[i].cold_extra_us() for i in edge), default=0.0)
 
 
 def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, float]:
