@@ -15,6 +15,23 @@ from edgewise.cloud import session_admission as mod
 from edgewise.cloud.session_admission import MIN_STARTING, STARTING_WAIT, StartAdmission
 
 
+async def full(**kw: float) -> StartAdmission:
+    """An admission with every start slot taken (no rate measured yet: the bound is
+    MIN_STARTING)."""
+    adm = StartAdmission(**kw)
+    for _ in range(MIN_STARTING):
+        assert await adm.admit() == 0.0
+    return adm
+
+
+async def in_line(adm: StartAdmission, n: int) -> list[asyncio.Task[float]]:
+    """``n`` upgrades waiting in line."""
+    tasks = [asyncio.create_task(adm.admit()) for _ in range(n)]
+    await asyncio.sleep(0)
+    assert adm.waiting == n
+    return tasks
+
+
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1000.0]
@@ -23,11 +40,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 async def test_upgrades_within_the_bound_are_admitted_at_once(clock: list[float]) -> None:
-    adm = StartAdmission()
-    for _ in range(MIN_STARTING):
-        assert await adm.admit() == 0.0
+    adm = await full()
     assert (adm.starting, adm.waiting, adm.waited, adm.refused) == (MIN_STARTING, 0, 0, 0)
-    for _ in range(MIN_STARTING):  # all answered within one second: 64 welcomes a second
+    for _ in range(MIN_STARTING):  # all answered within one second: 256 welcomes a second
         adm.ended(welcomed=True)
     assert adm.starting == 0
     clock[0] += 1.0
@@ -39,13 +54,9 @@ async def test_upgrades_within_the_bound_are_admitted_at_once(clock: list[float]
 async def test_an_upgrade_over_the_bound_waits_for_a_slot_first_come_first_served(
     clock: list[float],
 ) -> None:
-    adm = StartAdmission()
-    for _ in range(MIN_STARTING):
-        await adm.admit()
-    first = asyncio.create_task(adm.admit())
-    second = asyncio.create_task(adm.admit())
-    await asyncio.sleep(0)
-    assert (adm.waiting, adm.starting) == (2, MIN_STARTING)
+    adm = await full()
+    first, second = await in_line(adm, 2)
+    assert adm.starting == MIN_STARTING
     assert not first.done() and not second.done()
     adm.ended(welcomed=True)  # one hello answered: its slot goes to the first in line
     assert await asyncio.wait_for(first, 1.0) == 0.0
@@ -60,12 +71,8 @@ async def test_a_full_line_is_told_at_once_when_to_retry(
     clock: list[float], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(mod, "MAX_WAITING", 16)
-    adm = StartAdmission()
-    for _ in range(MIN_STARTING):
-        await adm.admit()
-    line = [asyncio.create_task(adm.admit()) for _ in range(16)]
-    await asyncio.sleep(0)
-    assert adm.waiting == 16
+    adm = await full()
+    line = await in_line(adm, 16)
     # the line is full: refused at once, told the time of all before it at the rate (16/s
     # before any welcome was measured)
     assert await adm.admit() == (MIN_STARTING + 16) / (MIN_STARTING / STARTING_WAIT)
@@ -77,9 +84,7 @@ async def test_a_full_line_is_told_at_once_when_to_retry(
 
 
 async def test_a_wait_that_runs_out_is_refused_and_holds_no_slot() -> None:
-    adm = StartAdmission(admit_wait=0.05)
-    for _ in range(MIN_STARTING):
-        await adm.admit()
+    adm = await full(admit_wait=0.05)
     assert await adm.admit() >= 1.0  # nobody ended within 50 ms
     assert (adm.waiting, adm.starting, adm.refused, adm.waited) == (0, MIN_STARTING, 1, 0)
     adm.ended(welcomed=True)  # the slot is not handed to the one that left
@@ -87,12 +92,8 @@ async def test_a_wait_that_runs_out_is_refused_and_holds_no_slot() -> None:
 
 
 async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on() -> None:
-    adm = StartAdmission()
-    for _ in range(MIN_STARTING):
-        await adm.admit()
-    a = asyncio.create_task(adm.admit())
-    b = asyncio.create_task(adm.admit())
-    await asyncio.sleep(0)
+    adm = await full()
+    a, b = await in_line(adm, 2)
     adm.ended(welcomed=True)  # hands the slot to `a` ...
     a.cancel()  # ... whose request is cancelled before it runs (its node went away)
     with pytest.raises(asyncio.CancelledError):
@@ -107,15 +108,12 @@ async def test_retry_after_is_bounded_whatever_the_measured_rate(
     """A storm's first second measured a handful of welcomes: the line's time at that rate was
     many minutes, and 208 nodes told so stayed away (a 2,000-node run)."""
     monkeypatch.setattr(mod, "MAX_WAITING", 2000)
-    adm = StartAdmission()
-    for _ in range(MIN_STARTING):
-        await adm.admit()
+    adm = await full()
     adm.ended(welcomed=True)  # one welcome in the first second: 1 a second measured
     await adm.admit()
     clock[0] += 1.0
-    line = [asyncio.create_task(adm.admit()) for _ in range(2000)]
-    await asyncio.sleep(0)
-    assert adm.welcome_rate == 1.0 and adm.waiting == 2000
+    line = await in_line(adm, 2000)
+    assert adm.welcome_rate == 1.0
     assert await adm.admit() == mod.MAX_RETRY_AFTER  # not (256 + 2000) / 1 s
     for t in line:
         t.cancel()
