@@ -118,3 +118,23 @@ async def test_retry_after_is_bounded_whatever_the_measured_rate(
     for t in line:
         t.cancel()
     await asyncio.gather(*line, return_exceptions=True)
+
+
+async def test_the_line_is_exported_as_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edgewise.cloud.app import AdmissionMetrics
+
+    adm = await full()
+    line = await in_line(adm, 3)
+    adm.ended(welcomed=True)
+    assert await asyncio.wait_for(line[0], 1.0) == 0.0
+    registry = CollectorRegistry()
+    registry.register(AdmissionMetrics(adm))
+    text = generate_latest(registry).decode()
+    assert f"edgewise_sessions_starting {float(MIN_STARTING)}" in text
+    assert "edgewise_sessions_waiting 2.0" in text
+    assert "edgewise_sessions_admitted_after_wait_total 1.0" in text
+    for t in line[1:]:
+        t.cancel()
+    await asyncio.gather(*line[1:], return_exceptions=True)

@@ -47,11 +47,13 @@ from edgewise.cloud.http_errors import json_errors
 from edgewise.cloud.ingest import GroupCommitter
 from edgewise.cloud.listener import Gate, GatedSite, track_requests
 from edgewise.cloud.metrics import Metrics
+from edgewise.cloud.node_writes import NodeWrites
 from edgewise.cloud.pipelines import api as pipelines_api
 from edgewise.cloud.pokes import PokeFanout
 from edgewise.cloud.releases import api as releases_api
 from edgewise.cloud.releases.service import ReleaseService
 from edgewise.cloud.rollouts import api as rollouts_api
+from edgewise.cloud.session_admission import StartAdmission
 from edgewise.cloud.sessions import SessionRegistry
 from edgewise.cloud.state import (
     CA,
@@ -118,13 +120,11 @@ class GateMetrics(Collector):
 
 
 class WriteMetrics(Collector):
-    """The counters of the poke fan-out, the node status/report group writes and the sessions
-    starting."""
+    """The counters of the poke fan-out and the node status/report group writes."""
 
-    def __init__(self, pokes: PokeFanout, sessions: SessionRegistry) -> None:
+    def __init__(self, pokes: PokeFanout, node_writes: NodeWrites) -> None:
         self.pokes = pokes
-        self.sessions = sessions
-        self.node_writes = sessions.node_writes
+        self.node_writes = node_writes
 
     def collect(self) -> Any:
         p, w = self.pokes, self.node_writes
@@ -149,17 +149,23 @@ class WriteMetrics(Collector):
         pending.add_metric(["pokes"], len(p))
         pending.add_metric(["node_writes"], len(w))
         yield pending
-        starting = GaugeMetricFamily("edgewise_sessions_starting",
-                                     "Sessions upgraded whose hello is not answered yet "
-                                     "(admission: beyond what the process answers in 4 s, "
-                                     "an upgrade is told to retry)")
-        starting.add_metric([], self.sessions.admission.starting)
-        yield starting
-        admission = self.sessions.admission
+
+
+class AdmissionMetrics(Collector):
+    """The session upgrades starting and in line (`session_admission.StartAdmission`)."""
+
+    def __init__(self, admission: StartAdmission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Any:
+        a = self.admission
+        yield GaugeMetricFamily("edgewise_sessions_starting", "Session upgrades whose hello is "
+                                "not answered yet (bounded; beyond, they wait in line)",
+                                value=a.starting)
         yield GaugeMetricFamily("edgewise_sessions_waiting", "Session upgrades in line for a "
-                                "start slot (admission)", value=admission.waiting)
+                                "start slot", value=a.waiting)
         yield CounterMetricFamily("edgewise_sessions_admitted_after_wait", "Session upgrades "
-                                  "admitted after waiting in line", value=admission.waited)
+                                  "admitted after waiting in line", value=a.waited)
 
 
 GATE_METRICS = web.AppKey("gate_metrics", GateMetrics)
@@ -189,7 +195,8 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
     app[SESSIONS] = sessions
     pokes = PokeFanout(sessions.get)
     app[POKES] = pokes
-    metrics_.registry.register(WriteMetrics(pokes, sessions))
+    metrics_.registry.register(WriteMetrics(pokes, sessions.node_writes))
+    metrics_.registry.register(AdmissionMetrics(sessions.admission))
     app[OPENAPI] = {}
     app.router.add_get("/healthz", healthz)
     health.setup(app)  # /readyz: store reachable, schema migrated
