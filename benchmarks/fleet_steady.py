@@ -6,9 +6,9 @@ its baseline on the same machine.
     .venv/bin/python benchmarks/fleet_steady.py --nodes 300 [--src /tmp/old/src] [--window 30]
 
 Starts ``edgewise cloud serve`` (SQLite) and ``edgewise sim fleet --processes 2``, waits until
-every node has a session and 15 s more, then reads the server's CPU time from /proc over
-``--window`` seconds; ack latencies are the simulator's in that window. Last line: one JSON
-object (``server_cpu_us_per_node_s``, ack p50/p99, RSS and ``server_kb_per_node``: the RSS
+every node has a session and ``--settle`` s more (15), then reads the server's CPU time from
+/proc over ``--window`` seconds; ack latencies are the simulator's in that window. Last line:
+one JSON object (``server_cpu_us_per_node_s``, ack p50/p99, RSS and ``server_kb_per_node``: the RSS
 growth from the idle server before any node, per node, as ``fleet_scale.py`` gives it; how
 many pool timeouts the server logged).
 
@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=300)
     ap.add_argument("--src", type=Path, default=SRC)
     ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--settle", type=float, default=15.0,
+                    help="s after the last node connected before the window (the nodes' "
+                    "backlog from enrolment is sent then: give a large fleet time to catch up)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--profile", type=Path, default=None)
     ap.add_argument("--cprofile", type=Path, default=None)
@@ -148,7 +151,7 @@ def main() -> None:
         while ups() < n and time.time() - started < 600:
             time.sleep(2)
         all_up = time.time() - started
-        time.sleep(15)
+        time.sleep(args.settle)
         spy = None
         if args.profile is not None:
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
