@@ -31,6 +31,7 @@ from edgewise.cloud.node_writes import NodeWrites
 from edgewise.cloud.session import Session, SessionLimits
 from edgewise.cloud.session_admission import StartAdmission
 from edgewise.cloud.store import Store
+from edgewise.common import collector
 from edgewise.errors import PeerError, StorageError
 from edgewise.security.tls import RevocationList
 from edgewise.sync import protocol
@@ -235,6 +236,7 @@ class SessionRegistry:
                                                       for n, s in self._sessions.items()])
                 await self.tell_decommissioned()
                 self.enforce()
+                collector.scale_young(len(self._sessions))  # a serving process only
             except StorageError as exc:
                 log.warning("maintenance: %s", exc)
 

@@ -20,8 +20,15 @@ a full collection found a few hundred objects of real (cyclic) garbage.
   then freed by reference counting before any collection sees them; what still triggers
   collections is cyclic garbage, at most `YOUNG_THRESHOLD` objects of it waiting (a few MB).
 
-Only for a process that serves: a library or a test process keeps Python's defaults.
-`restore` undoes it (tests).
+`scale_young`, called by the control plane's maintenance round, raises that threshold with the
+live sessions, `YOUNG_PER_SESSION` each (at most `MAX_YOUNG`). At 10,000 sessions 20,000 was
+too low: a session's waiting objects were promoted again, and full collections of 1.8-3.8
+million objects paused the process for 1.4-4.6 s every two to three minutes (ack p99 1.6 s in
+the steady state, 7 s in a whole scenario). With 100,000 there was no full collection in the
+steady state; the pair in docs/benchmarks.md, *The young threshold at 10,000 nodes*.
+
+Only for a process that serves: a library or a test process keeps Python's defaults
+(`scale_young` does nothing there). `restore` undoes it (tests).
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ import gc
 from dataclasses import dataclass
 
 YOUNG_THRESHOLD = 20_000  # net allocations of tracked objects between young collections
+YOUNG_PER_SESSION = 10  # and with many sessions: this many per live session...
+MAX_YOUNG = 200_000  # ...up to this (at most that many objects of cyclic garbage wait)
+
+_base: int | None = None  # the young threshold `tune_for_server` set; None: not tuned
 
 
 @dataclass(frozen=True)
@@ -45,14 +56,31 @@ def tune_for_server(young: int = YOUNG_THRESHOLD) -> CollectorState:
     (the other two thresholds are kept); the state before, for `restore`."""
     if young < 1:
         raise ValueError(f"the young generation's threshold must be >= 1, not {young}")
+    global _base
     before = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(young, before[1], before[2])
+    _base = young
     return CollectorState(before, gc.get_freeze_count())
+
+
+def scale_young(sessions: int) -> int | None:
+    """In a process tuned by `tune_for_server`: set the young threshold to `YOUNG_PER_SESSION`
+    per live session, not below the tuned one and not above `MAX_YOUNG`; the threshold set.
+    None (nothing changed) in a process that was not tuned."""
+    if _base is None:
+        return None
+    young = min(MAX_YOUNG, max(_base, YOUNG_PER_SESSION * sessions))
+    now = gc.get_threshold()
+    if now[0] != young:
+        gc.set_threshold(young, now[1], now[2])
+    return young
 
 
 def restore(state: CollectorState) -> None:
     """Undo `tune_for_server`: the thresholds before, nothing frozen."""
+    global _base
     gc.set_threshold(*state.thresholds)
     gc.unfreeze()
+    _base = None
