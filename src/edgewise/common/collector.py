@@ -25,7 +25,8 @@ live sessions, `YOUNG_PER_SESSION` each (at most `MAX_YOUNG`). At 10,000 session
 too low: a session's waiting objects were promoted again, and full collections of 1.8-3.8
 million objects paused the process for 1.4-4.6 s every two to three minutes (ack p99 1.6 s in
 the steady state, 7 s in a whole scenario). With 100,000 there was no full collection in the
-steady state; the pair in docs/benchmarks.md, *The young threshold at 10,000 nodes*.
+steady state; docs/benchmarks.md, *The young threshold at 10,000 nodes*, has that pair and a
+run of this code that did not reproduce its gain in CPU and latency.
 
 Only for a process that serves: a library or a test process keeps Python's defaults
 (`scale_young` does nothing there). `restore` undoes it (tests).
