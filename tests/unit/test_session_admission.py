@@ -89,6 +89,7 @@ async def test_a_wait_that_runs_out_is_refused_and_holds_no_slot() -> None:
     assert (adm.waiting, adm.starting, adm.refused, adm.waited) == (0, MIN_STARTING, 1, 0)
     adm.ended(welcomed=True)  # the slot is not handed to the one that left
     assert adm.starting == MIN_STARTING - 1
+    assert not adm._waiters  # nothing of the one that left is kept
 
 
 async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on() -> None:

@@ -122,7 +122,8 @@ class StartAdmission:
 
     def _fill(self) -> None:
         """Hand free slots to the longest waiters."""
-        if not self.waiting:
+        if not self.waiting:  # what is left in the deque gave up waiting: drop it
+            self._waiters.clear()
             return
         limit = self.limit()
         while self._waiters and self.starting < limit:
