@@ -2,7 +2,8 @@
 
 * ``edgewise cloud serve --data DIR [--host 127.0.0.1] [--port 8443] [--db URL]
   [--trust-domain edgewise.local] [--name NAME ...] [--limit NAME=VALUE ...]`` runs one
-  control-plane process until Ctrl-C / SIGTERM. First start: CA, server certificate and an
+  control-plane process until Ctrl-C / SIGTERM (``--processes N``: N processes on one port
+  and one PostgreSQL database, `cloud_processes`). First start: CA, server certificate and an
   admin token (written to DIR/cli.json before the port is bound, and printed once).
   ``--limit`` sets `ServerLimits` (timeouts, the cap on unauthenticated connections, the
   per-node request rate).
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -128,13 +130,17 @@ def cloud() -> None:
 @click.option("--golden-firmware", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="JSON list of allowed firmware PCR sets "
               '[{"0": "<sha256 hex>", ...}]: other values are quarantined.')
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Serving processes sharing --port (SO_REUSEPORT) and the database; more "
+              "than 1 needs PostgreSQL (--db) and a fixed --port (docs/control-plane.md, "
+              "\"Several processes\").")
 @log_format_option
 def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: str,
           names: tuple[str, ...], data_out: str | None, tls_cert: Path | None,
           tls_key: Path | None, tls_ca: Path | None, client_ca: Path | None,
           limits: tuple[str, ...], require_attestation: bool, agent_digests: tuple[str, ...],
           tpm_cas: tuple[Path, ...], require_for: tuple[str, ...], firmware_pcrs: str | None,
-          golden_firmware: Path | None) -> None:
+          golden_firmware: Path | None, processes: int) -> None:
     """Run the control plane (device API, sessions, ingest) until Ctrl-C.
 
     TLS: by default the control plane's own CA (DIR/pki/ca.pem) issues the server certificate
@@ -167,16 +173,28 @@ def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: st
                                  require_for=att.selectors(require_for),
                                  firmware_pcrs=firmware,
                                  golden_firmware=att.golden_sets(golden_firmware, firmware)))
-        config.db_url  # noqa: B018 - validates --db early
-        asyncio.run(_serve(config))
+        if processes == 1:
+            config.db_url  # noqa: B018 - validates --db early
+            asyncio.run(_serve(config))
+            return
+        if not config.db_url.startswith("postgresql"):
+            raise ConfigError(f"--processes {processes} needs PostgreSQL (--db postgresql://...): "
+                              "SQLite takes one writing process")
+        if port == 0:
+            raise ConfigError(f"--processes {processes} needs a fixed --port: the processes "
+                              "share it")
+        from edgewise.cli.cloud_processes import serve_processes
+
+        sys.exit(serve_processes(config, processes, _serve))
     except EdgewiseError as exc:
         fail(exc)
     except KeyboardInterrupt:
         pass
 
 
-async def _serve(config: object) -> None:
-    import asyncio
+async def _serve(config: object, *, index: int | None = None) -> None:
+    """Serve until SIGINT / SIGTERM. ``index``: one of `cloud serve --processes N`, whose
+    supervisor has bootstrapped and said everything there is to say already."""
 
     from edgewise.cloud.app import start
     from edgewise.cloud.bootstrap import bootstrap, prepare_data_dir, server_url, write_cli_config
@@ -191,7 +209,7 @@ async def _serve(config: object) -> None:
         boot = await bootstrap(config.data_dir, store, host=config.host,
                                trust_domain=config.trust_domain, extra_names=config.server_names,
                                url=server_url(config.host, config.port), tls=config.tls)
-        for line in boot.created:
+        for line in boot.created:  # none in a process of `--processes N` (bootstrapped)
             echo(f"created {line}")
         if boot.admin_token is not None:  # already saved: shown even if the port is taken
             click.echo(f"admin token (shown once): {boot.admin_token}")
@@ -201,21 +219,31 @@ async def _serve(config: object) -> None:
         running = await start(config, boot.ca, store=store)
         try:
             url = server_url(config.host, running.port)
+            if index is not None:
+                echo(f"serving process {index} (pid {os.getpid()}) listening on {url}")
+                await _until_stopped()
+                return
             write_cli_config(boot.cli_config, url, boot.ca_path)  # the URL; keeps the token
             echo(f"CA certificate for agents (--ca): {boot.ca_path}")
             if config.tls.client_ca is not None:
                 echo(f"node certificates: issued by {config.pki_dir / 'ca.pem'}, verified "
                      f"against {config.tls.client_ca}")
             echo(f"control plane listening on {url} (TLS 1.3; store: {store.describe()})")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError):
-                    loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            echo("stopping")
+            await _until_stopped()
         finally:
             await running.stop()
+
+
+async def _until_stopped() -> None:
+    import asyncio
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    click.echo("stopping", err=True)
 
 
 @cloud.command("admin-token")

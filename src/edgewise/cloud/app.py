@@ -52,10 +52,12 @@ from edgewise.cloud.pipelines import api as pipelines_api
 from edgewise.cloud.pokes import PokeFanout
 from edgewise.cloud.releases import api as releases_api
 from edgewise.cloud.releases.service import ReleaseService
+from edgewise.cloud.replicas import Handlers, ReplicaBus
 from edgewise.cloud.rollouts import api as rollouts_api
 from edgewise.cloud.session_admission import StartAdmission
 from edgewise.cloud.sessions import SessionRegistry
 from edgewise.cloud.state import (
+    BUS,
     CA,
     COMMITTER,
     METRICS,
@@ -171,6 +173,58 @@ class AdmissionMetrics(Collector):
 GATE_METRICS = web.AppKey("gate_metrics", GateMetrics)
 
 
+class BusMetrics(Collector):
+    """The replica bus's counters (`replicas.ReplicaBus`, PostgreSQL only)."""
+
+    def __init__(self, bus: ReplicaBus, sessions: SessionRegistry, pokes: PokeFanout) -> None:
+        self.bus, self.sessions, self.pokes = bus, sessions, pokes
+
+    def collect(self) -> Any:
+        b = self.bus
+        notes = CounterMetricFamily("edgewise_replica_notifications", "Notifications between "
+                                    "the control-plane processes of the database, by outcome",
+                                    labels=["outcome"])
+        for outcome, value in (("sent", b.sent), ("received", b.received),
+                               ("malformed", b.malformed), ("dropped", b.dropped),
+                               ("lost", b.lost)):
+            notes.add_metric([outcome], value)
+        yield notes
+        yield CounterMetricFamily("edgewise_pokes_forwarded", "Pokes handed to the other "
+                                  "processes (their nodes were not connected here)",
+                                  value=self.pokes.forwarded)
+        yield CounterMetricFamily("edgewise_sessions_replaced_elsewhere", "Sessions closed "
+                                  "because their node opened a newer one at another process",
+                                  value=self.sessions.replaced_elsewhere)
+
+
+def replica_bus(store: Store, sessions: SessionRegistry, pokes: PokeFanout,
+                revocations: RevocationList) -> ReplicaBus:
+    """The bus of this process, wired: pokes for nodes not connected here go out on it,
+    sessions opened here are announced on it, and what the other processes say is done here
+    (`replicas`)."""
+    handlers = Handlers()
+    bus = ReplicaBus(store.url, handlers)
+    pokes.forward = bus.poke
+    sessions.on_open = bus.opened
+
+    async def poke_here(versions: dict[str, int], jitter: float) -> None:
+        here = {n: v for n, v in versions.items() if sessions.get(n) is not None}
+        if here:
+            states = await store.desired_states(here)
+            pokes.poke(here, jitter, states, forward=False)
+
+    async def revoke_here(msg: dict[str, Any]) -> None:
+        revocations.revoke_serial(msg["serial"])
+        revocations.revoke_key(msg["fp"])
+        await sessions.revoke(msg["n"], msg["reason"], decommissioned=msg["d"], wipe=msg["w"])
+
+    handlers.poke = poke_here
+    handlers.opened = sessions.opened_elsewhere
+    handlers.revoke = revoke_here
+    handlers.quarantine = sessions.set_quarantined
+    return bus
+
+
 def create_app(config: CloudConfig, ca: CertificateAuthority, *,
                store: Store | None = None) -> web.Application:
     """The application (not started). The store is opened on startup unless given open."""
@@ -197,6 +251,11 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
     app[POKES] = pokes
     metrics_.registry.register(WriteMetrics(pokes, sessions.node_writes))
     metrics_.registry.register(AdmissionMetrics(sessions.admission))
+    bus = None
+    if store_.url.startswith("postgresql"):  # other processes may share the database
+        bus = replica_bus(store_, sessions, pokes, revocations)
+        metrics_.registry.register(BusMetrics(bus, sessions, pokes))
+    app[BUS] = bus
     app[OPENAPI] = {}
     app.router.add_get("/healthz", healthz)
     health.setup(app)  # /readyz: store reachable, schema migrated
@@ -224,15 +283,19 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
                 resign = asyncio.create_task(release_service.maintain(),
                                              name="edgewise-tuf-resign")
                 fanout = asyncio.create_task(pokes.run(), name="edgewise-pokes")
+                tasks = [task, resign, fanout]
+                if bus is not None:
+                    tasks.append(asyncio.create_task(bus.run(), name="edgewise-replica-bus"))
                 await pipelines_api.start_worker(app, store_.url, config.data_dir, committer,
-                                                 config.server.pipeline_lease)
+                                                 config.server.pipeline_lease,
+                                                 process=config.process)
                 try:
                     yield
                 finally:
                     await pipelines_api.stop_worker(app)  # ships, releases its leases
-                    for t in (task, resign, fanout):
+                    for t in tasks:
                         t.cancel()
-                    for t in (task, resign, fanout):
+                    for t in tasks:
                         with contextlib.suppress(asyncio.CancelledError):
                             await t
                     await sessions.close_all()
@@ -295,7 +358,7 @@ async def start(config: CloudConfig, ca: CertificateAuthority, *,
                      max_unauthenticated=limits.max_unauthenticated, backlog=limits.backlog,
                      handshake_rate=limits.handshake_rate,
                      handshake_burst=limits.handshake_burst,
-                     handshake_queue=limits.handshake_queue)
+                     handshake_queue=limits.handshake_queue, reuse_port=config.reuse_port)
     try:
         await site.start()
     except OSError as exc:

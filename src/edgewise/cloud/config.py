@@ -137,6 +137,10 @@ class CloudConfig:
     server: ServerLimits = field(default_factory=ServerLimits)  # connections and requests
     attestation: AttestationSettings = field(default_factory=AttestationSettings)
     tls: ServerTls = field(default_factory=ServerTls)  # an organisation's own PKI (server_tls)
+    # `cloud serve --processes N`: this process's number (0..N-1) and whether the port is
+    # shared with the others (SO_REUSEPORT); docs/control-plane.md, "Several processes"
+    process: int = 0
+    reuse_port: bool = False
 
     @property
     def pki_dir(self) -> Path:

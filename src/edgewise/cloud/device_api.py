@@ -54,7 +54,7 @@ from edgewise.cloud.ratelimit import DEVICE_RATE, ENROL_PACER, Pacer, RateLimite
 from edgewise.cloud.request_body import DEVICE_BODY, read_json
 from edgewise.cloud.sessions import handle_session
 from edgewise.cloud.state import CA, METRICS, OPENAPI, REVOCATIONS, SESSIONS, STORE
-from edgewise.cloud.store import KeyInUse, new_node_id
+from edgewise.cloud.store import KeyInUse, Store, new_node_id
 from edgewise.cloud.store.identity import EnrolRequest
 from edgewise.errors import BadRequest, EdgewiseError, NotFound, PeerError, StorageError
 from edgewise.security.pki import (
@@ -110,11 +110,16 @@ async def tell_decommissioned(app: web.Application, cert: x509.Certificate,
 
 
 class NonceBook:
-    """Single-use, short-lived re-authentication nonces (bounded; oldest expire first)."""
+    """Single-use, short-lived re-authentication nonces (bounded; oldest expire first): in
+    process memory, or in the store (``store``: PostgreSQL, where several control-plane
+    processes share the database and a node may take its nonce from another one,
+    `Store.issue_nonce`)."""
 
-    def __init__(self, ttl: float, limit: int = MAX_NONCES) -> None:
+    def __init__(self, ttl: float, limit: int = MAX_NONCES, *, store: Store | None = None
+                 ) -> None:
         self.ttl = ttl
         self.limit = limit
+        self.store = store
         self._nonces: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
 
     def _prune(self, now: float) -> None:
@@ -124,7 +129,9 @@ class NonceBook:
                 break
             del self._nonces[nonce]
 
-    def issue(self, node_id: str) -> bytes:
+    async def issue(self, node_id: str) -> bytes:
+        if self.store is not None:
+            return await self.store.issue_nonce(node_id, self.ttl, limit=self.limit)
         now = time.monotonic()
         self._prune(now)
         if len(self._nonces) >= self.limit:
@@ -133,10 +140,14 @@ class NonceBook:
         self._nonces[nonce] = (node_id, now + self.ttl)
         return nonce
 
-    def take(self, nonce: bytes, node_id: str) -> None:
+    async def take(self, nonce: bytes, node_id: str) -> None:
         """Use a nonce up; `ChallengeError` unless it was issued for ``node_id`` and is fresh."""
-        entry = self._nonces.pop(nonce, None)
-        if entry is None or entry[0] != node_id or entry[1] <= time.monotonic():
+        if self.store is not None:
+            fresh = len(nonce) == NONCE_BYTES and await self.store.take_nonce(nonce, node_id)
+        else:
+            entry = self._nonces.pop(nonce, None)
+            fresh = entry is not None and entry[0] == node_id and entry[1] > time.monotonic()
+        if not fresh:
             raise ChallengeError("unknown, used or expired challenge nonce; ask for a new one")
 
 
@@ -301,7 +312,7 @@ async def reauth_challenge(request: web.Request) -> web.Response:
     except Exception:
         raise BadRequest("node_id is not a valid node id") from None
     # a nonce is issued for any well-formed id, so this endpoint does not reveal which exist
-    nonce = request.app[NONCES].issue(node_id)
+    nonce = await request.app[NONCES].issue(node_id)
     return web.json_response({"nonce": base64.b64encode(nonce).decode()})
 
 
@@ -314,7 +325,7 @@ async def reauth(request: web.Request) -> web.Response:
     node_id = data["node_id"]
     nonce, signature = _b64(data, "nonce"), _b64(data, "signature")
     try:
-        app[NONCES].take(nonce, node_id)  # single use, whatever happens next
+        await app[NONCES].take(nonce, node_id)  # single use, whatever happens next
         cert = x509.load_pem_x509_certificate(data["certificate"].encode())
     except ValueError:
         raise IdentityError("certificate is not a readable PEM certificate") from None
@@ -391,7 +402,8 @@ def _op(summary: str, auth: str) -> dict[str, Any]:
 def setup(app: web.Application) -> None:
     app.middlewares.append(errors)
     config = app[CONFIG]
-    app[NONCES] = NonceBook(config.nonce_ttl)
+    shared = config.db_url.startswith("postgresql")  # other processes may share the db
+    app[NONCES] = NonceBook(config.nonce_ttl, store=app[STORE] if shared else None)
     app[DEVICE_RATE] = RateLimiter(config.server.device_rate, config.server.device_burst)
     app[ENROL_PACER] = Pacer(config.server.enrol_rate, config.server.enrol_burst,
                              config.server.enrol_queue)

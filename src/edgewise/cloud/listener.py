@@ -279,10 +279,11 @@ class GatedSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  ssl_context: ssl.SSLContext, handshake_timeout: float, read_timeout: float,
-                 max_unauthenticated: int, backlog: int = 4096,
+                 max_unauthenticated: int, backlog: int = 4096, reuse_port: bool = False,
                  **admission: Any) -> None:
         super().__init__(runner, backlog=backlog)
         self._host, self._port = host, port
+        self._reuse_port = reuse_port  # several processes on one port (`cloud serve --processes`)
         self._tls = ssl_context
         self._limits: dict[str, Any] = {"handshake_timeout": handshake_timeout,
                                         "read_timeout": read_timeout,
@@ -302,7 +303,8 @@ class GatedSite(web.BaseSite):
         self.gate = Gate(server, self._tls, **self._limits)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self.gate, self._host, self._port,
-                                                backlog=self._backlog, reuse_address=True)
+                                                backlog=self._backlog, reuse_address=True,
+                                                reuse_port=self._reuse_port or None)
 
     async def stop(self) -> None:
         await super().stop()

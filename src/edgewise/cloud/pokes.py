@@ -20,6 +20,9 @@ stored: fetch it") then go out from here, not inside the HTTP call:
   2,000 nodes). The state is packed on this task, not in the HTTP call. Counted: `inlined`.
 * **bounded.** At most ``max_pending`` nodes wait for a poke; beyond that a poke is dropped and
   counted (`dropped`): the node still learns the version from its next ``welcome``.
+* **other processes.** With ``forward`` set (PostgreSQL: `replicas.ReplicaBus.poke`), the
+  versions of nodes not connected here go to the other control-plane processes sharing the
+  database, one of which may hold the node's session (counted: `forwarded`).
 """
 
 from __future__ import annotations
@@ -64,14 +67,17 @@ class PokeFanout:
     node's live session in this process (`SessionRegistry.get`)."""
 
     def __init__(self, lookup: Callable[[str], Pokeable | None], *, per_turn: int = 500,
-                 max_pending: int = 1_000_000) -> None:
+                 max_pending: int = 1_000_000,
+                 forward: Callable[[dict[str, int], float], None] | None = None) -> None:
         self.lookup = lookup
+        self.forward = forward
         self.per_turn = per_turn
         self.max_pending = max_pending
         self.sent = 0  # pokes handed to sessions
         self.coalesced = 0  # pokes replaced by a newer one before they went out
         self.dropped = 0  # pokes not queued: max_pending nodes were waiting already
         self.inlined = 0  # pokes sent with their state inline
+        self.forwarded = 0  # pokes handed to the other processes (nodes not connected here)
         # node -> (version, jitter, the stored state of that version if the caller gave it)
         self._pending: dict[str, tuple[int, float, DesiredState | None]] = {}
         self._ready = asyncio.Event()
@@ -80,13 +86,17 @@ class PokeFanout:
         return len(self._pending)
 
     def poke(self, versions: Mapping[str, int], jitter: float = 0.0,
-             states: Mapping[str, DesiredState] | None = None) -> set[str]:
+             states: Mapping[str, DesiredState] | None = None, *,
+             forward: bool = True) -> set[str]:
         """Queue pokes (node -> stored version; ``states``: node -> that stored version, to
-        send inline when small); returns the nodes connected here now (the others learn the
-        version from their next ``welcome``)."""
+        send inline when small); returns the nodes connected here now. The others learn the
+        version from their next ``welcome``, or, with ``forward`` and a `forward` hook, from
+        the process holding their session."""
         live: set[str] = set()
+        away: dict[str, int] = {}
         for node_id, version in versions.items():
             if self.lookup(node_id) is None:
+                away[node_id] = version
                 continue
             live.add(node_id)
             old = self._pending.get(node_id)
@@ -103,6 +113,9 @@ class PokeFanout:
             self._pending[node_id] = (version, jitter, state)
         if self._pending:
             self._ready.set()
+        if forward and away and self.forward is not None:
+            self.forward(away, jitter)
+            self.forwarded += len(away)
         return live
 
     def flush(self, limit: int | None = None) -> int:

@@ -127,6 +127,7 @@ class Session:
         # (docs/security.md, "What quarantine allows"); kept current by the registry
         self.quarantined = False
         self.opened = time.monotonic()  # when its node must have attested by (`sessions`)
+        self.opened_at = time.time()  # wall clock: which of two processes' sessions is newer
         # its writes are done and it submits no more (the reader has stopped and every commit
         # it submitted has ended): what a newer session of the node waits for (`attach`)
         self.settled = asyncio.Event()
@@ -174,14 +175,16 @@ class Session:
         extra = {"decommissioned": True, "wipe": wipe} if decommissioned else None
         self._close_now(protocol.REVOKED, reason, extra=extra)
 
-    def replace(self) -> None:
-        """A newer session of the node takes over: close this one. Before its hello is read
-        a session has written nothing and never will (its reader stops after the hello once
-        it is closing), so it is settled at once."""
+    def replace(self, elsewhere: bool = False) -> None:
+        """A newer session of the node takes over (here, or in another control-plane process
+        if ``elsewhere``): close this one. Before its hello is read a session has written
+        nothing and never will (its reader stops after the hello once it is closing), so it
+        is settled at once."""
         self.replaced = True
         if not self.hello_read:
             self.settled.set()
-        self._close_now(protocol.ERROR, "replaced by a newer session of this node",
+        where = " (at another control-plane process)" if elsewhere else ""
+        self._close_now(protocol.ERROR, f"replaced by a newer session of this node{where}",
                         WSCloseCode.GOING_AWAY)
 
     def poke_desired(self, version: int, jitter: float = 0.0,

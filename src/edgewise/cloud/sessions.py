@@ -75,6 +75,10 @@ class SessionRegistry:
         # attestation quarantines TPM nodes whose attestation is overdue (`attestation.api`)
         self.attestation_check: Callable[[list[tuple[str, float]]], Awaitable[None]] | None = \
             None
+        # told of each session attached here (`replicas.ReplicaBus.opened`: the other
+        # processes of the database close their older session of the node)
+        self.on_open: Callable[[str, float], None] | None = None
+        self.replaced_elsewhere = 0  # sessions closed: their node opened a newer one elsewhere
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -159,6 +163,8 @@ class SessionRegistry:
         self._sessions[session.node_id] = session
         self.metrics.sessions.set(len(self._sessions))
         self.metrics.sessions_opened.inc()
+        if self.on_open is not None:
+            self.on_open(session.node_id, session.opened_at)
         if old is not None:
             old.replace()
             try:
@@ -167,6 +173,19 @@ class SessionRegistry:
                 log.warning("session of %s: the session it replaces did not settle its commits "
                             "within %g s; going on without it", session.node_id,
                             self.replace_timeout)
+
+    def opened_elsewhere(self, opened: dict[str, float]) -> int:
+        """Nodes that opened a session at another process (node -> its wall-clock open
+        time): close each older session of them here (one session per node across the
+        processes of a database); how many were closed."""
+        closed = 0
+        for node_id, at in opened.items():
+            session = self._sessions.get(node_id)
+            if session is not None and session.opened_at < at and not session.replaced:
+                session.replace(elsewhere=True)
+                closed += 1
+        self.replaced_elsewhere += closed
+        return closed
 
     async def detach(self, session: Session) -> None:
         counts = session.wire

@@ -10,6 +10,8 @@
                  below for a revocation; `set_quarantine` below for a quarantine
     COMMITTER    ingest.GroupCommitter
     POKES        pokes.PokeFanout: desired-state pokes from one fan-out task (`desired.assign`)
+    BUS          replicas.ReplicaBus, or None: what the other processes of a PostgreSQL
+                 database hear (the functions below tell them)
     METRICS      metrics.Metrics
     OPENAPI      dict of OpenAPI path items served at /openapi.json (add yours)
 
@@ -28,6 +30,7 @@ from aiohttp import web
 from edgewise.cloud.ingest import GroupCommitter
 from edgewise.cloud.metrics import Metrics
 from edgewise.cloud.pokes import PokeFanout
+from edgewise.cloud.replicas import ReplicaBus
 from edgewise.cloud.sessions import SessionRegistry
 from edgewise.cloud.store import NodeInfo, Store
 from edgewise.security.pki import CertificateAuthority
@@ -40,6 +43,7 @@ SESSIONS = web.AppKey("sessions", SessionRegistry)
 COMMITTER = web.AppKey("committer", GroupCommitter)
 METRICS = web.AppKey("metrics", Metrics)
 POKES = web.AppKey("pokes", PokeFanout)
+BUS: web.AppKey[ReplicaBus | None] = web.AppKey("bus", ReplicaBus)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 
 
@@ -50,7 +54,10 @@ async def revoke_node(app: web.Application, node_id: str, *, reason: str, actor:
     node = await app[STORE].revoke_node(node_id, reason=reason, actor=actor)
     app[REVOCATIONS].revoke_serial(node.cert_serial)
     app[REVOCATIONS].revoke_key(node.key_fingerprint)
-    await app[SESSIONS].revoke(node_id, f"revoked: {reason}" if reason else "revoked")
+    said = f"revoked: {reason}" if reason else "revoked"
+    await app[SESSIONS].revoke(node_id, said)
+    if (bus := app.get(BUS)) is not None:
+        bus.revoked(node_id, said, serial=node.cert_serial, fingerprint=node.key_fingerprint)
     return node
 
 
@@ -62,8 +69,11 @@ async def decommission_node(app: web.Application, node_id: str, *, wipe: bool, r
     app[REVOCATIONS].revoke_serial(node.cert_serial)
     app[REVOCATIONS].revoke_key(node.key_fingerprint)
     what = "decommissioned, wipe" if node.wipe else "decommissioned"
-    await app[SESSIONS].revoke(node_id, f"{what}: {reason}" if reason else what,
-                               decommissioned=True, wipe=node.wipe)
+    said = f"{what}: {reason}" if reason else what
+    await app[SESSIONS].revoke(node_id, said, decommissioned=True, wipe=node.wipe)
+    if (bus := app.get(BUS)) is not None:
+        bus.revoked(node_id, said, serial=node.cert_serial, fingerprint=node.key_fingerprint,
+                    decommissioned=True, wipe=node.wipe)
     return node
 
 
@@ -74,3 +84,5 @@ async def set_quarantine(app: web.Application, node_id: str, reason: str | None,
     unknown."""
     await app[STORE].set_quarantine(node_id, reason, actor=actor, now=now)
     app[SESSIONS].set_quarantined(node_id, reason is not None)
+    if (bus := app.get(BUS)) is not None:
+        bus.quarantined(node_id, reason is not None)

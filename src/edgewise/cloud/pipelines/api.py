@@ -33,7 +33,7 @@ from edgewise.cloud.pipelines.models import (
     CloudPipelineSummary,
 )
 from edgewise.cloud.pipelines.spec import parse_cloud_pipeline, results_node
-from edgewise.cloud.pipelines.worker import LEASE, CloudPipelineWorker
+from edgewise.cloud.pipelines.worker import LEASE, CloudPipelineWorker, replica_name
 from edgewise.cloud.state import OPENAPI
 from edgewise.cloud.store import ChunkWrite
 from edgewise.cloud.store.cloud_pipelines import CloudPipelineInfo
@@ -131,7 +131,8 @@ def setup(app: web.Application) -> None:
 
 
 async def start_worker(app: web.Application, db_url: str, data_dir: Path,
-                       committer: GroupCommitter, lease_s: float = LEASE) -> None:
+                       committer: GroupCommitter, lease_s: float = LEASE, *,
+                       process: int = 0) -> None:
     """Start the worker that runs the cloud pipelines this replica holds the lease of (not
     for an in-memory store, which another connection cannot see); the results it stores go to
     data out through ``committer``'s ``after_commit``, as ingested chunks do."""
@@ -145,7 +146,10 @@ async def start_worker(app: web.Application, db_url: str, data_dir: Path,
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
                 after(list(chunks), set(inserted)), loop))
 
-    worker = CloudPipelineWorker(db_url, data_dir, forward=forward, lease_s=lease_s)
+    # one name per process: `cloud serve --processes N` runs N replicas on one data directory
+    runner = f"{replica_name(data_dir)}-{process}" if process else None
+    worker = CloudPipelineWorker(db_url, data_dir, forward=forward, lease_s=lease_s,
+                                 runner=runner)
     await asyncio.to_thread(worker.start)
     app[WORKER] = worker
 

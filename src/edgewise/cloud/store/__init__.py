@@ -41,6 +41,9 @@ revocations                                         (identity)
     add_revocation(serial=None, fingerprint=None, node_id=None, reason="")
     load_revocations() -> security.tls.RevocationList
     list_revocations() -> ([serial], [fingerprint])
+re-authentication nonces                            (nonces; shared by the processes of a db)
+    issue_nonce(node_id, ttl, limit=) -> bytes      StorageError when limit are outstanding
+    take_nonce(nonce, node_id) -> bool              single use: DELETE ... RETURNING
 operator tokens                                     (audit)
     add_operator_token(token: OperatorToken, actor="system")        audited
     get_operator_token(hash) -> OperatorToken | None                None if unknown or revoked
@@ -79,6 +82,7 @@ desired state (versions per node grow by one)       (twin)
                                                     the same with the next state as given
     get_desired_state(node_id, version=None) -> DesiredState | None  newest by default
     desired_version(node_id) -> int                 0 if none
+    desired_states({node_id: version}) -> {node_id: DesiredState}   many, 1,000 a query
 reported state                                      (twin)
     get_reported_state(node_id) -> ReportedInfo | None
     merge_reported_state(node_id, reported: ReportedState, at=None) -> [AuditRecord]

@@ -220,3 +220,14 @@ class NodeTpmRow(Base):
     created: Mapped[datetime]
     attested_at: Mapped[datetime | None] = mapped_column(default=None)
     verdict: Mapped[dict[str, Any] | None] = mapped_column(JsonType, default=None)
+
+
+class ReauthNonce(Base):
+    """An outstanding re-authentication challenge (`Store.issue_nonce`): single use, short
+    lived, shared by every control-plane process of the database."""
+
+    __tablename__ = "reauth_nonces"
+
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -12,6 +12,7 @@ subclass; the method list is in the package docstring):
     cloud_pipelines  the pipelines the control plane runs over ingested streams
     tpm        nodes' TPMs (EK, AK) and their attestation verdicts
     views      reads for the operator console (chunk activity, newest chunks of a stream)
+    nonces     re-authentication nonces, shared by the processes of one database
     db         engines, migrations and `_tx`, the one way into a transaction
 
 SQLAlchemy 2.0 Core statements on the ORM tables of `models`. Every public method is one
@@ -26,6 +27,7 @@ from edgewise.cloud.store.cloud_pipelines import CloudPipelineStore
 from edgewise.cloud.store.db import DB_FILE, database_url
 from edgewise.cloud.store.fleet import FleetStore
 from edgewise.cloud.store.identity import IdentityStore, new_node_id
+from edgewise.cloud.store.nonces import NonceStore
 from edgewise.cloud.store.releases import ReleaseStore
 from edgewise.cloud.store.tpm import TpmStore
 from edgewise.cloud.store.twin import TwinStore
@@ -35,7 +37,7 @@ __all__ = ["DB_FILE", "Store", "database_url", "new_node_id"]
 
 
 class Store(IdentityStore, ChunkStore, TwinStore, AuditStore, ReleaseStore,
-            CloudPipelineStore, FleetStore, ViewStore, TpmStore):
+            CloudPipelineStore, FleetStore, ViewStore, TpmStore, NonceStore):
     """The control plane's store. ``async with Store(url) as store:`` or `open` / `close`.
 
     See the package docstring (`edgewise.cloud.store`) for the method list.

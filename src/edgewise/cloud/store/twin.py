@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -178,6 +178,19 @@ class TwinStore(Database):
         async with self._tx(write=False) as conn:
             body = (await conn.execute(q)).scalar()
         return DesiredState.from_wire(body) if body is not None else None
+
+    async def desired_states(self, versions: Mapping[str, int]) -> dict[str, DesiredState]:
+        """The given version of each node's desired state (a node without that version is
+        left out), 1,000 nodes a query."""
+        items, out = list(versions.items()), {}
+        async with self._tx(write=False) as conn:
+            for i in range(0, len(items), 1000):
+                q = select(DesiredStateRow.node_id, DesiredStateRow.body).where(
+                    tuple_(DesiredStateRow.node_id, DesiredStateRow.version)
+                    .in_(items[i:i + 1000]))
+                for node_id, body in (await conn.execute(q)).all():
+                    out[node_id] = DesiredState.from_wire(body)
+        return out
 
     async def desired_version(self, node_id: str) -> int:
         """The newest desired version of a node, 0 if it has none."""
