@@ -7,12 +7,13 @@ and restart (the reconnect storm) → steady state, and stops the simulator, whi
 sequence number each node sent against what the control plane stored
 (`edgewise.testbed.fleet.scenario` describes each phase and how each figure is measured).
 
-Run: python benchmarks/fleet_scale.py --nodes 2000 [--db URL] [--processes 2]
+Run: python benchmarks/fleet_scale.py --nodes 2000 [--db URL] [--processes 2] [--servers 2]
      [--telemetry-every 10] [--steady 30] [--profile DIR]
+``--servers N`` runs ``cloud serve --processes N`` (needs ``--db postgresql://...``); the
+server's CPU and memory are then those of the supervisor and its serving processes, summed.
 ``--profile DIR`` samples the server with py-spy (pip install py-spy) during the steady window
-and the storm, and writes the busiest functions to DIR/profile.md.
-Only one control-plane process is started: ``cloud serve`` has no way yet for several processes
-to share a port and a database's sessions (issue 11, "Scale out").
+and the storm, and writes the busiest functions to DIR/profile.md (one process: with
+``--servers`` it samples the supervisor, which serves nothing).
 The last line printed is one JSON object with all figures.
 """
 
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--db", default=None, help="postgresql://... (default: SQLite)")
     ap.add_argument("--processes", type=int, default=1, help="simulator processes")
+    ap.add_argument("--servers", type=int, default=1,
+                    help="control-plane processes (cloud serve --processes; needs --db)")
     ap.add_argument("--telemetry-every", type=float, default=10.0)
     ap.add_argument("--steady", type=float, default=30.0, help="s of the steady window")
     ap.add_argument("--after", type=float, default=10.0, help="s of steady state at the end")
@@ -59,9 +62,12 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-fleet-scale-"))
     cfg = ScenarioConfig(args.nodes, work, args.processes, args.db, args.telemetry_every,
                          args.steady, args.after, args.ramp, args.phase_timeout,
-                         profile=args.profile,
+                         profile=args.profile, servers=args.servers,
                          sim_args=("--fetch-only",) if args.fetch_only else ())
+    if args.servers > 1 and not args.db:
+        ap.error("--servers needs --db postgresql://...")
     print(f"fleet scale: {args.nodes:,} nodes, {args.processes} simulator process(es), "
+          f"{args.servers} control-plane process(es), "
           f"{'PostgreSQL' if args.db else 'SQLite'}; work folder {work}", flush=True)
     try:
         res = asyncio.run(run_scenario(cfg))
@@ -74,6 +80,7 @@ def main() -> None:
     f["nodes"] = args.nodes
     f["store"] = "postgresql" if args.db else "sqlite"
     f["sim_processes"] = args.processes
+    f["server_processes"] = args.servers
     f["fetch_only"] = args.fetch_only
     rows = [(k, str(v), TARGETS.get(k, "")) for k, v in f.items()]
     print_table("fleet scale", rows)

@@ -2,7 +2,10 @@
 nodes) against a real `edgewise cloud serve`, through the scenario of benchmarks/fleet_scale.py:
 every node enrols and connects, a selector push reaches every node, a kill -9 and restart of
 the control plane brings every node back, and every sequence number sent is stored exactly
-once (the simulator reads them back through the operator API). On SQLite and on PostgreSQL."""
+once (the simulator reads them back through the operator API). On SQLite, on PostgreSQL, and
+on PostgreSQL with two control-plane processes on one port (`cloud serve --processes 2`: the
+nodes spread over both; the push is made through one and reaches the nodes of the other over
+the replica bus; kill -9 takes down the supervisor and both)."""
 
 from __future__ import annotations
 
@@ -19,20 +22,26 @@ N = 50
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("sqlite-fetch", marks=LONG_ONLY),
-                                     pytest.param("postgres", marks=LONG_ONLY)])
+                                     pytest.param("postgres", marks=LONG_ONLY),
+                                     "postgres-2-processes"])
 async def test_fleet_of_50_enrols_pushes_survives_kill_9_and_stores_every_record_once(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest,
 ) -> None:
     """``sqlite-fetch``: the nodes ignore the push's inline states and fetch, as the agent."""
-    db = request.getfixturevalue("postgres") if backend == "postgres" else None
+    db = request.getfixturevalue("postgres") if backend.startswith("postgres") else None
     fetch_only = backend == "sqlite-fetch"
-    res = await run_scenario(ScenarioConfig(N, tmp_path, processes=2, db=db,
+    servers = 2 if backend == "postgres-2-processes" else 1
+    res = await run_scenario(ScenarioConfig(N, tmp_path, processes=2, db=db, servers=servers,
                                             telemetry_every=2.0, steady_s=3.0, after_s=3.0,
                                             phase_timeout=60.0,
                                             sim_args=("--fetch-only",) if fetch_only else ()))
     f, sim = res.figures, res.figures["sim"]
     assert [p for p, _ in res.phases] == ["enrol", "steady", "push", "storm", "end"]
     assert f["storm_back"] == N and f["storm_recovery_s"] is not None
+    if servers > 1:  # the nodes spread over both processes, one session each
+        per = f["sessions_per_process"]
+        assert sorted(per) == ["0", "1"] and min(per.values()) > 0, per
+        assert sum(per.values()) == N, per
     assert (f["nodes_connected"], f["push_nodes"], f["nodes_connected_after"]) == (N, N, N)
     assert (sim["nodes"], sim["processes"], sim["enrolled"], sim["connected_at_stop"]) == (
         N, 2, N, N)

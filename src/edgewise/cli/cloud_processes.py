@@ -11,9 +11,10 @@ tell each other is `edgewise.cloud.replicas`. The supervisor serves nothing itse
   them (each stops as one process does: sessions told, commits finished).
 * **restart.** A serving process that dies is started again, after 1 s, doubling to 30 s while
   it keeps dying within a minute of its start. Its nodes reconnect meanwhile to the others.
-* **fail fast.** A serving process that exits within `START_WINDOW` seconds of the first
-  start (the port is taken, the database is unreachable) stops them all: the supervisor exits
-  with its exit code instead of restarting it forever.
+* **fail fast.** A serving process that exits with an error within `START_WINDOW` seconds of
+  the first start (the port is taken, the database is unreachable) stops them all: the
+  supervisor exits with its exit code instead of restarting it forever. One killed by a
+  signal is restarted whenever it dies.
 * **orphans.** If the supervisor itself is killed, Linux sends each serving process SIGTERM
   (``PR_SET_PDEATHSIG``), so no process keeps serving without it.
 """
@@ -122,7 +123,7 @@ def supervise(n: int, serve_one: Callable[[int], None]) -> int:
         if stopping:
             continue
         now = time.monotonic()
-        if now - first_start < START_WINDOW:
+        if exit_code > 0 and now - first_start < START_WINDOW:  # its own error, not a kill
             _echo(f"serving process {index} exited with code {exit_code} at start; stopping "
                   "the others")
             code = exit_code if exit_code > 0 else 1

@@ -77,7 +77,8 @@ log = logging.getLogger(__name__)
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__,
-                              "sessions": len(request.app[SESSIONS])})
+                              "sessions": len(request.app[SESSIONS]),
+                              "process": request.app[CONFIG].process})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -67,12 +67,12 @@ def _pack(kind: str, key: str, items: Iterable[tuple[str, Any]],
     for name, value in items:
         entry = json.dumps(name) + ":" + json.dumps(value)
         if part and size + len(entry) + 1 > MAX_PAYLOAD:
-            out.append(head[:-2] + "{" + ",".join(part) + "}}")
+            out.append(head[:-3] + "{" + ",".join(part) + "}}")
             part, size = [], len(head)
         part.append(entry)
         size += len(entry) + 1
     if part:
-        out.append(head[:-2] + "{" + ",".join(part) + "}}")
+        out.append(head[:-3] + "{" + ",".join(part) + "}}")
     return out
 
 

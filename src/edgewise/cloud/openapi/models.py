@@ -422,7 +422,8 @@ class DesiredResponse(Model):
 class Health(Model):
     status: str
     version: str
-    sessions: int
+    sessions: int  # live sessions of the process that answered
+    process: int = 0  # which of `cloud serve --processes N` answered (0 to N-1)
 
 
 class Readiness(Model):

@@ -7,7 +7,8 @@ and follows that file (`Events`) through the phases:
 
 1. **enrol**: until every node has its first session (``up``);
 2. **steady**: ``steady_s`` seconds; the server's CPU time and resident memory come from
-   ``/proc/<pid>`` of the server process (CPU per node per second over the window; memory as
+   ``/proc/<pid>`` of the server's processes (with ``servers`` > 1 the supervisor and its
+   serving processes, summed; CPU per node per second over the window; memory as
    the growth since the server was idle, per node); ack latency percentiles are those of the
    simulator's ``acks`` events of the window (each covers the 5 s before it);
 3. **push**: one ``PUT /v1/config`` with the fleet's selector (`OperatorClient.set_config`),
@@ -35,7 +36,7 @@ from typing import Any
 
 from edgewise.errors import EdgewiseError
 from edgewise.testbed.fleet.profile import Spy
-from edgewise.testbed.fleet.stats import cpu_seconds, percentile, rss_kb
+from edgewise.testbed.fleet.stats import percentile, tree_cpu_seconds, tree_rss_kb
 from edgewise.testbed.system import CLI, ChildProcess, ControlPlane, free_port
 
 
@@ -56,6 +57,7 @@ class ScenarioConfig:
     phase_timeout: float = 300.0  # s for each of enrol, push, storm
     sim_args: tuple[str, ...] = ()
     profile: Path | None = None  # py-spy raw files of the server: steady.txt, storm.txt
+    servers: int = 1  # `cloud serve --processes N` (more than 1 needs ``db``)
 
 
 class Events:
@@ -160,7 +162,9 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
     fig = res.figures
     n = cfg.nodes
     logs = cfg.workdir / "logs"
-    extra = ("--db", cfg.db) if cfg.db else ()
+    extra: tuple[str, ...] = ("--db", cfg.db) if cfg.db else ()
+    if cfg.servers > 1:
+        extra += ("--processes", str(cfg.servers))
     cloud = ControlPlane(cfg.workdir / "cloud", free_port(), logs, extra)
     events_path = cfg.workdir / "events.jsonl"
     events = Events(events_path)
@@ -168,7 +172,7 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
     try:
         await cloud.start()
         await asyncio.sleep(1.0)
-        idle_kb = rss_kb(cloud.child.pid or 0)
+        idle_kb = tree_rss_kb(cloud.child.pid or 0)
         run = uuid.uuid4().hex[:8]
         with OperatorClient.from_file(cloud.cli_config) as admin:  # any store, via the API
             token = (await asyncio.to_thread(admin.create_enrolment_token, {"fleet": run},
@@ -199,12 +203,12 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         if spy is not None and not spy.start(cfg.steady_s):
             fig["profile"] = "py-spy not installed"
             spy = None
-        c0, w0, steady_from = cpu_seconds(pid), time.monotonic(), time.time()
+        c0, w0, steady_from = tree_cpu_seconds(pid), time.monotonic(), time.time()
         await asyncio.sleep(cfg.steady_s)
-        c1, w1 = cpu_seconds(pid), time.monotonic()
+        c1, w1 = tree_cpu_seconds(pid), time.monotonic()
         if spy is not None:
             spy.stop()
-        kb = rss_kb(pid)
+        kb = tree_rss_kb(pid)
         events.read()
         fig["nodes_connected"] = len(events.online)
         steady_acks = events.acks_between(steady_from + 5.0, time.time() + 5.0)
@@ -213,6 +217,8 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         fig["server_cpu_us_per_node_s"] = round((c1 - c0) / (w1 - w0) / n * 1e6, 1)
         fig["server_rss_mb"] = round(kb / 1024.0, 1)
         fig["server_kb_per_node"] = round(max(0, kb - idle_kb) / n, 1)
+        if cfg.servers > 1:
+            fig["sessions_per_process"] = await _per_process(cloud, cfg.servers)
         res.phases.append(("steady", f"{len(events.online)} online over {cfg.steady_s:g} s"))
 
         # 3. push to all
@@ -294,6 +300,24 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
             await sim.stop(grace=30)
         cloud.close()
         await cloud.stop()
+
+
+async def _per_process(cloud: ControlPlane, servers: int, tries: int = 200) -> dict[str, int]:
+    """Live sessions of each serving process: ``/healthz`` on a new connection each time
+    (SO_REUSEPORT spreads connections over the processes), until each has answered."""
+    import httpx
+
+    from edgewise.security.tls import client_context
+
+    seen: dict[str, int] = {}
+    ctx = client_context(cloud.ca)
+    for _ in range(tries):
+        async with httpx.AsyncClient(verify=ctx, timeout=5.0) as http:
+            body = (await http.get(f"{cloud.url}/healthz")).json()
+        seen[str(body["process"])] = int(body["sessions"])
+        if len(seen) >= servers:
+            break
+    return dict(sorted(seen.items()))
 
 
 def _last_json(log: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ for minutes makes at most a few hundred thousand of them.
 from __future__ import annotations
 
 import math
+import os
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -141,3 +142,29 @@ def cpu_seconds(pid: int | str = "self") -> float:
         return 0.0
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc; ``[pid]`` elsewhere): `cloud serve
+    --processes N` is a supervisor and its N serving processes."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` summed over `process_tree` (the processes alive now)."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def tree_rss_kb(pid: int) -> int:
+    """`rss_kb` summed over `process_tree` (pages shared after a fork count once each)."""
+    return sum(rss_kb(p) for p in process_tree(pid))
