@@ -27,6 +27,7 @@ from test_cloud_device_api import Cloud, Link, session
 from edgewise.cloud.app import start
 from edgewise.cloud.bootstrap import bootstrap
 from edgewise.cloud.config import CloudConfig
+from edgewise.cloud.desired import DesiredChange, assign
 from edgewise.cloud.session import SessionLimits
 from edgewise.cloud.state import BUS, POKES, SESSIONS, revoke_node, set_quarantine
 from edgewise.cloud.store import Store
@@ -93,6 +94,26 @@ async def test_a_poke_from_one_process_reaches_the_node_at_the_other(pair: Pair)
         assert pair.a.running.app[POKES].forwarded == 1
         assert pair.b.running.app[POKES].sent == 1
         assert pair.b.running.app[POKES].forwarded == 0  # not sent back round
+
+
+async def test_a_push_through_one_process_says_a_node_at_the_other_is_notified(
+        pair: Pair) -> None:
+    on_b, offline = await pair.a.enrol("on-b"), await pair.a.enrol("offline")
+    async with pair.b.client(on_b) as http:
+        link = await session(pair.b, http)
+        await link.hello()
+        deadline = time.monotonic() + 5
+        while (await pair.a.store.get_node(on_b.id)).status != "online":  # b's status write
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        nodes = [await pair.a.store.get_node(n.id) for n in (on_b, offline)]
+        done = await assign(pair.a.store, pair.a.running.app[POKES], nodes,
+                            DesiredChange(config={"rate": 3}), actor="t",
+                            now=datetime.now(UTC))
+        assert [(d.node, d.version, d.notified) for d in done] == [
+            (on_b.id, 1, True), (offline.id, 1, False)]
+        got = await recv_within(link, 5.0)
+        assert (got["version"], got["state"]["config"]) == (1, {"rate": 3})
 
 
 async def test_one_session_per_node_across_the_processes(pair: Pair) -> None:

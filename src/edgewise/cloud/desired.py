@@ -90,7 +90,9 @@ def setpoint_writes(clock: Clock, values: Mapping[str, Any], actor: str) -> LwwM
 class Assigned:
     node: str
     version: int
-    notified: bool  # the node has a live session here: a poke is on its way
+    # a poke is on its way: the node has a live session here, or its status is online and
+    # the poke went to the other control-plane processes of the database (`replicas`)
+    notified: bool
 
 
 async def assign(store: Store, pokes: PokeFanout, nodes: Sequence[NodeInfo],
@@ -110,4 +112,6 @@ async def assign(store: Store, pokes: PokeFanout, nodes: Sequence[NodeInfo],
         raise NotFound(f"no node {exc.args[0]!r}") from None
     live = pokes.poke({n: s.version for n, s in states.items()},
                       fetch_jitter(len(nodes), fetch_rate, max_jitter), states)
-    return [Assigned(n.id, states[n.id].version, n.id in live) for n in nodes]
+    away = pokes.forward is not None
+    return [Assigned(n.id, states[n.id].version,
+                     n.id in live or (away and n.status == "online")) for n in nodes]
