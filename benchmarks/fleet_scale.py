@@ -12,8 +12,8 @@ Run: python benchmarks/fleet_scale.py --nodes 2000 [--db URL] [--processes 2] [-
 ``--servers N`` runs ``cloud serve --processes N`` (needs ``--db postgresql://...``); the
 server's CPU and memory are then those of the supervisor and its serving processes, summed.
 ``--profile DIR`` samples the server with py-spy (pip install py-spy) during the steady window
-and the storm, and writes the busiest functions to DIR/profile.md (one process: with
-``--servers`` it samples the supervisor, which serves nothing).
+and the storm, and writes the busiest functions to DIR/profile.md (with ``--servers``, the
+serving processes together).
 The last line printed is one JSON object with all figures.
 """
 

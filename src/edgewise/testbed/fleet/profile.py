@@ -35,7 +35,8 @@ class Spy:
             return False
         self.out.parent.mkdir(parents=True, exist_ok=True)
         argv = [exe, "record", "--pid", str(self.pid), "--format", "raw", "--rate",
-                str(self.rate), "--nonblocking", "--gil", "-o", str(self.out)]
+                str(self.rate), "--nonblocking", "--gil", "--subprocesses", "-o", str(self.out)]
+        # --subprocesses: `cloud serve --processes N` serves from the supervisor's children
         if duration is not None:
             argv += ["--duration", str(int(max(1, duration)))]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
