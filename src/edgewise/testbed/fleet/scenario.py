@@ -9,7 +9,8 @@ and follows that file (`Events`) through the phases:
 2. **steady**: ``steady_s`` seconds; the server's CPU time and resident memory come from
    ``/proc/<pid>`` of the server's processes (with ``servers`` > 1 the supervisor and its
    serving processes, summed; CPU per node per second over the window; memory as
-   the growth since the server was idle, per node); ack latency percentiles are those of the
+   the growth since the server was idle, per node; on PostgreSQL also the CPU of the local
+   ``postgres`` processes per node per second); ack latency percentiles are those of the
    simulator's ``acks`` events of the window (each covers the 5 s before it);
 3. **push**: one ``PUT /v1/config`` with the fleet's selector (`OperatorClient.set_config`),
    then until every node has fetched a newer desired version (push p99 from the PUT's start);
@@ -36,7 +37,12 @@ from typing import Any
 
 from edgewise.errors import EdgewiseError
 from edgewise.testbed.fleet.profile import Spy
-from edgewise.testbed.fleet.stats import percentile, tree_cpu_seconds, tree_rss_kb
+from edgewise.testbed.fleet.stats import (
+    named_cpu_seconds,
+    percentile,
+    tree_cpu_seconds,
+    tree_rss_kb,
+)
 from edgewise.testbed.system import CLI, ChildProcess, ControlPlane, free_port
 
 
@@ -204,8 +210,12 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
             fig["profile"] = "py-spy not installed"
             spy = None
         c0, w0, steady_from = tree_cpu_seconds(pid), time.monotonic(), time.time()
+        d0 = named_cpu_seconds("postgres") if cfg.db else 0.0
+        x0 = await _db_counts(cfg.db)
         await asyncio.sleep(cfg.steady_s)
+        x1 = await _db_counts(cfg.db)
         c1, w1 = tree_cpu_seconds(pid), time.monotonic()
+        d1 = named_cpu_seconds("postgres") if cfg.db else 0.0
         if spy is not None:
             spy.stop()
         kb = tree_rss_kb(pid)
@@ -215,6 +225,11 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         fig["ack_p50_ms"], fig["ack_p99_ms"] = _p(steady_acks, 50), _p(steady_acks, 99)
         fig["server_cpu_pct"] = round((c1 - c0) / (w1 - w0) * 100.0, 1)
         fig["server_cpu_us_per_node_s"] = round((c1 - c0) / (w1 - w0) / n * 1e6, 1)
+        if cfg.db:  # the local PostgreSQL's processes (all of them: nothing else uses it here)
+            fig["db_cpu_us_per_node_s"] = round((d1 - d0) / (w1 - w0) / n * 1e6, 1)
+        if x0 and x1:  # the database's own counters over the window, per node per second
+            for k in x0:
+                fig[f"db_{k}_per_node_s"] = round((x1[k] - x0[k]) / (w1 - w0) / n, 4)
         fig["server_rss_mb"] = round(kb / 1024.0, 1)
         fig["server_kb_per_node"] = round(max(0, kb - idle_kb) / n, 1)
         if cfg.servers > 1:
@@ -300,6 +315,29 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
             await sim.stop(grace=30)
         cloud.close()
         await cloud.stop()
+
+
+async def _db_counts(db: str | None) -> dict[str, int]:
+    """PostgreSQL's counters of the database (`pg_stat_database`: commits, rows inserted,
+    updated, deleted); {} without PostgreSQL or when they cannot be read."""
+    if not db:
+        return {}
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(db).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError):
+        return {}
+    try:
+        row = await conn.fetchrow(
+            "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted FROM pg_stat_database "
+            "WHERE datname = current_database()")
+    finally:
+        await conn.close()
+    return {"commits": row[0], "rows_inserted": row[1], "rows_updated": row[2],
+            "rows_deleted": row[3]} if row else {}
 
 
 async def _per_process(cloud: ControlPlane, servers: int, tries: int = 200) -> dict[str, int]:

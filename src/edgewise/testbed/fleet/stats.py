@@ -168,3 +168,22 @@ def tree_cpu_seconds(pid: int) -> float:
 def tree_rss_kb(pid: int) -> int:
     """`rss_kb` summed over `process_tree` (pages shared after a fork count once each)."""
     return sum(rss_kb(p) for p in process_tree(pid))
+
+
+def named_cpu_seconds(comm: str) -> float:
+    """`cpu_seconds` summed over the processes named ``comm`` (``postgres``: the local
+    database server's backends, on this machine only)."""
+    total = 0.0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != comm:
+                    continue
+        except OSError:
+            continue
+        total += cpu_seconds(pid)
+    return total
