@@ -56,14 +56,14 @@ class Channel:
         self.lost.clear()
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StorageError(f"cannot open the notification connection: {exc}") from None
         try:
             self._pid = conn.get_server_pid()
             conn.add_termination_listener(lambda _c: self.lost.set())
             await conn.add_listener(CHANNEL, self._received)
-        except (OSError, asyncpg.PostgresError) as exc:
-            await conn.close(timeout=2)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            conn.terminate()
             raise StorageError(f"cannot LISTEN on {CHANNEL}: {exc}") from None
         self._conn = conn
 
