@@ -76,6 +76,10 @@ def main(paths: list[Path]) -> None:
                     print(f"  commits part: {est_all['commits_per_s']:.2f} commits/s (the "
                           "engine's run at the site's pace) x snapshots "
                           f"{est_all['snapshot_us_per_commit']:,.0f} us a commit")
+                halves = est_all.get("engine_site_halves")
+                if halves:  # the engine's run at the site's pace, before and after
+                    print("  engine at the site's pace, before / after the realtime run: "
+                          + " / ".join(f"{c:.4f}" for c in halves) + " cores")
                 print("  node cores by part, measured: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in meas_all["cores_parts"].items()))
                 row["cores_parts"] = {"estimate": est_all["cores_parts"],

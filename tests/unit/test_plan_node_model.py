@@ -330,3 +330,53 @@ def test_a_timer_cut_sites_first_snapshot_pays_its_extra_after_a_sleep() -> None
     extra = max(7.0 * (k + 1) for k, i in enumerate(sp.stage_costs) if i in edge)
     assert snapshot_us_per_commit(replace(sp, stage_costs=timed)) == pytest.approx(
         base + extra, rel=1e-12)
+
+
+def test_the_engine_at_the_sites_pace_is_measured_around_the_realtime_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--simulate` compares the realtime run with the engine's run at the site's pace: that
+    run is made in two halves, just before and just after the realtime run, so that the two
+    see a shared machine alike (one run of 2 s just before gave the bus 0.042 or 0.088 cores
+    where the whole node measured 0.067 and 0.077): the engine's figure is the mean of the
+    halves, weighted by their spans, not the figure of the moment before."""
+    from edgewise.plan import costs as costs_mod
+
+    events: list[tuple[str, float]] = []
+    speed = iter([0.05, 0.07])  # the machine drifts: the engine alone costs more afterwards
+
+    def fake(site: object, span: float, checkpoint_bytes: float = 0.0) -> dict:
+        events.append(("engine", span))
+        return {"cores": next(speed), "commits_per_s": 48.0, "span_s": span,
+                "fraction": 1.0, "collections_per_s": 2.0, "promoted_per_s": 10.0,
+                "checkpoint_bytes": checkpoint_bytes}
+
+    monkeypatch.setattr(costs_mod, "calibrate_site_engine", fake)
+    site = load_workload(WORKLOADS / "vehicle-fleet.yaml").sites[0]
+    cal = Calibrator(tmp_path)
+
+    def realtime() -> str:
+        events.append(("realtime", 0.0))
+        return "measured"
+
+    entry, got = cal.site_engine_around(site, 4.0, 1000.0, realtime)
+    assert got == "measured"
+    assert events == [("engine", 2.0), ("realtime", 0.0), ("engine", 2.0)]
+    assert entry is not None
+    assert entry["cores"] == pytest.approx(0.06)
+    assert entry["halves"] == [0.05, 0.07]
+    assert entry["span_s"] == pytest.approx(4.0) and entry["commits_per_s"] == 48.0
+    # stored for later plans of the same site, like a calibration made while planning
+    assert cal.site_engine(site, 1000.0)["cores"] == pytest.approx(0.06)
+
+
+def test_the_halves_of_the_engines_run_are_weighted_by_their_spans() -> None:
+    from edgewise.plan.engine_calibration import merge_site_engine
+
+    a = {"cores": 0.04, "commits_per_s": 40.0, "collections_per_s": 1.0,
+         "promoted_per_s": 0.0, "span_s": 1.0, "fraction": 0.5, "checkpoint_bytes": 0.0}
+    b = {**a, "cores": 0.10, "commits_per_s": 46.0, "collections_per_s": 4.0, "span_s": 3.0}
+    m = merge_site_engine([a, b])
+    assert m["cores"] == pytest.approx(0.085)
+    assert m["commits_per_s"] == pytest.approx(44.5)
+    assert m["collections_per_s"] == pytest.approx(3.25)
+    assert m["span_s"] == 4.0 and m["fraction"] == 0.5 and m["halves"] == [0.04, 0.10]

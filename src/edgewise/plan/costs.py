@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -85,7 +85,11 @@ from edgewise.plan.cost_model import (
 )
 from edgewise.plan.device_calibration import calibrate_modbus, calibrate_opcua
 from edgewise.plan.encoding import encoded_bytes, synth_chunk
-from edgewise.plan.engine_calibration import _calibrate_engine, calibrate_site_engine
+from edgewise.plan.engine_calibration import (
+    _calibrate_engine,
+    calibrate_site_engine,
+    merge_site_engine,
+)
 from edgewise.plan.gc_cost import full_collection
 from edgewise.plan.ingest_calibration import calibrate_mqtt, calibrate_plugin_call
 from edgewise.plan.machine import machine_fingerprint
@@ -93,9 +97,10 @@ from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_si
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 8
+CACHE_VERSION = 9
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
+T = TypeVar("T")
 SITE_ENGINE_S = 3.0  # seconds the engine runs with a site's sources at the real pace
 
 
@@ -132,10 +137,11 @@ class Costs:
         the static table models it part by part."""
         return None
 
-    def site_engine_now(self, site: SiteSpec, span: float, checkpoint_bytes: float = 0.0
-                        ) -> dict[str, float] | None:
-        """`site_engine` measured again now, over ``span`` seconds (beside a measurement)."""
-        return None
+    def site_engine_around(self, site: SiteSpec, span: float, checkpoint_bytes: float,
+                           between: Callable[[], T]) -> tuple[dict[str, float] | None, T]:
+        """`site_engine` measured again over ``span`` seconds, half just before and half just
+        after ``between`` (the measurement it stands beside), and what ``between`` returned."""
+        return None, between()
 
     def ingest_us(self, protocol: str) -> tuple[float, float]:
         """(CPU us per reading, per batch handed over) of decoding a protocol's messages."""
@@ -255,14 +261,21 @@ class Calibrator(Costs):
 
         return self._cached(_site_engine_key(site, checkpoint_bytes), make)
 
-    def site_engine_now(self, site: SiteSpec, span: float, checkpoint_bytes: float = 0.0
-                        ) -> dict[str, float] | None:
+    def site_engine_around(self, site: SiteSpec, span: float, checkpoint_bytes: float,
+                           between: Callable[[], T]) -> tuple[dict[str, float] | None, T]:
+        # in two halves around the measurement, so that the two see the machine alike: a
+        # shared machine's speed drifts from one minute to the next (`merge_site_engine`)
         t0 = time.perf_counter()
-        entry = calibrate_site_engine(site, span, checkpoint_bytes)
-        entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        before = calibrate_site_engine(site, span / 2, checkpoint_bytes)
         self.seconds += time.perf_counter() - t0
+        result = between()
+        t0 = time.perf_counter()
+        after = calibrate_site_engine(site, span / 2, checkpoint_bytes)
+        self.seconds += time.perf_counter() - t0
+        entry = merge_site_engine([before, after])
+        entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.store(_site_engine_key(site, checkpoint_bytes), entry)
-        return entry
+        return entry, result
 
     def ingest_us(self, protocol: str) -> tuple[float, float]:
         if protocol == "mqtt":

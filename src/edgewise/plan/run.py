@@ -101,6 +101,8 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                          "cores_parts": dict(e.sizing.parts),
                          # the commits part's two factors (`node_cpu_model`)
                          "commits_per_s": (sp.engine_site or {}).get("commits_per_s"),
+                         # that run's cores before and after --simulate's realtime run
+                         "engine_site_halves": (sp.engine_site or {}).get("halves"),
                          "snapshot_us_per_commit": snapshot_us_per_commit(sp),
                          "stage_records_per_s": {st.id: e.calibration.stage_out[st.id]
                                                  for st in sp.stages

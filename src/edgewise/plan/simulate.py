@@ -130,7 +130,7 @@ class SiteMeasurement:
     cpu_fraction: float = 1.0
     stage_cpu_spread: dict[str, float] | None = None  # (max-min)/median over the segments
     stage_costs: dict[str, StageCost] | None = None  # calibrated beside the measurement
-    engine_site: dict[str, float] | None = None  # calibrated just before the realtime run
+    engine_site: dict[str, float] | None = None  # calibrated around the realtime run
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -261,13 +261,14 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
     rt_frac = min(1.0, REALTIME_MAX_RATE / full_rate)
     doc = edge_pipeline(sp, rt_frac, realtime=True, limit_s=None, probe=True, sync="full")
     backlog = state_backlog(sp)
-    # the engine with the site's sources alone at the real pace, calibrated again just
-    # before the run that measures the whole (a shared machine's speed changes from one
-    # minute to the next)
+    # the engine with the site's sources alone at the real pace, calibrated again in two
+    # halves, just before and just after the run that measures the whole (a shared machine's
+    # speed drifts from one minute to the next: the two then see it alike)
     span = realtime_span(sp, costs.gc_full(sp.site, sp.stages)[0])
-    engine_site = costs.site_engine_now(sp.site, span, checkpoint_bytes(sp, stage_costs))
-    engine, summary, cpu_total, wall, gen, elapsed = realtime_run(
-        doc, work / "realtime", REALTIME_WARM_S, span, backlog, state_window(sp))
+    engine_site, (engine, summary, cpu_total, wall, gen, elapsed) = costs.site_engine_around(
+        sp.site, span, checkpoint_bytes(sp, stage_costs),
+        lambda: realtime_run(doc, work / "realtime", REALTIME_WARM_S, span, backlog,
+                             state_window(sp)))
     elapsed += backlog  # seconds of data the outbox holds
     rt_act = actual_fraction(sp, rt_frac)
     readings = int(summary["readings_in"])
