@@ -98,6 +98,13 @@ def private_sqlite_file(path: Path) -> None:
 
 T = TypeVar("T")
 
+CONFLICTS = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
+
+
+class StorageConflict(StorageError):
+    """The database aborted a transaction that conflicted with another (a deadlock): running
+    it again may succeed."""
+
 
 @dataclass(frozen=True)
 class RawStatement:
@@ -229,6 +236,9 @@ class Database:
 
     @asynccontextmanager
     async def _tx(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
+        """One transaction. Raises `StorageConflict` when PostgreSQL aborted it for a
+        deadlock or a serialization failure (the caller may run it again), `StorageError`
+        for any other database failure; `IntegrityError` passes through."""
         engine = self._write if write else self._read
         if engine is None:
             raise StorageError("store is not open")
@@ -238,6 +248,8 @@ class Database:
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
+            if getattr(getattr(exc, "orig", None), "sqlstate", None) in CONFLICTS:
+                raise StorageConflict(f"database conflict: {exc}") from None
             raise StorageError(f"database error: {exc}") from None
 
     def raw_statement(self, stmt: Any, keys: Iterable[str]) -> RawStatement:

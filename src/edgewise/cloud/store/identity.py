@@ -303,14 +303,16 @@ class IdentityStore(Database):
                                .values(status=status, last_seen=utc_now(now)))
 
     async def touch_nodes(self, seen: Mapping[str, datetime]) -> None:
-        """Last-seen times of many nodes in one transaction (the app flushes these in batches)."""
+        """Last-seen times of many nodes in one transaction (the app flushes these in batches),
+        the rows locked in id order: a bulk desired-state write locks them in that order too,
+        and any other order can deadlock with it (PostgreSQL, two processes: issue 11)."""
         if not seen:
             return
         stmt = (update(Node).where(Node.id == bindparam("nid"))
                 .values(last_seen=bindparam("seen")))
-        async with self._tx() as conn:
+        async with self._tx() as conn:  # rows in id order, as every writer of many nodes
             await conn.execute(stmt.execution_options(synchronize_session=False),
-                               [{"nid": k, "seen": v} for k, v in seen.items()])
+                               [{"nid": k, "seen": v} for k, v in sorted(seen.items())])
 
     async def add_simulated_nodes(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Node rows written as enrolment leaves them, without certificates or tokens, 1,000 a

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from edgewise.cloud.store.audit import write_audit
-from edgewise.cloud.store.db import Database, utc_now
+from edgewise.cloud.store.db import Database, StorageConflict, utc_now
 from edgewise.cloud.store.models import AuditRow, DesiredStateRow, Node, ReportedStateRow
 from edgewise.cloud.store.records import NodeReport, ReportedInfo
 from edgewise.errors import ConfigError, StorageError
@@ -95,7 +95,7 @@ class TwinStore(Database):
                     out.update(await self._update_desired_slice(
                         part, change, setpoints, expires_at, actor, t, release))
                     break
-                except IntegrityError:  # a concurrent writer took a version: read again
+                except (IntegrityError, StorageConflict):  # a concurrent writer: again
                     if attempt == ATTEMPTS - 1:
                         raise StorageError("cannot store the desired states of "
                                            f"{len(part)} nodes") from None
