@@ -119,8 +119,10 @@ class StageCost:
     compression: float = 1.0  # how much faster event time ran in the calibration
     snapshot_gcs: float = 0.0  # collector runs a snapshot triggers (`edgewise.plan.gc_cost`)
     gc_coef: dict[str, float] = field(default_factory=dict)  # ... its calls, per feature unit
-    snapshot_promoted: float = 0.0  # objects a snapshot's collections promote to the oldest
-    promoted_coef: dict[str, float] = field(default_factory=dict)  # ... its calls', per unit
+    # objects a snapshot's collections promote to the oldest generation, its calls' per unit:
+    # recorded, not in the model (which takes them from the collections: `gc_cost`)
+    snapshot_promoted: float = 0.0
+    promoted_coef: dict[str, float] = field(default_factory=dict)
     # snapshot after the engine slept (a group commit at a site whose every batch starts one);
     # 0: not calibrated, `snapshot_us` counts
     snapshot_woken_us: float = 0.0

@@ -97,7 +97,7 @@ from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_si
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 9
+CACHE_VERSION = 10
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
 T = TypeVar("T")
@@ -147,11 +147,13 @@ class Costs:
         """(CPU us per reading, per batch handed over) of decoding a protocol's messages."""
         return INGEST_US.get(protocol, 10.0), INGEST_WAKE_US.get(protocol, 0.0)
 
-    def gc_full(self, site: SiteSpec, stages: list[StageSpec]) -> tuple[float, float]:
+    def gc_full(self, site: SiteSpec,
+                stages: list[StageSpec]) -> tuple[float, float, float | None]:
         """CPU us of one full collection of the garbage collector with the site's operator
-        state alive, and the objects it leaves alive (`edgewise.plan.gc_cost`); the static
-        table has no collector part."""
-        return 0.0, 0.0
+        state alive, the objects it leaves alive, and the objects a middle collection promoted
+        on average in the site's calibration, None where it saw none (`edgewise.plan.gc_cost`);
+        the static table has no collector part."""
+        return 0.0, 0.0, None
 
     def plugin_call_us(self) -> float:
         """Event-loop CPU us of one call of a user function (the hand-over to its thread)."""
@@ -297,14 +299,16 @@ class Calibrator(Costs):
             return Costs.ingest_us(self, protocol)
         return entry["us_per_reading"], entry["us_per_batch"]
 
-    def gc_full(self, site: SiteSpec, stages: list[StageSpec]) -> tuple[float, float]:
+    def gc_full(self, site: SiteSpec,
+                stages: list[StageSpec]) -> tuple[float, float, float | None]:
         entry = self._entries.get(_site_key(site, _runnable(site, stages) + _passengers(
             site, stages, _runnable(site, stages))))
         if entry is None or "gc_full_us" not in entry:
             # no operator calibrated at this site: the process as it is (libraries, no state)
             entry = self._cached("gc-full", lambda: dict(zip(
                 ("gc_full_us", "gc_heap"), full_collection(PACE_S), strict=True)))
-        return float(entry["gc_full_us"]), float(entry["gc_heap"])
+        per_middle = entry.get("gc_promoted_per_middle")
+        return float(entry["gc_full_us"]), float(entry["gc_heap"]), per_middle
 
     def plugin_call_us(self) -> float:
         return self._cached("plugin-call", calibrate_plugin_call)["call_us"]

@@ -14,12 +14,18 @@ zero, one or two times.
 The model: full collections per second = collections per second / ((threshold1 + 1) *
 (threshold2 + 1)), but at most the objects promoted per second over a quarter of the heap
 (CPython's long-lived rule: a full collection waits until a quarter as many objects as the last
-one left alive have been promoted since); collections and promotions per second = those the
-snapshots cause per group commit (`SiteCalibration`: the mean per snapshot of each stage) x
-commits + those the stages' calls cause (fitted per feature, like their CPU) + those of the
-engine with the site's sources alone (counted in its calibration run); cores = full
-collections per second x the time of one (`full_collection`, measured with the site's
-operator state alive, after a pause, with the heap it leaves).
+one left alive have been promoted since); collections per second = those the snapshots cause
+per group commit (`SiteCalibration`: the mean per snapshot of each stage) x commits + those the
+stages' calls cause (fitted per feature, like their CPU) + those of the engine with the site's
+sources alone (counted in its calibration run); objects promoted per second = middle
+collections per second (collections / (threshold1 + 1)) x the objects a middle collection
+promoted on average over the whole site calibration (`GcWatch.promoted_per_middle`; none seen:
+the count alone decides); cores = full collections per second x the time of one
+(`full_collection`, measured with the site's operator state alive, after a pause, with the heap
+it leaves). The promotions are not taken from the calls and snapshots a middle collection
+happened to fall in: one in eleven collections is one, so a calibration's timed snapshots
+caught one or two of them or none, and with none the rule allowed no full collection at all
+(the hospital ward's collector part 0.0001 cores in one run where the others had 0.003-0.006).
 
 Young and middle collections stay inside the costs they interrupt (a snapshot's mean, a stage's
 fit); full ones are taken out of every timed call (`GcWatch.full_s`) and counted here only.
@@ -43,6 +49,12 @@ def collections_per_full() -> float:
     (121 with CPython's defaults)."""
     _t0, t1, t2 = gc.get_threshold()
     return float((t1 + 1) * (t2 + 1))
+
+
+def promoted_per_s(collections_per_s: float, per_middle: float) -> float:
+    """Objects promoted to the oldest generation per second: one middle collection every
+    ``threshold1 + 1`` collections, each promoting ``per_middle`` objects."""
+    return collections_per_s / (gc.get_threshold()[1] + 1) * per_middle
 
 
 def full_per_s(collections_per_s: float, promoted_per_s: float, heap: float) -> float:
@@ -72,6 +84,7 @@ class GcWatch:
         self._start: dict[int, float] = {}
         self._promoted: dict[int, int] = {}
         self._young: dict[int, int] = {}
+        self._middles = 0  # middle collections whose promotions were counted, all threads
         self.promotions = promotions
 
     def __enter__(self) -> GcWatch:
@@ -94,6 +107,7 @@ class GcWatch:
         self._counts[tid] = self._counts.get(tid, 0) + 1
         young = self._young.pop(tid, None)
         if young is not None:
+            self._middles += 1
             self._promoted[tid] = self._promoted.get(tid, 0) + max(
                 0, young - info.get("collected", 0))
         t0 = self._start.pop(tid, None)
@@ -110,6 +124,11 @@ class GcWatch:
 
     def all_promoted(self) -> int:
         return sum(self._promoted.values())
+
+    def promoted_per_middle(self) -> float | None:
+        """Objects a middle collection promoted on average, all threads (``promotions``);
+        None before the first."""
+        return self.all_promoted() / self._middles if self._middles else None
 
     def full_s(self) -> float:
         """Thread CPU of full collections in this thread so far, seconds."""

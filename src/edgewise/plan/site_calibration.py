@@ -2,8 +2,8 @@
 
 `SiteCalibration` builds the calibration pipeline (`_site_doc`, shaped by `_run_shape`), wraps
 every stage's ``process`` and ``snapshot`` (`_instrument`: thread CPU and features per call),
-runs it, and fits the coefficients with `nnls`. `Turns` lets a calibration thread take turns
-with a measurement on one CPU. See `edgewise.plan.costs` for the model and the cache.
+runs it, fits the coefficients with `nnls`. `Turns` lets a calibration thread take turns with
+a measurement on one CPU. Model and cache: `edgewise.plan.costs`.
 """
 
 from __future__ import annotations
@@ -158,10 +158,7 @@ def _run_shape(site: SiteSpec, stages: list[StageSpec], flows: dict[str, F.Flow]
     static table, and event time fast enough for the longest window fed by sensors to close
     3.5 times, but never so fast that one closes in fewer than MIN_PERIOD_CALLS batches; at
     least two FFT blocks."""
-    per_s = 0.0
-    longest = 0.0
-    limit = math.inf
-    fft_s = 0.0
+    per_s, longest, limit, fft_s = 0.0, 0.0, math.inf, 0.0
     sources = {s.id for s in site.sources}
     for st in stages:
         fin = F.merge([flows[r] for r in st.inputs])
@@ -370,8 +367,10 @@ class SiteCalibration:
                                              if op else 0.0),
                 "timer_us": _timer_us(op) if op is not None else 0.0,
                 "wake_us": wake, "calls": n, "paced_calls": int(np.sum(self.paced[sid]))}
-        # a full collection of this process with the operators' state alive (self.last)
-        out["gc_full_us"], out["gc_heap"] = full_collection(self.pace)
+        # a full collection of this process with the operators' state alive (self.last); the
+        # objects a middle collection promoted, on average over the run (`gc_cost`)
+        out["gc_full_us"], out["gc_heap"], out["gc_promoted_per_middle"] = (
+            *full_collection(self.pace), self.watch.promoted_per_middle())
         out["functions"] = {}
         for sid, calls in self.pcalls.items():  # user functions: per call and per record
             rows = [(n, c) for n, c, paced in calls[WARM_CALLS:] if not paced]

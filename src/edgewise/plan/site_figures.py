@@ -17,7 +17,7 @@ from edgewise.plan import flows as F
 from edgewise.plan.cost_model import COMMIT_INTERVAL_S, TICK_S, StageCost, stage_gcs_per_s
 from edgewise.plan.costs import Costs
 from edgewise.plan.encoding import json_reading_bytes, mqtt_message_bytes
-from edgewise.plan.gc_cost import full_per_s
+from edgewise.plan.gc_cost import full_per_s, promoted_per_s
 from edgewise.plan.linksim import SecondRoute
 from edgewise.plan.placement import Decision
 from edgewise.plan.results import Calibration, Figures, Latency, SitePlan, Sizing, Stream
@@ -230,15 +230,17 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
                  for i in edge) / 1e6
     timers = sum(sc[i].timer_us for i in edge) / TICK_S / 1e6
     # the collector's full collections: those the snapshots, the stages' calls and the
-    # engine trigger, each costing a full traversal of the process (`edgewise.plan.gc_cost`)
+    # engine trigger, each costing a full traversal of the process (`edgewise.plan.gc_cost`);
+    # the objects promoted from the collections and what a middle one promoted on average
     by_id = {st.id: st for st in sp.stages}
     calls = [stage_gcs_per_s(by_id[i], sc[i], sp.flows_in(i), sp.flows[i]) for i in edge]
     runs = commits * sum(sc[i].snapshot_gcs for i in edge) + sum(r for r, _p in calls)
-    promoted = commits * sum(sc[i].snapshot_promoted for i in edge) + sum(p for _r, p in calls)
     if alone is not None:
         runs += alone.get("collections_per_s", 0.0)
-        promoted += alone.get("promoted_per_s", 0.0)
-    full_us, heap = costs.gc_full(site, sp.stages)
+    full_us, heap, per_middle = costs.gc_full(site, sp.stages)
+    if per_middle is None:  # no middle collection seen: the count alone decides
+        heap = 0.0
+    promoted = promoted_per_s(runs, per_middle or 0.0)
     collector = full_per_s(runs, promoted, heap) * full_us / 1e6
     if alone is not None:  # batches, records, commits and ticks at the site's own pace
         return {
