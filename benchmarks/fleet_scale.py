@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--db", default=None, help="postgresql://... (default: SQLite)")
     ap.add_argument("--processes", type=int, default=1, help="simulator processes")
+    ap.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                    help="a cloud serve --limit (repeatable), e.g. max_unauthenticated=1024")
     ap.add_argument("--servers", type=int, default=1,
                     help="control-plane processes (cloud serve --processes; needs --db)")
     ap.add_argument("--telemetry-every", type=float, default=10.0)
@@ -63,6 +65,7 @@ def main() -> None:
     cfg = ScenarioConfig(args.nodes, work, args.processes, args.db, args.telemetry_every,
                          args.steady, args.after, args.ramp, args.phase_timeout,
                          profile=args.profile, servers=args.servers,
+                         server_args=tuple(a for v in args.limit for a in ("--limit", v)),
                          sim_args=("--fetch-only",) if args.fetch_only else ())
     if args.servers > 1 and not args.db:
         ap.error("--servers needs --db postgresql://...")
@@ -81,6 +84,7 @@ def main() -> None:
     f["store"] = "postgresql" if args.db else "sqlite"
     f["sim_processes"] = args.processes
     f["server_processes"] = args.servers
+    f["limits"] = args.limit
     f["fetch_only"] = args.fetch_only
     rows = [(k, str(v), TARGETS.get(k, "")) for k, v in f.items()]
     print_table("fleet scale", rows)

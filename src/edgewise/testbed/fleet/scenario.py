@@ -64,6 +64,7 @@ class ScenarioConfig:
     sim_args: tuple[str, ...] = ()
     profile: Path | None = None  # py-spy raw files of the server: steady.txt, storm.txt
     servers: int = 1  # `cloud serve --processes N` (more than 1 needs ``db``)
+    server_args: tuple[str, ...] = ()  # more `cloud serve` flags (e.g. ``--limit`` ones)
 
 
 class Events:
@@ -171,6 +172,7 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
     extra: tuple[str, ...] = ("--db", cfg.db) if cfg.db else ()
     if cfg.servers > 1:
         extra += ("--processes", str(cfg.servers))
+    extra += cfg.server_args
     cloud = ControlPlane(cfg.workdir / "cloud", free_port(), logs, extra)
     events_path = cfg.workdir / "events.jsonl"
     events = Events(events_path)
