@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +13,6 @@ import pytest
 from edgewise.cloud.app import GATE_METRICS, Running, start
 from edgewise.cloud.bootstrap import bootstrap
 from edgewise.cloud.config import CloudConfig, ServerLimits
-from edgewise.cloud.listener import Gate, _Accepted
 from edgewise.cloud.ratelimit import Pacer
 from edgewise.cloud.store import Store
 from edgewise.errors import ConfigError
@@ -100,82 +98,3 @@ def test_admission_limits_are_parsed_and_checked() -> None:
         ServerLimits.parse(["handshake_rate=0"])
     with pytest.raises(ConfigError, match="limit handshake_queue must be a whole number"):
         ServerLimits.parse(["handshake_queue=0"])
-
-
-@pytest.fixture
-async def capped(tmp_path: Path) -> AsyncIterator[tuple[Running, Path]]:
-    limits = ServerLimits.parse(["max_unauthenticated=2", "handshake_timeout=5"])
-    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, server=limits)
-    async with Store(config.db_url) as store:
-        boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
-                               trust_domain="edgewise.local")
-        running = await start(config, boot.ca, store=store)
-        try:
-            yield running, config.data_dir
-        finally:
-            await running.stop()
-
-
-async def until(check: Any, what: str) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within 5 s: {what}")
-
-
-async def test_a_connection_meeting_the_cap_during_handshakes_waits_for_a_slot(
-        capped: tuple[Running, Path]) -> None:
-    """Issue 11, the storm: the cap full of handshakes in progress closed every new
-    connection at once (a node then backs off for up to 30 s); now it waits for a slot."""
-    running, data = capped
-    gate = running.app[GATE_METRICS].gate
-    assert gate is not None
-    silent = [await asyncio.open_connection("127.0.0.1", running.port) for _ in range(2)]
-    await until(lambda: gate.handshaking == 2, "two handshakes in progress")
-    ctx = client_context(data / "pki" / "ca.pem", None, None)
-
-    async def health() -> int:
-        async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                          timeout=aiohttp.ClientTimeout(total=10)) as http,
-                    http.get(f"{running.url}/healthz") as r):
-            return r.status
-
-    asked = asyncio.create_task(health())
-    await until(lambda: gate.queued_at_cap == 1, "the new connection waits")
-    assert not asked.done()
-    silent[0][1].close()  # one silent client goes away: its handshake fails, a slot frees
-    assert await asyncio.wait_for(asked, 10) == 200
-    assert (gate.refused, gate.queued_at_cap) == (0, 1)
-    silent[1][1].close()
-
-
-async def test_the_cap_held_past_handshakes_still_closes_at_once_and_waits_are_bounded(
-) -> None:
-    """Without a handshake in progress nothing frees a slot soon: closed at once. A waiter
-    is closed after ``handshake_timeout`` from its accept if no slot came."""
-    gate = Gate(None, None, handshake_timeout=0.2, read_timeout=1.0,  # type: ignore[arg-type]
-                max_unauthenticated=1)
-    gate.unauthenticated = 1  # e.g. an operator's connection without a certificate
-    first = FakeTransport()
-    gate.admit(first, _Accepted(gate))
-    assert (first.aborted, gate.refused) == (True, 1)
-    gate.handshaking = 1  # now one handshake in progress holds the slot
-    second = FakeTransport()
-    gate.admit(second, _Accepted(gate))
-    assert (second.aborted, gate.queued_at_cap) == (False, 1)
-    await asyncio.sleep(0.35)
-    assert (second.aborted, gate.refused) == (True, 2)
-    gate.close()
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.aborted = False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.aborted = True

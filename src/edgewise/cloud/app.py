@@ -120,9 +120,6 @@ class GateMetrics(Collector):
                                      "(admission control)")
         queued.add_metric([], g.queued)
         yield queued
-        yield CounterMetricFamily("edgewise_handshakes_queued_at_cap",
-                                  "Connections that met the cap while handshakes were in "
-                                  "progress and waited for a slot", value=g.queued_at_cap)
 
 
 class WriteMetrics(Collector):

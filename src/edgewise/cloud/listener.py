@@ -10,16 +10,10 @@ plain TCP instead and upgrades each accepted connection itself with ``loop.start
   ``handshake_queue``; beyond it, closed at once) with its ClientHello unread, and its handshake
   starts when a token is back, so a reconnect storm becomes a queue instead of handshake
   timeouts and retries. The handshake timeout runs from the start of the handshake.
-* **cap.** A connection is *unauthenticated* from its handshake's start until the handshake
-  ends with a verified client certificate (a node); connections without one (operators,
-  enrolment, health checks) stay counted until they close. No handshake starts beyond
-  ``max_unauthenticated`` (about 230 KB of TLS buffers each). While some of those are
-  handshakes in progress (they end within ``handshake_timeout``), a new connection waits for
-  a slot in the FIFO above, at most ``handshake_timeout`` from its accept (then closed,
-  counted as ``cap``): a reconnect storm on a saturated loop queues instead of having its
-  nodes closed at once and backing off for up to 30 s (issue 11: 67,734 such closes in one
-  10,000-node run). While the cap is held only by connections past their handshake (idle
-  or slow clients without a certificate), a new connection is closed at once.
+* **cap.** A connection is *unauthenticated* from accept until its handshake ends with a
+  verified client certificate (a node); connections without one (operators, enrolment,
+  health checks) stay counted until they close. Beyond ``max_unauthenticated`` a new connection
+  is closed at once, before the handshake costs anything (about 230 KB of TLS buffers each).
 * **handshake timeout.** A handshake not finished within ``handshake_timeout`` is aborted.
 * **read timeout.** After the handshake, and again from the first byte after an idle spell,
   a request head must be complete within ``read_timeout`` (slowloris; a TLS connection that
@@ -65,11 +59,8 @@ class Gate:
         # (their ClientHello unread in the socket) instead of timing out
         self.bucket = TokenBucket(handshake_rate, handshake_burst)
         self.handshake_queue = handshake_queue
-        self.queued = 0  # connections that waited for a token or a slot (in all)
-        self.queued_at_cap = 0  # of those, the ones that met the cap
-        self.handshaking = 0  # handshakes in progress now
-        # (transport, its protocol, when accepted), oldest first
-        self._waiting: deque[tuple[asyncio.Transport, _Accepted, float]] = deque()
+        self.queued = 0  # connections that waited for a token (in all)
+        self._waiting: deque[tuple[asyncio.Transport, _Accepted]] = deque()
         self._drain_at: asyncio.TimerHandle | None = None
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
@@ -89,12 +80,11 @@ class Gate:
         assert isinstance(transport, asyncio.Transport)
         # the ClientHello waits in the socket until start_tls reads it
         transport.pause_reading()
-        at_cap = self.unauthenticated >= self.max_unauthenticated
-        if at_cap and self.handshaking == 0:  # held by connections past their handshake
+        if self.unauthenticated >= self.max_unauthenticated:  # the cap: closed at once
             self.refused += 1
             transport.abort()
             return
-        if not at_cap and not self._waiting and self.bucket.take() == 0.0:
+        if not self._waiting and self.bucket.take() == 0.0:
             self._start(transport)
             return
         if len(self._waiting) >= self.handshake_queue:
@@ -102,54 +92,30 @@ class Gate:
             transport.abort()
             return
         self.queued += 1
-        self.queued_at_cap += at_cap
-        loop = asyncio.get_running_loop()
-        self._waiting.append((transport, accepted, loop.time()))
+        self._waiting.append((transport, accepted))
         self._schedule()
 
     def _start(self, transport: asyncio.Transport) -> None:
         self.unauthenticated += 1
-        self.handshaking += 1
         task = asyncio.get_running_loop().create_task(self._handshake(transport))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    def _schedule(self, soon: bool = False) -> None:
-        """Drain when a token is back, or the oldest waiter's time runs out (or ``soon``:
-        a slot was freed)."""
-        if not self._waiting:
-            return
-        loop = asyncio.get_running_loop()
-        expiry = self._waiting[0][2] + self.handshake_timeout - loop.time()
-        if soon:
-            delay = 0.0
-        elif self.unauthenticated >= self.max_unauthenticated:
-            delay = expiry  # `release` drains sooner when a slot frees
-        else:
-            delay = min(self.bucket.wait(), expiry)
-        if self._drain_at is not None:
-            if self._drain_at.when() <= loop.time() + max(delay, 0.001):
-                return
-            self._drain_at.cancel()
-        self._drain_at = loop.call_later(max(delay, 0.001), self._drain)
+    def _schedule(self) -> None:
+        if self._drain_at is None and self._waiting:
+            delay = max(self.bucket.wait(), 0.001)
+            self._drain_at = asyncio.get_running_loop().call_later(delay, self._drain)
 
     def _drain(self) -> None:
-        """Start waiting handshakes as tokens and the cap allow, oldest first; close those
-        that waited ``handshake_timeout``."""
+        """Start waiting handshakes as tokens and the cap allow, oldest first."""
         self._drain_at = None
-        now = asyncio.get_running_loop().time()
         while self._waiting:
-            transport, accepted, since = self._waiting[0]
+            transport, accepted = self._waiting[0]
             if accepted.lost:  # the peer gave up while waiting
                 self._waiting.popleft()
                 continue
-            if now - since >= self.handshake_timeout:  # waited too long for a slot
-                self._waiting.popleft()
-                self.refused += 1
-                transport.abort()
-                continue
             if self.unauthenticated >= self.max_unauthenticated:
-                break  # `release` drains again when a slot frees
+                return  # `release` drains again when a slot frees
             if self.bucket.take() > 0.0:
                 break
             self._waiting.popleft()
@@ -158,8 +124,8 @@ class Gate:
 
     def release(self) -> None:
         self.unauthenticated -= 1
-        if self._waiting:
-            self._schedule(soon=True)
+        if self._waiting and self._drain_at is None:
+            self._schedule()
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
         conn = _Connection(self)
@@ -168,18 +134,15 @@ class Gate:
             tls = await loop.start_tls(transport, conn, self.ssl_context, server_side=True,
                                        ssl_handshake_timeout=self.handshake_timeout)
         except asyncio.CancelledError:
-            self.handshaking -= 1
             self.release()
             transport.abort()
             raise
         except Exception as exc:  # any failed handshake ends the same way
-            self.handshaking -= 1
             self.release()
             self.handshake_failures += 1
             transport.abort()
             log.debug("TLS handshake failed: %r", exc)
             return
-        self.handshaking -= 1
         if tls is None:  # pragma: no cover - start_tls returns the transport or raises
             self.release()
             transport.abort()
