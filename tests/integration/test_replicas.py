@@ -21,7 +21,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 from test_cloud_device_api import Cloud, Link, session
 
 from edgewise.cloud.app import start
@@ -31,7 +30,7 @@ from edgewise.cloud.desired import DesiredChange, assign
 from edgewise.cloud.session import SessionLimits
 from edgewise.cloud.state import BUS, POKES, SESSIONS, revoke_node, set_quarantine
 from edgewise.cloud.store import Store
-from edgewise.cloud.store.notify import CHANNEL
+from edgewise.cloud.store.notify import CHANNEL, listen_dsn
 from edgewise.security import pki
 
 pytestmark = pytest.mark.asyncio
@@ -188,7 +187,7 @@ async def test_a_quarantine_at_one_process_reaches_the_session_at_the_other(pair
 
 
 async def test_malformed_notifications_are_counted_and_dropped(pair: Pair) -> None:
-    url = make_url(pair.db).set(drivername="postgresql").render_as_string(hide_password=False)
+    url = listen_dsn(pair.db)
     conn = await asyncpg.connect(url)
     bus = pair.b.running.app[BUS]
     before = bus.received
@@ -211,7 +210,7 @@ async def test_the_bus_comes_back_after_its_connection_is_killed(pair: Pair) -> 
     """PostgreSQL ends the listening connection (a restart, a failover): the bus reconnects
     and later pokes get through again."""
     bus_b = pair.b.running.app[BUS]
-    url = make_url(pair.db).set(drivername="postgresql").render_as_string(hide_password=False)
+    url = listen_dsn(pair.db)
     conn = await asyncpg.connect(url)
     try:
         pid = bus_b.channel._pid

@@ -15,9 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy.engine import make_url
 
 from edgewise.cloud.store import Store
+from edgewise.cloud.store.notify import listen_dsn
 from edgewise.security.pki import CertificateAuthority, make_csr
 from edgewise.security.tokens import EnrolmentToken
 
@@ -33,8 +33,7 @@ async def test_the_last_seen_flush_does_not_deadlock_with_a_bulk_writer(
             await store.add_enrolment_token(tok)
             key = ec.generate_private_key(ec.SECP256R1())
             await store.enrol_node(tok.hash, n, ca.sign_node_csr(make_csr(key), n))
-        dsn = make_url(postgres).set(drivername="postgresql").render_as_string(
-            hide_password=False)
+        dsn = listen_dsn(postgres)
         bulk = await asyncpg.connect(dsn)
         try:
             tx = bulk.transaction()

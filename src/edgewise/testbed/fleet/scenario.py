@@ -325,11 +325,11 @@ async def _db_counts(db: str | None) -> dict[str, int]:
     if not db:
         return {}
     import asyncpg
-    from sqlalchemy.engine import make_url
 
-    dsn = make_url(db).set(drivername="postgresql").render_as_string(hide_password=False)
+    from edgewise.cloud.store.notify import listen_dsn
+
     try:
-        conn = await asyncpg.connect(dsn, timeout=10)
+        conn = await asyncpg.connect(listen_dsn(db), timeout=10)
     except (OSError, asyncpg.PostgresError):
         return {}
     try:
