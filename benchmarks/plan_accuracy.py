@@ -9,7 +9,11 @@ the same modelled figure is on both sides, so only the rest is checked). The cal
 starts from scratch (a fresh cache shared by the workloads, so the engine itself is calibrated
 once), as on a machine that has never planned before.
 
-Run: python benchmarks/plan_accuracy.py [WORKLOAD.yaml ...]
+Node cores are measured in several realtime runs per site (`--rounds`, default
+`edgewise.plan.simulate.REALTIME_ROUNDS`), their median reported; every round's figure is
+printed beside the estimate with that round's own neighbouring runs of the engine alone.
+
+Run: python benchmarks/plan_accuracy.py [--rounds N] [WORKLOAD.yaml ...]
 The last line printed is one JSON object with all figures.
 """
 
@@ -30,14 +34,15 @@ KEYS = (("uplink_bytes_per_s", "uplink B/s"), ("records_per_s", "records/s to cl
         ("stage_cpu_us_per_s", "stage CPU us/s"), ("cores", "node cores"))
 
 
-def main(paths: list[Path]) -> None:
+def main(paths: list[Path], rounds: int | None = None) -> None:
     figures: dict[str, dict] = {}
     worst: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:
         for path in paths:
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                result = run_plan(path, Path(tmp), simulate=True, cache_dir=Path(cache))
+                result = run_plan(path, Path(tmp), simulate=True, cache_dir=Path(cache),
+                                  rounds=rounds)
                 took = time.perf_counter() - t0
             summary = result["summary"]
             print(f"\n{summary['workload']} ({took:.1f} s with --simulate)")
@@ -77,14 +82,30 @@ def main(paths: list[Path]) -> None:
                           "engine's run at the site's pace) x snapshots "
                           f"{est_all['snapshot_us_per_commit']:,.0f} us a commit")
                 halves = est_all.get("engine_site_halves")
-                if halves:  # the engine's run at the site's pace, before and after
-                    print("  engine at the site's pace, before / after the realtime run: "
+                if halves:  # the engine's runs at the site's pace, around the realtime runs
+                    print("  engine at the site's pace, around the realtime run(s): "
                           + " / ".join(f"{c:.4f}" for c in halves) + " cores")
+                sim = s["simulation"]
+                per_round = sim.get("cores_rounds") or []
+                pairs = est_all.get("engine_site_rounds") or []
+                if len(per_round) > 1:  # the realtime runs, the median of whose cores counts
+                    engine = est_all["cores_parts"].get("engine at the site's pace", 0.0)
+                    # decoding is the model's figure on both sides, added to every round
+                    ingest = meas_all["cores_parts"].get("ingest", 0.0)
+                    per_round = [m + ingest for m in per_round]
+                    # each round against the estimate with its own neighbouring engine runs
+                    est_k = [est_all["cores"] - engine + p for p in pairs] \
+                        if len(pairs) == len(per_round) else [est_all["cores"]] * len(per_round)
+                    print("  realtime rounds, node cores measured / estimated with the "
+                          "round's engine runs: " + ", ".join(
+                              f"{m:.4f} / {e:.4f} ({m / e if e else float('nan'):.3f})"
+                              for m, e in zip(per_round, est_k, strict=True)))
+                    row["cores_rounds"] = {"measured": per_round, "engine": pairs,
+                                           "estimate": est_k}
                 print("  node cores by part, measured: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in meas_all["cores_parts"].items()))
                 row["cores_parts"] = {"estimate": est_all["cores_parts"],
                                       "measured": meas_all["cores_parts"]}
-                sim = s["simulation"]
                 print(f"  measured over 12 segments of {sim['cpu_segment_seconds']:,.1f} s of "
                       "events; spread (max-min)/mean per stage: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in sim["stage_cpu_spread"].items()))
@@ -100,6 +121,9 @@ def main(paths: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    args = [Path(a) for a in sys.argv[1:]] or sorted((ROOT / "examples" / "workloads").glob(
-        "*.yaml"))
-    main(args)
+    argv = sys.argv[1:]
+    n_rounds = None
+    if argv[:1] == ["--rounds"]:
+        n_rounds, argv = int(argv[1]), argv[2:]
+    args = [Path(a) for a in argv] or sorted((ROOT / "examples" / "workloads").glob("*.yaml"))
+    main(args, n_rounds)

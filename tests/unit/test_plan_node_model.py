@@ -253,8 +253,7 @@ def test_checkpoint_bytes_the_engines_run_wrote_are_not_counted_again() -> None:
     # the edge stages' state: the FFT's buffers of 24 keys (static table: 64 bytes a key);
     # the threshold keeps none; the fleet-wide window runs in the cloud
     assert checkpoint_bytes(sp) == 64.0 * 24
-    alone = {"cores": 0.1, "commits_per_s": 40.0, "collections_per_s": 0.0,
-             "promoted_per_s": 0.0}
+    alone = {"cores": 0.1, "commits_per_s": 40.0, "collections_per_s": 0.0}
     cal = sp.estimate.calibration
     unpaid = node_cpu_model(replace(sp, engine_site={**alone, "checkpoint_bytes": 0.0}), cal,
                             costs)
@@ -276,7 +275,7 @@ def test_a_batch_driven_sites_snapshots_are_costed_as_after_a_sleep() -> None:
     sp = build_plan(load_workload(WORKLOADS / "retail.yaml"), costs).sites[0]
     edge = [st.id for st in sp.stages if sp.where(st.id) in ("edge", "split")]
     alone = {"cores": 0.005, "commits_per_s": 4.0, "collections_per_s": 0.0,
-             "promoted_per_s": 0.0, "checkpoint_bytes": checkpoint_bytes(sp)}
+             "checkpoint_bytes": checkpoint_bytes(sp)}
     sp = replace(sp, engine_site=alone)
     cal = sp.estimate.calibration
     before = node_cpu_model(sp, cal, costs)["commits: state and chunks"]
@@ -347,33 +346,91 @@ def test_the_engine_at_the_sites_pace_is_measured_around_the_realtime_run(
     def fake(site: object, span: float, checkpoint_bytes: float = 0.0) -> dict:
         events.append(("engine", span))
         return {"cores": next(speed), "commits_per_s": 48.0, "span_s": span,
-                "fraction": 1.0, "collections_per_s": 2.0, "promoted_per_s": 10.0,
+                "fraction": 1.0, "collections_per_s": 2.0,
                 "checkpoint_bytes": checkpoint_bytes}
 
     monkeypatch.setattr(costs_mod, "calibrate_site_engine", fake)
     site = load_workload(WORKLOADS / "vehicle-fleet.yaml").sites[0]
     cal = Calibrator(tmp_path)
 
-    def realtime() -> str:
-        events.append(("realtime", 0.0))
+    def realtime(k: int) -> str:
+        events.append(("realtime", float(k)))
         return "measured"
 
     entry, got = cal.site_engine_around(site, 4.0, 1000.0, realtime)
-    assert got == "measured"
+    assert got == ["measured"]
     assert events == [("engine", 2.0), ("realtime", 0.0), ("engine", 2.0)]
     assert entry is not None
     assert entry["cores"] == pytest.approx(0.06)
-    assert entry["halves"] == [0.05, 0.07]
+    assert entry["halves"] == [0.05, 0.07] and entry["rounds"] == [pytest.approx(0.06)]
     assert entry["span_s"] == pytest.approx(4.0) and entry["commits_per_s"] == 48.0
     # stored for later plans of the same site, like a calibration made while planning
     assert cal.site_engine(site, 1000.0)["cores"] == pytest.approx(0.06)
+
+
+def test_several_realtime_rounds_each_stand_between_two_runs_of_the_engine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node cores over a few seconds on a shared machine move by up to a fifth from one run to
+    the next (one example outside 15% in five of eight runs of plan_accuracy): `--simulate`
+    makes several realtime runs, the engine alone at the site's pace before the first and
+    after each (E R E R E R E). Each realtime run's own neighbours are its pair (``rounds``);
+    the estimate's engine figure weighs every pair alike (an inner run stands beside two)."""
+    from edgewise.plan import costs as costs_mod
+    from edgewise.plan.costs import Costs
+
+    events: list[tuple[str, float]] = []
+    speed = iter([0.04, 0.06, 0.08, 0.10])
+
+    def fake(site: object, span: float, checkpoint_bytes: float = 0.0) -> dict:
+        events.append(("engine", span))
+        return {"cores": next(speed), "commits_per_s": 48.0, "span_s": span,
+                "fraction": 1.0, "collections_per_s": 2.0, "checkpoint_bytes": checkpoint_bytes}
+
+    monkeypatch.setattr(costs_mod, "calibrate_site_engine", fake)
+    site = load_workload(WORKLOADS / "vehicle-fleet.yaml").sites[0]
+
+    def realtime(k: int) -> int:
+        events.append(("realtime", float(k)))
+        return 10 * k
+
+    entry, got = Calibrator(tmp_path).site_engine_around(site, 3.0, 0.0, realtime, rounds=3)
+    assert got == [0, 10, 20]
+    assert events == [("engine", 1.5), ("realtime", 0.0), ("engine", 1.5), ("realtime", 1.0),
+                      ("engine", 1.5), ("realtime", 2.0), ("engine", 1.5)]
+    assert entry is not None
+    assert entry["halves"] == [0.04, 0.06, 0.08, 0.10]
+    assert entry["rounds"] == [pytest.approx(0.05), pytest.approx(0.07), pytest.approx(0.09)]
+    assert entry["cores"] == pytest.approx(0.07)  # the mean of the three pairs
+    assert entry["span_s"] == pytest.approx(6.0)
+    # the static table calibrates nothing, but still makes every round
+    assert Costs().site_engine_around(site, 3.0, 0.0, realtime, rounds=2) == (None, [0, 10])
+
+
+def test_the_median_round_resists_one_disturbed_round() -> None:
+    """The node cores `--simulate` reports are the median round's: one realtime run that a
+    neighbour on the shared machine disturbed (a fifth more or less, as in the runs of
+    plan_accuracy that missed 15%) moves the figure no further than the next round."""
+    from edgewise.plan.simulate import REALTIME_ROUNDS, median_round
+
+    assert REALTIME_ROUNDS >= 3
+    quiet = [0.100, 0.104, 0.098]
+    for outlier in (0.125, 0.080):  # 1.2x and 0.8x of the quiet rounds
+        for k in range(3):
+            rounds = [*quiet]
+            rounds[k] = outlier
+            got = rounds[median_round(rounds)]
+            assert 0.098 <= got <= 0.104 and abs(got / 0.1007 - 1) < 0.05
+    assert median_round([0.2]) == 0
+    assert median_round([0.3, 0.1, 0.2, 0.4]) == 2  # the lower middle of an even count
+    with pytest.raises(ValueError):
+        median_round([])
 
 
 def test_the_halves_of_the_engines_run_are_weighted_by_their_spans() -> None:
     from edgewise.plan.engine_calibration import merge_site_engine
 
     a = {"cores": 0.04, "commits_per_s": 40.0, "collections_per_s": 1.0,
-         "promoted_per_s": 0.0, "span_s": 1.0, "fraction": 0.5, "checkpoint_bytes": 0.0}
+         "span_s": 1.0, "fraction": 0.5, "checkpoint_bytes": 0.0}
     b = {**a, "cores": 0.10, "commits_per_s": 46.0, "collections_per_s": 4.0, "span_s": 3.0}
     m = merge_site_engine([a, b])
     assert m["cores"] == pytest.approx(0.085)

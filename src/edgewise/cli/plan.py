@@ -53,6 +53,9 @@ class PlanCommand(click.Command):
                                  "(default: plan-<workload name>).")
 @click.option("--simulate", is_flag=True,
               help="Run the real engine on synthetic data and use the measured figures.")
+@click.option("--rounds", type=click.IntRange(1, 9), default=None,
+              help="With --simulate: realtime runs per site; node cores are their median "
+                   "(default 3; 1 is faster and noisier).")
 @click.option("--interactive", is_flag=True,
               help="Ask for the required inputs, write the workload file, then plan it.")
 @output_options(name="output")
@@ -60,8 +63,8 @@ class PlanCommand(click.Command):
 @click.option("--no-calibrate", "no_calibrate", is_flag=True,
               help="Use the static CPU table instead of calibrating the operators on this "
                    "machine (calibration takes about a second, then is cached).")
-def plan(workload: Path | None, out: Path | None, simulate: bool, interactive: bool,
-         output: Output, strict: bool, no_calibrate: bool) -> None:
+def plan(workload: Path | None, out: Path | None, simulate: bool, rounds: int | None,
+         interactive: bool, output: Output, strict: bool, no_calibrate: bool) -> None:
     """Plan what runs at the edge and what in the cloud, size it, and prove it.
 
     `edgewise plan apply DIR --cloud URL [--dry-run]` then installs the plan: the edge
@@ -77,7 +80,7 @@ def plan(workload: Path | None, out: Path | None, simulate: bool, interactive: b
             workload = ask_workload(target / "workload.yaml")
             out = target
         result = run_plan(workload, out, simulate, progress=_progress(output.data),
-                          calibrate=not no_calibrate, cache_dir=cache_dir())
+                          calibrate=not no_calibrate, cache_dir=cache_dir(), rounds=rounds)
     except EdgewiseError as exc:
         fail(exc)
         return

@@ -119,10 +119,6 @@ class StageCost:
     compression: float = 1.0  # how much faster event time ran in the calibration
     snapshot_gcs: float = 0.0  # collector runs a snapshot triggers (`edgewise.plan.gc_cost`)
     gc_coef: dict[str, float] = field(default_factory=dict)  # ... its calls, per feature unit
-    # objects a snapshot's collections promote to the oldest generation, its calls' per unit:
-    # recorded, not in the model (which takes them from the collections: `gc_cost`)
-    snapshot_promoted: float = 0.0
-    promoted_coef: dict[str, float] = field(default_factory=dict)
     # snapshot after the engine slept (a group commit at a site whose every batch starts one);
     # 0: not calibrated, `snapshot_us` counts
     snapshot_woken_us: float = 0.0
@@ -193,16 +189,13 @@ def stage_cpu_us(stage: StageSpec, cost: StageCost, fin: F.Flow, fout: F.Flow) -
     return cost.per_second(feature_rates(stage, config_of(stage), fin, fout))
 
 
-def stage_gcs_per_s(stage: StageSpec, cost: StageCost, fin: F.Flow,
-                    fout: F.Flow) -> tuple[float, float]:
-    """Garbage-collector runs and objects promoted to the oldest generation per second that a
-    stage's calls cause (`edgewise.plan.gc_cost`), from its calibrated coefficients per
-    feature; 0 where it has none."""
+def stage_gcs_per_s(stage: StageSpec, cost: StageCost, fin: F.Flow, fout: F.Flow) -> float:
+    """Garbage-collector runs per second that a stage's calls cause (`edgewise.plan.gc_cost`),
+    from its calibrated coefficients per feature; 0 where it has none."""
     if not cost.gc_coef or cost.source == "declared" or stage.function is not None:
-        return 0.0, 0.0
+        return 0.0
     rates = feature_rates(stage, config_of(stage), fin, fout)
-    return (sum(cost.gc_coef.get(k, 0.0) * v for k, v in rates.items()),
-            sum(cost.promoted_coef.get(k, 0.0) * v for k, v in rates.items()))
+    return sum(cost.gc_coef.get(k, 0.0) * v for k, v in rates.items())
 
 
 def _declared(stage: StageSpec) -> StageCost | None:

@@ -97,7 +97,7 @@ from edgewise.plan.site_calibration import SiteCalibration, Turns, _calibrate_si
 from edgewise.plan.workload import SiteSpec, StageSpec
 
 CACHE_FILE = "plan-calibration.json"
-CACHE_VERSION = 10
+CACHE_VERSION = 11
 PAIRED_CPU_S = 1.5  # thread CPU of a calibration taking turns with a measurement
 MIN_SLICE_S, MAX_SLICE_S = 0.005, 0.2  # bounds of one turn of the calibration
 T = TypeVar("T")
@@ -138,10 +138,13 @@ class Costs:
         return None
 
     def site_engine_around(self, site: SiteSpec, span: float, checkpoint_bytes: float,
-                           between: Callable[[], T]) -> tuple[dict[str, float] | None, T]:
-        """`site_engine` measured again over ``span`` seconds, half just before and half just
-        after ``between`` (the measurement it stands beside), and what ``between`` returned."""
-        return None, between()
+                           between: Callable[[int], T], rounds: int = 1
+                           ) -> tuple[dict[str, Any] | None, list[T]]:
+        """`site_engine` measured again beside ``rounds`` calls of ``between`` (the
+        measurement it stands beside; called with the round's index), in runs of half
+        ``span`` seconds: one before the first call, one after each (E M E M E ... M E), and
+        what each call returned (`merge_site_engine`)."""
+        return None, [between(k) for k in range(rounds)]
 
     def ingest_us(self, protocol: str) -> tuple[float, float]:
         """(CPU us per reading, per batch handed over) of decoding a protocol's messages."""
@@ -264,20 +267,26 @@ class Calibrator(Costs):
         return self._cached(_site_engine_key(site, checkpoint_bytes), make)
 
     def site_engine_around(self, site: SiteSpec, span: float, checkpoint_bytes: float,
-                           between: Callable[[], T]) -> tuple[dict[str, float] | None, T]:
-        # in two halves around the measurement, so that the two see the machine alike: a
+                           between: Callable[[int], T], rounds: int = 1
+                           ) -> tuple[dict[str, Any] | None, list[T]]:
+        # in halves around every measurement, so that the two see the machine alike: a
         # shared machine's speed drifts from one minute to the next (`merge_site_engine`)
-        t0 = time.perf_counter()
-        before = calibrate_site_engine(site, span / 2, checkpoint_bytes)
-        self.seconds += time.perf_counter() - t0
-        result = between()
-        t0 = time.perf_counter()
-        after = calibrate_site_engine(site, span / 2, checkpoint_bytes)
-        self.seconds += time.perf_counter() - t0
-        entry = merge_site_engine([before, after])
+        def half() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            try:
+                return calibrate_site_engine(site, span / 2, checkpoint_bytes)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        halves = [half()]
+        results: list[T] = []
+        for k in range(max(1, rounds)):
+            results.append(between(k))
+            halves.append(half())
+        entry = merge_site_engine(halves)
         entry["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.store(_site_engine_key(site, checkpoint_bytes), entry)
-        return entry, result
+        return entry, results
 
     def ingest_us(self, protocol: str) -> tuple[float, float]:
         if protocol == "mqtt":
@@ -456,8 +465,7 @@ def _site_costs(base: dict[str, StageCost], entry: dict[str, Any]) -> dict[str, 
         out[sid] = StageCost(e["operator"], e["coef"], e["snapshot_us"], e["snapshot_bytes"],
                              e["timer_us"], "calibrated", e["wake_us"], e["snapshot_rt_us"],
                              e["calls"], entry["compression"], e["snapshot_gcs"],
-                             e["gc_coef"], e["snapshot_promoted"], e["promoted_coef"],
-                             e["snapshot_woken_us"])
+                             e["gc_coef"], e["snapshot_woken_us"])
     return out
 
 

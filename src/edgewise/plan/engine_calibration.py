@@ -272,19 +272,18 @@ def calibrate_site_engine(site: SiteSpec, span: float,
            "spec": {"sources": sources, "outbox": {"sync": "full", "max_bytes": "1GiB"}}}
     fields = split_fields(doc)
     with tempfile.TemporaryDirectory(prefix="edgewise-calibration-") as tmp, \
-            GcWatch(promotions=True) as watch:
+            GcWatch() as watch:
         spec = parse_pipeline(yaml.safe_dump(doc, sort_keys=False), "<calibration>")
         engine, srcs = plan_engine(spec, Path(tmp), fields=fields)
         if checkpoint_bytes >= 1:  # scaled like the rest when the sensors are sampled
             _with_ballast(engine, round(checkpoint_bytes * got / max(full, 1e-9)))
         out_of_step(srcs)
-        marks: list[tuple[float, float, float, int, int, float, int]] = []
+        marks: list[tuple[float, float, float, int, int, float]] = []
 
         def mark() -> None:
             marks.append((time.process_time(), time.perf_counter(),
                           sum(s.generation_s for s in srcs.values()), engine.commits,
-                          watch.all_collections(), watch.all_full_s(),
-                          watch.all_promoted()))
+                          watch.all_collections(), watch.all_full_s()))
 
         async def main() -> None:
             task = asyncio.create_task(engine.run())
@@ -297,28 +296,37 @@ def calibrate_site_engine(site: SiteSpec, span: float,
             await task
 
         asyncio.run(main())
-    (c0, w0, g0, k0, n0, f0, p0), (c1, w1, g1, k1, n1, f1, p1) = marks
+    (c0, w0, g0, k0, n0, f0), (c1, w1, g1, k1, n1, f1) = marks
     wall = max(w1 - w0, 1e-3)
     share = got / max(full, 1e-9)
     # full collections are the collector's part (`edgewise.plan.gc_cost`), counted there
     return {"cores": max(0.0, (c1 - c0) - (g1 - g0) - (f1 - f0)) / wall / share,
             "commits_per_s": (k1 - k0) / wall, "span_s": wall, "fraction": share,
             "collections_per_s": (n1 - n0) / wall / share,
-            "promoted_per_s": (p1 - p0) / wall / share,
             "checkpoint_bytes": float(round(checkpoint_bytes)) if checkpoint_bytes >= 1 else 0.0}
 
 
 def merge_site_engine(halves: list[dict[str, Any]]) -> dict[str, Any]:
-    """Runs of `calibrate_site_engine` as one: rates weighted by each run's measured span (the
-    runs before and after `--simulate`'s realtime run, so that together they see the machine
-    as that run did: on a shared machine, one run of 2 s a few seconds before it gave the bus
-    0.042 or 0.088 cores, where the whole node measured 0.067 and 0.077). Each run's cores are
-    kept (``halves``)."""
+    """Runs of `calibrate_site_engine` as one, made around `--simulate`'s realtime runs (E R E
+    R ... R E, each realtime run between two of them, so that together they see the machine as
+    that run did: on a shared machine, one run of 2 s a few seconds before it gave the bus
+    0.042 or 0.088 cores, where the whole node measured 0.067 and 0.077). Rates are weighted by
+    each run's measured span times the realtime runs it stands beside (one for the first and
+    the last run, two for one between two realtime runs): with one realtime run, the mean of
+    the two halves by their spans; with several, every realtime run's neighbours count alike.
+    Each run's cores are kept (``halves``) and so is, per realtime run, the merge of its two
+    neighbours (``rounds``: cores)."""
     spans = [max(h["span_s"], 1e-9) for h in halves]
-    total = sum(spans)
+    sides = [1.0 if k in (0, len(halves) - 1) else 2.0 for k in range(len(halves))]
+    weights = [s * n for s, n in zip(spans, sides, strict=True)]
+    total = sum(weights)
     out: dict[str, Any] = dict(halves[0])
-    for key in ("cores", "commits_per_s", "collections_per_s", "promoted_per_s"):
-        out[key] = sum(h[key] * w for h, w in zip(halves, spans, strict=True)) / total
-    out["span_s"] = total
+    for key in ("cores", "commits_per_s", "collections_per_s"):
+        out[key] = sum(h[key] * w for h, w in zip(halves, weights, strict=True)) / total
+    out["span_s"] = sum(spans)
     out["halves"] = [h["cores"] for h in halves]
+    pairs = zip(zip(halves, spans, strict=True), zip(halves[1:], spans[1:], strict=True),
+                strict=False)
+    out["rounds"] = [(a["cores"] * sa + b["cores"] * sb) / (sa + sb)
+                     for (a, sa), (b, sb) in pairs]
     return out

@@ -123,7 +123,7 @@ class SitePlan:
     engine_cost: EngineCost | None = None
     node_cpu: dict[str, float] = field(default_factory=dict)  # modelled cores, by part
     # the engine with the site's sources alone at the real pace (costs.site_engine), or None
-    engine_site: dict[str, float] | None = None
+    engine_site: dict[str, Any] | None = None
 
     @property
     def final(self) -> Figures:

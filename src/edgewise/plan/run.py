@@ -17,11 +17,12 @@ from edgewise.errors import ConfigError
 
 def run_plan(workload_path: Path, out: Path | None, simulate: bool,
              progress: Any = None, calibrate: bool = True,
-             cache_dir: Path | None = None) -> dict[str, Any]:
+             cache_dir: Path | None = None, rounds: int | None = None) -> dict[str, Any]:
     """Load, plan, optionally simulate, and write everything. Returns a summary.
 
     ``calibrate``: calibrate the CPU model on this machine (cached in ``cache_dir`` if given);
-    otherwise the static table is used."""
+    otherwise the static table is used. ``rounds``: realtime runs per site with ``simulate``
+    (None: `edgewise.plan.simulate.REALTIME_ROUNDS`)."""
     from edgewise.plan import artefacts, blocks, document, figures
     from edgewise.plan.costs import Calibrator, Costs
     from edgewise.plan.model import build_plan
@@ -41,9 +42,10 @@ def run_plan(workload_path: Path, out: Path | None, simulate: bool,
     the_plan = build_plan(wl, costs)
     measured: dict[str, Any] = {}
     if simulate:
+        from edgewise.plan.simulate import REALTIME_ROUNDS
         from edgewise.plan.simulate import simulate as run_sim
 
-        the_plan, measured = run_sim(the_plan, say, costs)
+        the_plan, measured = run_sim(the_plan, say, costs, rounds or REALTIME_ROUNDS)
     say("drawing figures")
     figs = figures.draw_all(the_plan, out)
     doc, words, warnings = document.build_within(the_plan)
@@ -101,8 +103,10 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                          "cores_parts": dict(e.sizing.parts),
                          # the commits part's two factors (`node_cpu_model`)
                          "commits_per_s": (sp.engine_site or {}).get("commits_per_s"),
-                         # that run's cores before and after --simulate's realtime run
+                         # that run's cores before and after --simulate's realtime runs,
+                         # and per realtime run the mean of its two neighbours
                          "engine_site_halves": (sp.engine_site or {}).get("halves"),
+                         "engine_site_rounds": (sp.engine_site or {}).get("rounds"),
                          "snapshot_us_per_commit": snapshot_us_per_commit(sp),
                          "stage_records_per_s": {st.id: e.calibration.stage_out[st.id]
                                                  for st in sp.stages
@@ -144,6 +148,8 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                     "cpu_segment_seconds": ms_.cpu_segment_s,
                     "cpu_sample_fraction": ms_.cpu_fraction,
                     "stage_cpu_spread": ms_.stage_cpu_spread,
+                    # node cores of every realtime run; the measurement is their median
+                    "cores_rounds": ms_.cores_rounds,
                 }
         sites[sp.name] = site
     return {"workload": the_plan.workload.name, "simulated": the_plan.simulated,

@@ -252,11 +252,11 @@ class SiteCalibration:
         self.feats = {st.id: features_of(st.operator or "") for st in stages}
         self.rows: dict[str, list[list[float]]] = {st.id: [] for st in stages}
         self.costs: dict[str, list[float]] = {st.id: [] for st in stages}
-        # collections and objects promoted to the oldest generation, per call
-        self.gcs: dict[str, list[tuple[float, float]]] = {st.id: [] for st in stages}
+        # the collector's runs per call
+        self.gcs: dict[str, list[float]] = {st.id: [] for st in stages}
         self.paced: dict[str, list[bool]] = {st.id: [] for st in stages}
-        # (CPU, bytes, values held, collections, promoted) per snapshot
-        self.snaps: dict[str, list[tuple[float, int, int, int, int]]] = {
+        # (CPU, bytes, values held, collections) per snapshot
+        self.snaps: dict[str, list[tuple[float, int, int, int]]] = {
             st.id: [] for st in stages}
         self.woken: dict[str, list[float]] = {st.id: [] for st in stages}  # `_woken_snapshots`
         self.watch = GcWatch(promotions=True)
@@ -334,18 +334,14 @@ class SiteCalibration:
             n = min(len(self.costs[sid]), len(self.rows[sid]), len(self.paced[sid]))
             coef = np.zeros(len(feats))
             gc_coef = np.zeros(len(feats))
-            promoted_coef = np.zeros(len(feats))
             wake = 0.0
             if n > WARM_CALLS + 1:
                 x = np.array(self.rows[sid][WARM_CALLS:n])
                 y = np.array(self.costs[sid][WARM_CALLS:n]) * 1e6
                 paced = np.array(self.paced[sid][WARM_CALLS:n], dtype=bool)
                 coef = nnls(x[~paced], y[~paced])
-                # the collections its calls trigger and the objects they promote, per unit
-                # of the same features
-                g = np.array(self.gcs[sid][WARM_CALLS:n], dtype=float).reshape(-1, 2)
-                gc_coef = nnls(x, g[:, 0])
-                promoted_coef = nnls(x, g[:, 1])
+                # the collections its calls trigger, per unit of the same features
+                gc_coef = nnls(x, np.array(self.gcs[sid][WARM_CALLS:n], dtype=float))
                 if paced.any():  # what a call after a pause costs beyond the model
                     wake = max(0.0, float(np.median(y[paced] - x[paced] @ coef)))
             snap_us, snap_bytes = _snapshot_cost(self.snaps[sid], self.cfgs[sid], st,
@@ -358,9 +354,7 @@ class SiteCalibration:
             out["stages"][sid] = {
                 "operator": st.operator, "coef": dict(zip(feats, coef.tolist(), strict=True)),
                 "gc_coef": dict(zip(feats, gc_coef.tolist(), strict=True)),
-                "promoted_coef": dict(zip(feats, promoted_coef.tolist(), strict=True)),
                 "snapshot_gcs": float(np.mean([s[3] for s in snaps])) if snaps else 0.0,
-                "snapshot_promoted": float(np.mean([s[4] for s in snaps])) if snaps else 0.0,
                 "snapshot_us": snap_us, "snapshot_bytes": snap_bytes,
                 "snapshot_woken_us": float(np.mean(woken)) * 1e6 * scale if woken else 0.0,
                 "snapshot_rt_us": snap_us + (_paced_extra(op.snapshot, self.pace)
@@ -422,8 +416,8 @@ def _instrument_function(op: Any, calls: list[tuple[int, float, bool]],
 
 def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],
                 rows: list[list[float]], costs: list[float],
-                snaps: list[tuple[float, int, int, int, int]], paced: list[bool],
-                now: list[bool], watch: GcWatch, gcs: list[tuple[float, float]]) -> None:
+                snaps: list[tuple[float, int, int, int]], paced: list[bool],
+                now: list[bool], watch: GcWatch, gcs: list[float]) -> None:
     """Wrap a stage's process (features, thread CPU per call, collections it triggered) and
     snapshot (CPU, bytes, collections); full collections are left out of the CPU (they are a
     part of their own, `edgewise.plan.gc_cost`)."""
@@ -432,11 +426,11 @@ def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],
     process, snapshot = op.process, op.snapshot
 
     def timed_process(batch: Batch) -> Any:
-        g0, p0, f0 = watch.collections(), watch.promoted(), watch.full_s()
+        g0, f0 = watch.collections(), watch.full_s()
         c0 = time.thread_time()
         result = process(batch)
         costs.append(time.thread_time() - c0 - (watch.full_s() - f0))
-        gcs.append((float(watch.collections() - g0), float(watch.promoted() - p0)))
+        gcs.append(float(watch.collections() - g0))
         # features after the call: reading the batch first would warm the operator's caches
         f = {"call": 1.0, "record": float(batch.n), "out": float(_out_records(result))}
         if "key" in feats:
@@ -448,20 +442,20 @@ def _instrument(op: Any, st: StageSpec, cfg: Any, feats: tuple[str, ...],
         return result
 
     def timed_snapshot() -> Any:
-        g0, p0, f0 = watch.collections(), watch.promoted(), watch.full_s()
+        g0, f0 = watch.collections(), watch.full_s()
         c0 = time.thread_time()
         state = snapshot()
         size = len(ckpt.pack(state))
         spent = time.thread_time() - c0 - (watch.full_s() - f0)
         snaps.append((spent, size, tracker.values_open() if tracker is not None else 0,
-                      watch.collections() - g0, watch.promoted() - p0))
+                      watch.collections() - g0))
         return state
 
     op.process = timed_process
     op.snapshot = timed_snapshot
 
 
-def _snapshot_cost(snaps: list[tuple[float, int, int, int, int]], cfg: Any, st: StageSpec,
+def _snapshot_cost(snaps: list[tuple[float, int, int, int]], cfg: Any, st: StageSpec,
                    compression: float) -> tuple[float, float]:
     """Mean CPU (full collections left out: `edgewise.plan.gc_cost`) and mean size of the
     stage's snapshots; for percentile windows run faster, scaled to the values a window of

@@ -233,8 +233,8 @@ def node_cpu_model(sp: SitePlan, cal: Calibration, costs: Costs) -> dict[str, fl
     # engine trigger, each costing a full traversal of the process (`edgewise.plan.gc_cost`);
     # the objects promoted from the collections and what a middle one promoted on average
     by_id = {st.id: st for st in sp.stages}
-    calls = [stage_gcs_per_s(by_id[i], sc[i], sp.flows_in(i), sp.flows[i]) for i in edge]
-    runs = commits * sum(sc[i].snapshot_gcs for i in edge) + sum(r for r, _p in calls)
+    runs = commits * sum(sc[i].snapshot_gcs for i in edge) + sum(
+        stage_gcs_per_s(by_id[i], sc[i], sp.flows_in(i), sp.flows[i]) for i in edge)
     if alone is not None:
         runs += alone.get("collections_per_s", 0.0)
     full_us, heap, per_middle = costs.gc_full(site, sp.stages)
