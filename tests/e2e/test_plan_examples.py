@@ -41,13 +41,16 @@ def plan_example(name: str, out: Path, cache: Path, *extra: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def check_example(name: str, out: Path, cache: Path, unmet: tuple[str, ...] = ()) -> dict:
+def check_example(name: str, out: Path, cache: Path, unmet: tuple[str, ...] = (),
+                  rounds: int | None = 1) -> dict:
     """Plan an example with --simulate; check the document, figures and artefacts, and that
     estimate and measurement agree within 15% for uplink bytes and records (no timing figure:
     see `check_cpu`). ``unmet``: how the checks the example does not meet begin (in order),
     none by default (an unmet check that depends on CPU figures, e.g. one event loop, is one
-    the example misses by far)."""
-    summary = plan_example(name, out, cache, "--simulate")
+    the example misses by far). ``rounds``: realtime runs per site (`--rounds`; one by
+    default, as no timing figure is checked here; None: the planner's default)."""
+    summary = plan_example(name, out, cache, "--simulate",
+                           *(("--rounds", str(rounds)) if rounds else ()))
     assert summary["simulated"] is True
     assert summary["cpu_model"] == "calibrated"
     md = (out / "architecture.md").read_text()
@@ -106,8 +109,15 @@ def test_there_are_seven_examples() -> None:
 def test_factory_line_with_simulation_agrees_with_its_estimate(
         tmp_path_factory: pytest.TempPathFactory, plan_cache: Path) -> None:
     cache = plan_cache
-    summary = check_example("factory-line", tmp_path_factory.mktemp("factory"), cache)
+    # the planner's default rounds: node cores are the median of three realtime runs
+    summary = check_example("factory-line", tmp_path_factory.mktemp("factory"), cache,
+                            rounds=None)
     site = summary["sites"]["plant"]
+    rounds = site["simulation"]["cores_rounds"]
+    assert len(rounds) == 3 and len(site["estimate"]["engine_site_rounds"]) == 3
+    assert len(site["estimate"]["engine_site_halves"]) == 4
+    assert site["measured"]["cores_parts"]["engine (measured)"] == pytest.approx(
+        sorted(rounds)[1])
     assert set(site["measured"]["stage_cpu_us"]) == {"windows", "alarms"}
     # node cores: protocol decoding is the model's on both sides (the simulator does none):
     # MQTT calibrated on this machine, 10,000 messages and 50 batches (wake-ups) a second

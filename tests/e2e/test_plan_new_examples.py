@@ -100,7 +100,7 @@ def test_a_path_dead_in_simulation_is_a_finding(tmp_path, plan_cache) -> None:
         "    def process(self, batch):\n        return None\n")
     (tmp_path / "w.yaml").write_text(DEAD)
     res = CliRunner().invoke(main, ["plan", str(tmp_path / "w.yaml"), "-o",
-                                    str(tmp_path / "out"), "--simulate"],
+                                    str(tmp_path / "out"), "--simulate", "--rounds", "1"],
                              env={"EDGEWISE_CACHE_DIR": str(plan_cache)})
     assert res.exit_code == 0, res.output
     # 4 sensors x 5 Hz x 5% = 1 record/s expected; the throughput run is 30 s of data

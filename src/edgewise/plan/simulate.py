@@ -35,6 +35,7 @@ run are `edgewise.plan.sim_pipeline`, the engine runs themselves `edgewise.plan.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import sys
@@ -256,23 +257,12 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
     say(f"simulating site {sp.name}: processing cost, in turns with the calibration")
     cpu_frac, cpu_s, segment = cpu_run_shape(sp, full_rate)
     cpu_act = actual_fraction(sp, cpu_frac)
-    doc = edge_pipeline(sp, cpu_frac, realtime=False, limit_s=cpu_s, probe=False,
-                        sync="normal")
-    paired = costs.paired(sp.site, sp.stages, sp.flows)
-    run = CpuRun(doc, work / "cpu", segment, lambda _k: paired.turn(), CPU_TURNS)
-    with one_cpu():  # both on the same CPU: they see the same neighbours
-        paired.start(CPU_TURNS)
-        try:
-            run.run()
-        finally:
-            stage_costs = paired.finish()
-    stage_cpu: dict[str, float] = {}
-    spread: dict[str, float] = {}
-    for sid, calls in run.samples.items():
-        rate_us, spread[sid] = segment_rate(segment_costs(calls, START_TS, segment,
-                                                         CPU_SEGMENTS), segment)
-        stage_cpu[sid] = rate_us / upstream_fraction(sp, sid, cpu_frac, by_rate=True)
+    stage_costs, stage_cpu, spread = _processing_cost(sp, work, costs, cpu_frac, cpu_s,
+                                                      segment)
     raw = _raw_wire(sp, seconds)
+    # the runs above are let go: what the realtime runs measure (the process CPU, the
+    # collector's full collections that traverse every object alive) is the node's
+    del engine
     # 3. realtime
     say(f"simulating site {sp.name}: real time, in {rounds} round(s)")
     rt_frac = min(1.0, REALTIME_MAX_RATE / full_rate)
@@ -288,28 +278,21 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
         if rounds > 1:
             say(f"simulating site {sp.name}: real time, round {k + 1} of {rounds} "
                 f"({span:.1f} s measured)")
-        return realtime_run(doc, work / f"realtime-{k}", REALTIME_WARM_S, span, backlog,
-                            state_window(sp))
+        gc.collect()  # the previous round's engine; before the warm-up, not measured
+        engine, *rest = realtime_run(doc, work / f"realtime-{k}", REALTIME_WARM_S, span,
+                                     backlog, state_window(sp))
+        # the latencies only: the engine and its state are let go, so that every round
+        # starts with the same heap (the collector's full collections traverse all of it)
+        return (*_latencies(engine), *rest)
 
     engine_site, runs = costs.site_engine_around(
         sp.site, span, checkpoint_bytes(sp, stage_costs), one_round, rounds)
-    cores_rounds = [max(0.0, r[2]) / max(r[3], 1e-3) / rt_act for r in runs]
+    cores_rounds = [max(0.0, r[3]) / max(r[4], 1e-3) / rt_act for r in runs]
     pick = median_round(cores_rounds)
-    engine, summary, _cpu, wall, gen, elapsed = runs[pick]
+    alarms, lat_probe, summary, _cpu, wall, gen, elapsed = runs[pick]
     cores = cores_rounds[pick]
     elapsed += backlog  # seconds of data the outbox holds
     readings = int(summary["readings_in"])
-    lat_alarm: list[np.ndarray] = []
-    lat_probe = np.zeros(0)
-    for sid, sink in engine.sinks.items():
-        rec = getattr(sink, "latency", None)
-        if rec is None:
-            continue
-        if sid == f"{PROBE}-sink":
-            lat_probe = rec.values()
-        else:
-            lat_alarm.append(rec.values())
-    alarms = np.concatenate(lat_alarm) if lat_alarm else np.zeros(0)
     if len(alarms) >= 200 or (len(alarms) and not len(lat_probe)):
         latency, lsrc = alarms, f"{len(alarms):,} alarms"
     elif len(lat_probe):
@@ -333,6 +316,45 @@ def measure_site(sp: SitePlan, work: Path, costs: Costs,
         recs, wire, payload, raw, stored, latency, lsrc, cores, gen, int(summary["late"]),
         cpu_s, segment, cpu_act, spread, stage_costs, engine_site, cores_rounds,
     )
+
+
+def _processing_cost(sp: SitePlan, work: Path, costs: Costs, cpu_frac: float, cpu_s: float,
+                     segment: float) -> tuple[dict[str, StageCost], dict[str, float],
+                                              dict[str, float]]:
+    """The processing-cost run in turns with the paired calibration: the stage costs
+    calibrated beside it, each stage's measured us/s and spread over the segments."""
+    doc = edge_pipeline(sp, cpu_frac, realtime=False, limit_s=cpu_s, probe=False,
+                        sync="normal")
+    paired = costs.paired(sp.site, sp.stages, sp.flows)
+    run = CpuRun(doc, work / "cpu", segment, lambda _k: paired.turn(), CPU_TURNS)
+    with one_cpu():  # both on the same CPU: they see the same neighbours
+        paired.start(CPU_TURNS)
+        try:
+            run.run()
+        finally:
+            stage_costs = paired.finish()
+    stage_cpu: dict[str, float] = {}
+    spread: dict[str, float] = {}
+    for sid, calls in run.samples.items():
+        rate_us, spread[sid] = segment_rate(segment_costs(calls, START_TS, segment,
+                                                         CPU_SEGMENTS), segment)
+        stage_cpu[sid] = rate_us / upstream_fraction(sp, sid, cpu_frac, by_rate=True)
+    return stage_costs, stage_cpu, spread
+
+
+def _latencies(engine: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Accept-to-action latencies a realtime run recorded: the alarm sinks', the probe's."""
+    lat_alarm: list[np.ndarray] = []
+    lat_probe = np.zeros(0)
+    for sid, sink in engine.sinks.items():
+        rec = getattr(sink, "latency", None)
+        if rec is None:
+            continue
+        if sid == f"{PROBE}-sink":
+            lat_probe = rec.values()
+        else:
+            lat_alarm.append(rec.values())
+    return (np.concatenate(lat_alarm) if lat_alarm else np.zeros(0)), lat_probe
 
 
 def realtime_span(sp: SitePlan, full_gc_us: float = 0.0) -> float:
