@@ -11,7 +11,8 @@ Run: python benchmarks/fleet_scale.py --nodes 2000 [--db URL] [--processes 2] [-
      [--telemetry-every 10] [--steady 30] [--profile DIR]
 ``--servers N`` runs ``cloud serve --processes N`` (needs ``--db postgresql://...``); the
 server's CPU and memory are then those of the supervisor and its serving processes, summed.
-``--profile DIR`` samples the server with py-spy (pip install py-spy) during the steady window
+``--profile DIR`` samples the server with py-spy (pip install py-spy; ``--profile-threads``:
+every busy thread, not only the GIL holder) during the steady window
 and the storm, and writes the busiest functions to DIR/profile.md (with ``--servers``, the
 serving processes together).
 The last line printed is one JSON object with all figures.
@@ -59,12 +60,15 @@ def main() -> None:
     ap.add_argument("--fetch-only", action="store_true",
                     help="nodes ignore inline desired states and fetch (as the agent does)")
     ap.add_argument("--profile", type=Path, default=None)
+    ap.add_argument("--profile-threads", action="store_true",
+                    help="sample every busy thread, not only the GIL holder (shows OpenSSL)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-fleet-scale-"))
     cfg = ScenarioConfig(args.nodes, work, args.processes, args.db, args.telemetry_every,
                          args.steady, args.after, args.ramp, args.phase_timeout,
-                         profile=args.profile, servers=args.servers,
+                         profile=args.profile, profile_gil=not args.profile_threads,
+                         servers=args.servers,
                          server_args=tuple(a for v in args.limit for a in ("--limit", v)),
                          sim_args=("--fetch-only",) if args.fetch_only else ())
     if args.servers > 1 and not args.db:

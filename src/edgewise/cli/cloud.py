@@ -35,6 +35,7 @@ from edgewise.cli.cloud_pipeline import pipeline
 from edgewise.cli.common import CLOUD_DATA, fail, need_extra
 from edgewise.cli.logs import log_format_option
 from edgewise.cli.output import Output, output_options
+from edgewise.common import eventloop
 from edgewise.errors import ConfigError, EdgewiseError
 
 _TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
@@ -147,7 +148,6 @@ def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: st
     and every node certificate. --tls-cert/--tls-key present an organisation's server
     certificate instead; --client-ca verifies node certificates against the organisation's CA
     (node certificates are still issued by the enrolment CA, which must chain to it)."""
-    import asyncio
 
     from edgewise.cloud.config import AttestationSettings, CloudConfig, ServerLimits
     from edgewise.cloud.server_tls import ServerTls
@@ -175,7 +175,7 @@ def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: st
                                  golden_firmware=att.golden_sets(golden_firmware, firmware)))
         if processes == 1:
             config.db_url  # noqa: B018 - validates --db early
-            asyncio.run(_serve(config))
+            eventloop.run(_serve(config))
             return
         if not config.db_url.startswith("postgresql"):
             raise ConfigError(f"--processes {processes} needs PostgreSQL (--db postgresql://...): "
@@ -228,7 +228,8 @@ async def _serve(config: object, *, index: int | None = None) -> None:
             if config.tls.client_ca is not None:
                 echo(f"node certificates: issued by {config.pki_dir / 'ca.pem'}, verified "
                      f"against {config.tls.client_ca}")
-            echo(f"control plane listening on {url} (TLS 1.3; store: {store.describe()})")
+            echo(f"control plane listening on {url} (TLS 1.3; store: {store.describe()}; "
+                 f"event loop: {eventloop.loop_factory()[0]})")
             await _until_stopped()
         finally:
             await running.stop()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgewise.cli.common import fail
+from edgewise.common import eventloop
 from edgewise.errors import EdgewiseError
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def serve_processes(config: CloudConfig, processes: int,
 
     def serve_one(index: int) -> None:
         try:
-            asyncio.run(serve(replace(config, process=index, reuse_port=True), index=index))
+            eventloop.run(serve(replace(config, process=index, reuse_port=True), index=index))
         except EdgewiseError as exc:
             fail(exc)
 

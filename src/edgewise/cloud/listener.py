@@ -1,16 +1,23 @@
 """The listening port: TLS handshakes under a deadline and a cap, then aiohttp.
 
 aiohttp's `web.TCPSite` hands the TLS context to ``loop.create_server``, which neither limits
-how many handshakes run at once nor lets us see a handshake that fails. `GatedSite` listens on
-plain TCP instead and upgrades each accepted connection itself with ``loop.start_tls``
-(``ssl_handshake_timeout``), so it knows every connection from accept to close:
+how many handshakes run at once nor lets us see a handshake that fails. `GatedSite` binds the
+listening sockets itself and accepts connections as plain sockets (`Gate.accept_ready`); a
+connection admitted to its handshake becomes a TLS transport through
+``loop.connect_accepted_socket`` (``ssl_handshake_timeout``). So it knows every connection from
+accept to close, and a connection waiting for its handshake is a bare socket with its
+ClientHello unread in the kernel: no transport, no buffers. (An earlier version accepted
+through ``loop.create_server`` and paused the new transport in ``connection_made``; uvloop
+starts reading right after ``connection_made``, so the ClientHello was lost and the handshake
+hung until its timeout.) This works the same on asyncio's loop and on uvloop
+(`edgewise.common.eventloop`):
 
 * **admission.** A token bucket (``handshake_rate`` per s, ``handshake_burst``) paces the
   handshakes: a connection accepted when the bucket is empty waits in a FIFO (at most
-  ``handshake_queue``; beyond it, closed at once) with its ClientHello unread, and its handshake
-  starts when a token is back, so a reconnect storm becomes a queue instead of handshake
-  timeouts and retries. The handshake timeout runs from the start of the handshake.
-* **cap.** A connection is *unauthenticated* from accept until its handshake ends with a
+  ``handshake_queue``; beyond it, closed at once with a reset) with its ClientHello unread, and
+  its handshake starts when a token is back, so a reconnect storm becomes a queue instead of
+  handshake timeouts and retries. The handshake timeout runs from the start of the handshake.
+* **cap.** A connection is *unauthenticated* from its handshake's start until it ends with a
   verified client certificate (a node); connections without one (operators, enrolment,
   health checks) stay counted until they close. Beyond ``max_unauthenticated`` a new connection
   is closed at once, before the handshake costs anything (about 230 KB of TLS buffers each).
@@ -23,18 +30,22 @@ plain TCP instead and upgrades each accepted connection itself with ``loop.start
 * **idle timeout** between requests is aiohttp's own ``keepalive_timeout`` (`app.start`).
 
 The counters (`Gate.refused`, ``queued``, ``handshake_failures``, ``read_timeouts``,
-``unauthenticated``)
-are exported as metrics by `app`.
+``unauthenticated``) are exported as metrics by `app`. Running out of descriptors at ``accept`` (EMFILE) stops
+accepting for `ACCEPT_PAUSE` s and is logged, as asyncio's own server does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -45,6 +56,10 @@ from edgewise.common.tls import lean_read_buffer
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACCEPT_BATCH = 100  # connections accepted per readiness of the listening socket, at most
+ACCEPT_PAUSE = 1.0  # s without accepting after running out of descriptors or memory
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class Gate:
@@ -56,11 +71,11 @@ class Gate:
                  handshake_burst: int = 100, handshake_queue: int = 4096) -> None:
         self.server = server
         # admission: a token bucket paces handshakes; connections beyond it wait in a FIFO
-        # (their ClientHello unread in the socket) instead of timing out
+        # (accepted sockets, their ClientHello unread) instead of timing out
         self.bucket = TokenBucket(handshake_rate, handshake_burst)
         self.handshake_queue = handshake_queue
         self.queued = 0  # connections that waited for a token (in all)
-        self._waiting: deque[tuple[asyncio.Transport, _Accepted]] = deque()
+        self._waiting: deque[socket.socket] = deque()
         self._drain_at: asyncio.TimerHandle | None = None
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
@@ -70,34 +85,56 @@ class Gate:
         self.refused = 0  # closed at accept: the cap was reached
         self.handshake_failures = 0  # handshakes that failed or timed out
         self.read_timeouts = 0  # connections closed because a request head was too slow
+        self.accept_errors = 0  # accept() failed for want of descriptors or memory
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    def __call__(self) -> asyncio.Protocol:
-        """The protocol factory for ``loop.create_server`` (plain TCP)."""
-        return _Accepted(self)
+    # -- accepting ------------------------------------------------------------------------
+    def accept_ready(self, listening: socket.socket) -> None:
+        """The listening socket is readable: accept what is there (a bounded number)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _addr = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # out of descriptors or memory: stop accepting for a moment (as asyncio does)
+                self.accept_errors += 1
+                log.error("cannot accept connections (%s); trying again in %g s",
+                          exc.strerror or exc, ACCEPT_PAUSE)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listening.fileno())
+                loop.call_later(ACCEPT_PAUSE, self._resume_accepting, listening)
+                return
+            sock.setblocking(False)
+            self.admit(sock)
 
-    def admit(self, transport: asyncio.BaseTransport, accepted: _Accepted) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        # the ClientHello waits in the socket until start_tls reads it
-        transport.pause_reading()
+    def _resume_accepting(self, listening: socket.socket) -> None:
+        if listening.fileno() >= 0:  # not closed meanwhile
+            asyncio.get_running_loop().add_reader(listening.fileno(), self.accept_ready,
+                                                  listening)
+
+    def admit(self, sock: socket.socket) -> None:
+        """A connection just accepted: its handshake starts now, later, or never (cap)."""
         if self.unauthenticated >= self.max_unauthenticated:  # the cap: closed at once
             self.refused += 1
-            transport.abort()
+            _abort(sock)
             return
         if not self._waiting and self.bucket.take() == 0.0:
-            self._start(transport)
+            self._start(sock)
             return
         if len(self._waiting) >= self.handshake_queue:
             self.refused += 1
-            transport.abort()
+            _abort(sock)
             return
         self.queued += 1
-        self._waiting.append((transport, accepted))
+        self._waiting.append(sock)
         self._schedule()
 
-    def _start(self, transport: asyncio.Transport) -> None:
+    def _start(self, sock: socket.socket) -> None:
         self.unauthenticated += 1
-        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        task = asyncio.get_running_loop().create_task(self._handshake(sock))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
@@ -110,16 +147,17 @@ class Gate:
         """Start waiting handshakes as tokens and the cap allow, oldest first."""
         self._drain_at = None
         while self._waiting:
-            transport, accepted = self._waiting[0]
-            if accepted.lost:  # the peer gave up while waiting
+            sock = self._waiting[0]
+            if _gone(sock):  # the peer gave up while waiting
                 self._waiting.popleft()
+                sock.close()
                 continue
             if self.unauthenticated >= self.max_unauthenticated:
                 return  # `release` drains again when a slot frees
             if self.bucket.take() > 0.0:
                 break
             self._waiting.popleft()
-            self._start(transport)
+            self._start(sock)
         self._schedule()
 
     def release(self) -> None:
@@ -127,31 +165,30 @@ class Gate:
         if self._waiting and self._drain_at is None:
             self._schedule()
 
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def _handshake(self, sock: socket.socket) -> None:
         conn = _Connection(self)
         loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(transport, conn, self.ssl_context, server_side=True,
-                                       ssl_handshake_timeout=self.handshake_timeout)
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout)
+        # from here the loop's transport owns the socket and closes it when the handshake
+        # fails or is cancelled (uvloop's closes the descriptor itself: closing it here too
+        # could close a descriptor reused by another connection meanwhile)
         except asyncio.CancelledError:
             self.release()
-            transport.abort()
             raise
         except Exception as exc:  # any failed handshake ends the same way
             self.release()
             self.handshake_failures += 1
-            transport.abort()
             log.debug("TLS handshake failed: %r", exc)
             return
-        if tls is None:  # pragma: no cover - start_tls returns the transport or raises
-            self.release()
-            transport.abort()
-            return
-        ssl_object = tls.get_extra_info("ssl_object")
+        transport = cast(asyncio.Transport, tls)
+        ssl_object = transport.get_extra_info("ssl_object")
         has_cert = ssl_object is not None and ssl_object.getpeercert(binary_form=True)
         if has_cert:  # verified by the TLS layer against our CA: a node, not counted
             self.release()
-        conn.start(tls, counted=not has_cert)
+        conn.start(transport, counted=not has_cert)
 
     def close(self) -> None:
         """Abort the handshakes still running and those waiting (the server is stopping)."""
@@ -159,23 +196,78 @@ class Gate:
             self._drain_at.cancel()
             self._drain_at = None
         while self._waiting:
-            self._waiting.popleft()[0].abort()
+            _abort(self._waiting.popleft())
         for task in list(self._handshakes):
             task.cancel()
 
 
-class _Accepted(asyncio.Protocol):
-    """A freshly accepted TCP connection, until `Gate._handshake` takes it over."""
+def _abort(sock: socket.socket) -> None:
+    """Close at once with a reset (nothing of the connection is kept, as transport.abort)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
 
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
-        self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.gate.admit(transport, self)
+def _gone(sock: socket.socket) -> bool:
+    """Whether the peer of a waiting connection has closed or reset it (its ClientHello,
+    if any, stays unread: MSG_PEEK)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+
+class _Listening:
+    """The listening sockets of a `GatedSite`, read by `Gate.accept_ready`: what aiohttp's
+    runner needs of a server (``sockets``, ``close``)."""
+
+    def __init__(self, sockets: list[socket.socket], gate: Gate) -> None:
+        self.sockets = sockets
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), gate.accept_ready, sock)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host:port`` (every address it resolves to,
+    as ``loop.create_server`` binds them)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _Connection(asyncio.Protocol):
@@ -301,10 +393,8 @@ class GatedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         self.gate = Gate(server, self._tls, **self._limits)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.gate, self._host, self._port,
-                                                backlog=self._backlog, reuse_address=True,
-                                                reuse_port=self._reuse_port or None)
+        sockets = await _listen(self._host, self._port, self._backlog, self._reuse_port)
+        self._server = _Listening(sockets, self.gate)  # type: ignore[assignment]
 
     async def stop(self) -> None:
         await super().stop()

@@ -2,7 +2,8 @@
 
 `Spy` runs ``py-spy record --format raw`` (collapsed stacks: ``frame;frame;... count``) against a
 pid for a while, without pausing the target (``--nonblocking``) and only while a thread holds
-the GIL (``--gil``: busy Python time, not waits); `summarize` reads such a file and lists the
+the GIL (``--gil``: busy Python time, not waits; ``gil=False`` samples every thread that is not
+idle, which shows what runs with the GIL released, such as OpenSSL's handshakes); `summarize` reads such a file and lists the
 busiest functions by self samples and by inclusive samples (only frames of our code, aiohttp,
 ssl, SQLAlchemy and the database drivers, so the common ancestors of every stack do not crowd
 the list). py-spy is an optional tool (``pip install py-spy``); without it `Spy.start`
@@ -25,8 +26,8 @@ def _py_spy() -> str | None:
 
 
 class Spy:
-    def __init__(self, pid: int, out: Path, rate: int = 49) -> None:
-        self.pid, self.out, self.rate = pid, out, rate
+    def __init__(self, pid: int, out: Path, rate: int = 49, gil: bool = True) -> None:
+        self.pid, self.out, self.rate, self.gil = pid, out, rate, gil
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, duration: float | None = None) -> bool:
@@ -35,7 +36,9 @@ class Spy:
             return False
         self.out.parent.mkdir(parents=True, exist_ok=True)
         argv = [exe, "record", "--pid", str(self.pid), "--format", "raw", "--rate",
-                str(self.rate), "--nonblocking", "--gil", "--subprocesses", "-o", str(self.out)]
+                str(self.rate), "--nonblocking", "--subprocesses", "-o", str(self.out)]
+        if self.gil:
+            argv.append("--gil")
         # --subprocesses: `cloud serve --processes N` serves from the supervisor's children
         if duration is not None:
             argv += ["--duration", str(int(max(1, duration)))]

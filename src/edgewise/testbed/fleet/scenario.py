@@ -63,6 +63,7 @@ class ScenarioConfig:
     phase_timeout: float = 300.0  # s for each of enrol, push, storm
     sim_args: tuple[str, ...] = ()
     profile: Path | None = None  # py-spy raw files of the server: steady.txt, storm.txt
+    profile_gil: bool = True  # sample only GIL holders (False: every busy thread, native too)
     servers: int = 1  # `cloud serve --processes N` (more than 1 needs ``db``)
     server_args: tuple[str, ...] = ()  # more `cloud serve` flags (e.g. ``--limit`` ones)
 
@@ -207,7 +208,7 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
 
         # 2. steady state: server CPU and memory
         pid = cloud.child.pid or 0
-        spy = Spy(pid, cfg.profile / "steady.txt") if cfg.profile else None
+        spy = Spy(pid, cfg.profile / "steady.txt", gil=cfg.profile_gil) if cfg.profile else None
         if spy is not None and not spy.start(cfg.steady_s):
             fig["profile"] = "py-spy not installed"
             spy = None
@@ -263,7 +264,7 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         cloud.child = ChildProcess("cloud", cloud.child.argv, cloud.child.log)
         await cloud.start()
         ready = time.time()
-        spy = Spy(cloud.child.pid or 0, cfg.profile / "storm.txt") if cfg.profile else None
+        spy = Spy(cloud.child.pid or 0, cfg.profile / "storm.txt", gil=cfg.profile_gil) if cfg.profile else None
         if spy is not None and not spy.start():
             spy = None
 
