@@ -61,7 +61,33 @@ def rss_now(pid: int) -> int:
     return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
 
 
+CHILDREN: list[subprocess.Popen[bytes]] = []  # stopped however the run ends (`stop_children`)
+
+
+def stop_children() -> None:
+    """SIGTERM every child still running, then SIGKILL what has not ended within 60 s: a
+    failed or interrupted run leaves no control plane or simulator behind (one that did kept
+    2,000 virtual nodes running and loaded the machine for the next runs)."""
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in CHILDREN:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def main() -> None:
+    # SIGTERM ends the run like an error: the finally blocks stop the children
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        run()
+    finally:
+        stop_children()
+
+
+def run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=300)
     ap.add_argument("--src", type=Path, default=SRC)
@@ -86,6 +112,7 @@ def main() -> None:
         serve = [sys.executable, "-c", CPROFILED, str(args.cprofile), *serve[3:]]
     with open(log, "w") as out:
         srv = subprocess.Popen(serve, env=env, stdout=out, stderr=subprocess.STDOUT)
+    CHILDREN.append(srv)
     cfg = work / "cloud" / "cli.json"
     for _ in range(1200):
         if cfg.exists() and "listening" in log.read_text():
@@ -104,6 +131,7 @@ def main() -> None:
                                 str(work / "cloud" / "pki" / "ca.pem"), "--processes", "2",
                                 "--duration", "3600", "--events", str(events), "--no-verify",
                                 "--json"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    CHILDREN.append(sim)
 
     def ups() -> int:
         if not events.exists():
