@@ -1,6 +1,7 @@
 """1,000 idle and slow connections against a real ``edgewise cloud serve`` (small timeouts, a
 cap on unauthenticated connections): every one is closed within its configured timeout, or
-refused at once over the cap, while two nodes enrolled through the real device API keep their
+refused at once over the cap (or closed after waiting for a slot while handshakes held it),
+while two nodes enrolled through the real device API keep their
 live sessions, whose batch-to-ack latency is measured before, during and after (printed; the
 bound on it, a timing figure, is asserted with EDGEWISE_LONG_TESTS=1).
 
@@ -35,15 +36,16 @@ pytestmark = pytest.mark.slow
 # the cap is low enough to be reached also when a loaded machine opens the connections slowly
 # (at 400, a run at load 17 never had that many open at once: no connection met the cap)
 LIMITS = {"handshake_timeout": 2.0, "read_timeout": 2.0, "idle_timeout": 4.0,
-          "max_unauthenticated": 100}
+          "max_unauthenticated": 100, "queue_wait": 2.0}
 LONG = os.environ.get("EDGEWISE_LONG_TESTS") == "1"
 LINGER = 2.0  # aiohttp reads and drops an unread body this long after answering (app.py)
 SLACK = 3.0  # s a close may come late on a loaded 2-core machine
 CONNECTIONS = 1000
-# the timeout that closes each kind of connection of slow_clients.py
+# the timeout that closes each kind of connection of slow_clients.py; one that meets the cap
+# while handshakes are in progress waits up to queue_wait for a slot first (listener)
 BOUND = {
-    "tcp-silent": LIMITS["handshake_timeout"],
-    "tls-stalled": LIMITS["handshake_timeout"],
+    "tcp-silent": LIMITS["queue_wait"] + LIMITS["handshake_timeout"],
+    "tls-stalled": LIMITS["queue_wait"] + LIMITS["handshake_timeout"],
     "tls-silent": LIMITS["read_timeout"],
     "slowloris": LIMITS["read_timeout"],
     "slow-body": LIMITS["read_timeout"] + LINGER,
@@ -189,8 +191,11 @@ async def test_idle_and_slow_connections_are_closed_sessions_unaffected(
     assert min(by_kind["slowloris"]) > LIMITS["read_timeout"] - 1.0
     metrics = await _metrics(cloud)
     closed = {reason: metrics.get(f'edgewise_connections_closed_total{{reason="{reason}"}}', 0)
-              for reason in ("cap", "handshake", "read_timeout")}
-    assert closed["cap"] > 0 and closed["handshake"] > 0 and closed["read_timeout"] > 0, closed
+              for reason in ("cap", "handshake", "read_timeout", "queue_wait")}
+    at_cap = metrics.get('edgewise_handshakes_queued_total{at="cap"}', 0)
+    # the cap was met: connections closed at once, or made to wait for a slot
+    assert closed["cap"] + at_cap > 0, (closed, at_cap)
+    assert closed["handshake"] > 0 and closed["read_timeout"] > 0, closed
     assert metrics["edgewise_unauthenticated_connections"] <= 1  # the scrape's own
     assert metrics["edgewise_sessions_opened_total"] == 2  # no session was cut and reopened
 

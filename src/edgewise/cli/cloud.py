@@ -107,9 +107,9 @@ def cloud() -> None:
 @click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE",
               help="Connection and request limits (repeatable): handshake_timeout, "
               "read_timeout, idle_timeout (s), max_unauthenticated, device_rate (/s), "
-              "device_burst, handshake_rate (/s), handshake_burst, handshake_queue, backlog, "
-              "enrol_rate (/s), enrol_burst, enrol_queue, push_fetch_rate (/s), "
-              "push_max_jitter (s), store_wait (s), pipeline_lease (s); see "
+              "device_burst, handshake_rate (/s), handshake_burst, handshake_queue, "
+              "queue_wait (s), backlog, enrol_rate (/s), enrol_burst, enrol_queue, "
+              "push_fetch_rate (/s), push_max_jitter (s), store_wait (s), pipeline_lease (s); see "
               "docs/control-plane.md.")
 @click.option("--require-attestation", is_flag=True,
               help="Enrol only nodes with a TPM; a node without one is refused at enrolment "

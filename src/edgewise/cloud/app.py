@@ -114,11 +114,13 @@ class GateMetrics(Collector):
         closed.add_metric(["cap"], g.refused)
         closed.add_metric(["handshake"], g.handshake_failures)
         closed.add_metric(["read_timeout"], g.read_timeouts)
+        closed.add_metric(["queue_wait"], g.expired)
         yield closed
         queued = CounterMetricFamily("edgewise_handshakes_queued",
-                                     "Connections that waited for a handshake token "
-                                     "(admission control)")
-        queued.add_metric([], g.queued)
+                                     "Connections that waited for a handshake token or for a "
+                                     "slot under the cap (admission control)", labels=["at"])
+        queued.add_metric(["token"], g.queued - g.queued_at_cap)
+        queued.add_metric(["cap"], g.queued_at_cap)
         yield queued
 
 
@@ -359,7 +361,8 @@ async def start(config: CloudConfig, ca: CertificateAuthority, *,
                      max_unauthenticated=limits.max_unauthenticated, backlog=limits.backlog,
                      handshake_rate=limits.handshake_rate,
                      handshake_burst=limits.handshake_burst,
-                     handshake_queue=limits.handshake_queue, reuse_port=config.reuse_port)
+                     handshake_queue=limits.handshake_queue, queue_wait=limits.queue_wait,
+                     reuse_port=config.reuse_port)
     try:
         await site.start()
     except OSError as exc:

@@ -42,6 +42,9 @@ class ServerLimits:
     handshake_rate: float = 300.0  # TLS handshakes started per s (admission control)
     handshake_burst: int = 100  # handshakes started at once before the rate applies
     handshake_queue: int = 4096  # connections waiting for a handshake; one more is closed
+    # s a connection may wait from accept for its handshake (a token or a slot under the cap);
+    # then closed: well inside the node's 10 s connect timeout
+    queue_wait: float = 5.0
     backlog: int = 4096  # the listen queue (the kernel caps it at net.core.somaxconn)
     enrol_rate: float = 50.0  # enrolments handled per s; more wait their turn
     enrol_burst: int = 50
@@ -59,7 +62,7 @@ class ServerLimits:
         rates = {"device_rate": "requests per second", "handshake_rate": "handshakes per second",
                  "enrol_rate": "enrolments per second", "push_fetch_rate": "fetches per second"}
         for name in ("handshake_timeout", "read_timeout", "idle_timeout", "push_max_jitter",
-                     "store_wait",
+                     "store_wait", "queue_wait",
                      "pipeline_lease", *rates):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -19,8 +19,16 @@ hung until its timeout.) This works the same on asyncio's loop and on uvloop
   handshake timeouts and retries. The handshake timeout runs from the start of the handshake.
 * **cap.** A connection is *unauthenticated* from its handshake's start until it ends with a
   verified client certificate (a node); connections without one (operators, enrolment,
-  health checks) stay counted until they close. Beyond ``max_unauthenticated`` a new connection
-  is closed at once, before the handshake costs anything (about 230 KB of TLS buffers each).
+  health checks) stay counted until they close. No handshake starts beyond
+  ``max_unauthenticated`` (about 230 KB of TLS buffers each). While some of those are
+  handshakes in progress, a new connection waits in the FIFO above for a slot (a bare socket:
+  a descriptor, no buffers); while the cap is held only by connections past their handshake
+  (idle or slow clients without a certificate), a new one is closed at once.
+* **queue wait.** A connection that waited ``queue_wait`` (5 s) from its accept without
+  starting its handshake is closed (counted as ``expired``): its node is about to give up on
+  its connect (10 s), and work started for it would be wasted. Closing at the cap at once
+  (as before 2026-12-07) made a reconnect storm's nodes back off for up to 30 s while the
+  process had room again seconds later (issue 11).
 * **handshake timeout.** A handshake not finished within ``handshake_timeout`` is aborted.
 * **read timeout.** After the handshake, and again from the first byte after an idle spell,
   a request head must be complete within ``read_timeout`` (slowloris; a TLS connection that
@@ -30,8 +38,9 @@ hung until its timeout.) This works the same on asyncio's loop and on uvloop
 * **idle timeout** between requests is aiohttp's own ``keepalive_timeout`` (`app.start`).
 
 The counters (`Gate.refused`, ``queued``, ``handshake_failures``, ``read_timeouts``,
-``unauthenticated``) are exported as metrics by `app`. Running out of descriptors at ``accept`` (EMFILE) stops
-accepting for `ACCEPT_PAUSE` s and is logged, as asyncio's own server does.
+``unauthenticated``, ``expired``) are exported as metrics by `app`. Running out of
+descriptors at ``accept`` (EMFILE) stops accepting for `ACCEPT_PAUSE` s and is logged, as
+asyncio's own server does.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -68,14 +78,20 @@ class Gate:
     def __init__(self, server: web.Server, ssl_context: ssl.SSLContext, *,
                  handshake_timeout: float, read_timeout: float,
                  max_unauthenticated: int, handshake_rate: float = 300.0,
-                 handshake_burst: int = 100, handshake_queue: int = 4096) -> None:
+                 handshake_burst: int = 100, handshake_queue: int = 4096,
+                 queue_wait: float = 5.0) -> None:
         self.server = server
         # admission: a token bucket paces handshakes; connections beyond it wait in a FIFO
         # (accepted sockets, their ClientHello unread) instead of timing out
         self.bucket = TokenBucket(handshake_rate, handshake_burst)
         self.handshake_queue = handshake_queue
-        self.queued = 0  # connections that waited for a token (in all)
-        self._waiting: deque[socket.socket] = deque()
+        self.queue_wait = queue_wait  # s a connection may wait from accept, at most
+        self.queued = 0  # connections that waited for a token or a slot (in all)
+        self.queued_at_cap = 0  # of those, the ones that met the cap
+        self.expired = 0  # closed after waiting queue_wait without a start
+        self.handshaking = 0  # handshakes in progress now
+        # (socket, when accepted), oldest first
+        self._waiting: deque[tuple[socket.socket, float]] = deque()
         self._drain_at: asyncio.TimerHandle | None = None
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
@@ -116,12 +132,15 @@ class Gate:
                                                   listening)
 
     def admit(self, sock: socket.socket) -> None:
-        """A connection just accepted: its handshake starts now, later, or never (cap)."""
-        if self.unauthenticated >= self.max_unauthenticated:  # the cap: closed at once
+        """A connection just accepted: its handshake starts now, later, or never."""
+        at_cap = self.unauthenticated >= self.max_unauthenticated
+        if at_cap and self.handshaking == 0:
+            # the cap is held by connections past their handshake (idle or slow clients
+            # without a certificate): no slot is coming soon, closed at once
             self.refused += 1
             _abort(sock)
             return
-        if not self._waiting and self.bucket.take() == 0.0:
+        if not at_cap and not self._waiting and self.bucket.take() == 0.0:
             self._start(sock)
             return
         if len(self._waiting) >= self.handshake_queue:
@@ -129,49 +148,73 @@ class Gate:
             _abort(sock)
             return
         self.queued += 1
-        self._waiting.append(sock)
+        self.queued_at_cap += at_cap
+        self._waiting.append((sock, time.monotonic()))
         self._schedule()
 
     def _start(self, sock: socket.socket) -> None:
         self.unauthenticated += 1
+        self.handshaking += 1
         task = asyncio.get_running_loop().create_task(self._handshake(sock))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
     def _schedule(self) -> None:
+        """Drain when a token is back; at the cap, when the oldest waiter's time is up
+        (`release` drains sooner when a slot frees)."""
         if self._drain_at is None and self._waiting:
-            delay = max(self.bucket.wait(), 0.001)
-            self._drain_at = asyncio.get_running_loop().call_later(delay, self._drain)
+            if self.unauthenticated >= self.max_unauthenticated:
+                delay = self._waiting[0][1] + self.queue_wait - time.monotonic()
+            else:
+                delay = self.bucket.wait()
+            self._drain_at = asyncio.get_running_loop().call_later(max(delay, 0.001),
+                                                                   self._drain)
 
     def _drain(self) -> None:
-        """Start waiting handshakes as tokens and the cap allow, oldest first."""
+        """Start waiting handshakes as tokens and the cap allow, oldest first; close those
+        that waited `queue_wait` (their node is about to give up on its connect)."""
         self._drain_at = None
+        now = time.monotonic()
         while self._waiting:
-            sock = self._waiting[0]
+            sock, since = self._waiting[0]
+            if now - since >= self.queue_wait:
+                self._waiting.popleft()
+                self.expired += 1
+                _abort(sock)
+                continue
             if _gone(sock):  # the peer gave up while waiting
                 self._waiting.popleft()
                 sock.close()
                 continue
             if self.unauthenticated >= self.max_unauthenticated:
-                return  # `release` drains again when a slot frees
+                break  # `release` drains again when a slot frees
             if self.bucket.take() > 0.0:
                 break
             self._waiting.popleft()
             self._start(sock)
         self._schedule()
 
+    def _handshake_ended(self) -> None:
+        self.handshaking -= 1
+
     def release(self) -> None:
         self.unauthenticated -= 1
-        if self._waiting and self._drain_at is None:
+        if self._waiting:  # a slot: drain now, not at a waiter's expiry
+            if self._drain_at is not None:
+                self._drain_at.cancel()
+                self._drain_at = None
             self._schedule()
 
     async def _handshake(self, sock: socket.socket) -> None:
         conn = _Connection(self)
         loop = asyncio.get_running_loop()
         try:
-            tls, _ = await loop.connect_accepted_socket(
-                lambda: conn, sock, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout)
+            try:
+                tls, _ = await loop.connect_accepted_socket(
+                    lambda: conn, sock, ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.handshake_timeout)
+            finally:
+                self._handshake_ended()
         # from here the loop's transport owns the socket and closes it when the handshake
         # fails or is cancelled (uvloop's closes the descriptor itself: closing it here too
         # could close a descriptor reused by another connection meanwhile)
@@ -196,7 +239,7 @@ class Gate:
             self._drain_at.cancel()
             self._drain_at = None
         while self._waiting:
-            _abort(self._waiting.popleft())
+            _abort(self._waiting.popleft()[0])
         for task in list(self._handshakes):
             task.cancel()
 

@@ -3,11 +3,11 @@
 `Spy` runs ``py-spy record --format raw`` (collapsed stacks: ``frame;frame;... count``) against a
 pid for a while, without pausing the target (``--nonblocking``) and only while a thread holds
 the GIL (``--gil``: busy Python time, not waits; ``gil=False`` samples every thread that is not
-idle, which shows what runs with the GIL released, such as OpenSSL's handshakes); `summarize` reads such a file and lists the
-busiest functions by self samples and by inclusive samples (only frames of our code, aiohttp,
-ssl, SQLAlchemy and the database drivers, so the common ancestors of every stack do not crowd
-the list). py-spy is an optional tool (``pip install py-spy``); without it `Spy.start`
-returns False.
+idle, which shows what runs with the GIL released, such as OpenSSL's handshakes); `summarize`
+reads such a file and lists the busiest functions by self samples and by inclusive samples
+(only frames of our code, aiohttp, ssl, SQLAlchemy and the database drivers, so the common
+ancestors of every stack do not crowd the list). py-spy is an optional tool
+(``pip install py-spy``); without it `Spy.start` returns False.
 """
 
 from __future__ import annotations

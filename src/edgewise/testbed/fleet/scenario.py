@@ -264,7 +264,8 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         cloud.child = ChildProcess("cloud", cloud.child.argv, cloud.child.log)
         await cloud.start()
         ready = time.time()
-        spy = Spy(cloud.child.pid or 0, cfg.profile / "storm.txt", gil=cfg.profile_gil) if cfg.profile else None
+        spy = Spy(cloud.child.pid or 0, cfg.profile / "storm.txt",
+                  gil=cfg.profile_gil) if cfg.profile else None
         if spy is not None and not spy.start():
             spy = None
 
