@@ -234,8 +234,8 @@ def calibrate_site_engine(site: SiteSpec, span: float,
     colder it wakes up: a pause of 10 ms does not show what one of 250 ms costs). The same
     sample of sensors as the realtime run of ``--simulate``, scaled back; the sources' batches
     out of step as unsynchronised devices arrive. Also the group commits per second, and the
-    garbage collector's runs and the objects it promotes per second (its full collections are
-    left out of the cores: `edgewise.plan.gc_cost` counts them). ``checkpoint_bytes``: the
+    garbage collector's runs per second (its full collections are left out of the cores:
+    `edgewise.plan.gc_cost` counts them). ``checkpoint_bytes``: the
     packed size of the site's operator state, written with every commit as the node writes it
     (`_with_ballast`): the writer's CPU for those bytes is then in the cores, and the commits
     per second are those of a writer that stores them: on the pump station's 400 KB, the
