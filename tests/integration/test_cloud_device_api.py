@@ -637,3 +637,34 @@ async def test_shutdown_tells_live_sessions(cloud: Cloud, tmp_path: Path) -> Non
         assert await link.recv() == {"t": "error", "reason": "the control plane is shutting down"}
         await link.closed()
         await stop
+
+
+async def test_a_session_upgrade_reads_the_store_only_once_admitted(
+        cloud: Cloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a reconnect storm every upgrade read its node from the store before asking for a
+    start slot; those reads queued on the read connections until they timed out and the storm
+    collapsed (issue 11). An upgrade told to retry now reads nothing, and one whose node the
+    store refuses gives its slot back."""
+    node = await cloud.enrol("n")
+    registry = cloud.running.app[SESSIONS]
+    reads: list[str] = []
+    get_node = cloud.store.get_node
+
+    async def counted(node_id: str) -> Any:
+        reads.append(node_id)
+        return await get_node(node_id)
+
+    monkeypatch.setattr(cloud.store, "get_node", counted)
+    adm = registry.admission
+    adm.admit_wait = 0.05
+    adm.starting = adm.limit()  # every start slot taken
+    async with cloud.client(node) as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{cloud.url}{protocol.SESSION_PATH}")
+        assert refused.value.status == 429
+        assert reads == []  # no store read for an upgrade that was not admitted
+        adm.starting = 0
+        await revoke_node(cloud.running.app, node.id, reason="test", actor="test")
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await http.ws_connect(f"{cloud.url}{protocol.SESSION_PATH}")
+    assert adm.starting == 0  # the refused node's slot came back

@@ -384,13 +384,21 @@ async def desired(request: web.Request) -> web.Response:
 
 
 async def session(request: web.Request) -> web.StreamResponse:
-    node_id, cert = await authenticate(request)
     registry = request.app[SESSIONS]
-    # a storm waits in line for a start slot, or outside (429) beyond a few seconds' line
+    # a storm waits in line for a start slot, or outside (429) beyond a few seconds' line.
+    # Before `authenticate`, whose store read every upgrade would otherwise make at once: in
+    # a 5,000-node storm those reads queued on SQLite's four read connections for their 30 s
+    # and the storm collapsed (docs/benchmarks.md, "The cap's wait and the reads before
+    # admission"). The TLS layer has verified the certificate already.
     wait = await registry.admission.admit()
     if wait > 0:
         registry.metrics.session_errors.labels("busy: told to retry").inc()
         raise TooManyRequests("too many sessions starting at once; retry later", wait)
+    try:
+        node_id, cert = await authenticate(request)
+    except BaseException:
+        registry.admission.ended(welcomed=False)  # the slot, for the next in line
+        raise
     return await handle_session(request, registry, node_id, cert)
 
 
