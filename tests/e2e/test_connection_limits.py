@@ -1,7 +1,6 @@
 """1,000 idle and slow connections against a real ``edgewise cloud serve`` (small timeouts, a
 cap on unauthenticated connections): every one is closed within its configured timeout, or
-refused at once over the cap (or closed after waiting for a slot while handshakes held it),
-while two nodes enrolled through the real device API keep their
+refused at once over the cap, while two nodes enrolled through the real device API keep their
 live sessions, whose batch-to-ack latency is measured before, during and after (printed; the
 bound on it, a timing figure, is asserted with EDGEWISE_LONG_TESTS=1).
 
@@ -41,8 +40,8 @@ LONG = os.environ.get("EDGEWISE_LONG_TESTS") == "1"
 LINGER = 2.0  # aiohttp reads and drops an unread body this long after answering (app.py)
 SLACK = 3.0  # s a close may come late on a loaded 2-core machine
 CONNECTIONS = 1000
-# the timeout that closes each kind of connection of slow_clients.py; one that meets the cap
-# while handshakes are in progress waits up to queue_wait for a slot first (listener)
+# the timeout that closes each kind of connection of slow_clients.py; one that finds no
+# handshake token waits up to queue_wait for one first (listener)
 BOUND = {
     "tcp-silent": LIMITS["queue_wait"] + LIMITS["handshake_timeout"],
     "tls-stalled": LIMITS["queue_wait"] + LIMITS["handshake_timeout"],
@@ -192,10 +191,7 @@ async def test_idle_and_slow_connections_are_closed_sessions_unaffected(
     metrics = await _metrics(cloud)
     closed = {reason: metrics.get(f'edgewise_connections_closed_total{{reason="{reason}"}}', 0)
               for reason in ("cap", "handshake", "read_timeout", "queue_wait")}
-    at_cap = metrics.get('edgewise_handshakes_queued_total{at="cap"}', 0)
-    # the cap was met: connections closed at once, or made to wait for a slot
-    assert closed["cap"] + at_cap > 0, (closed, at_cap)
-    assert closed["handshake"] > 0 and closed["read_timeout"] > 0, closed
+    assert closed["cap"] > 0 and closed["handshake"] > 0 and closed["read_timeout"] > 0, closed
     assert metrics["edgewise_unauthenticated_connections"] <= 1  # the scrape's own
     assert metrics["edgewise_sessions_opened_total"] == 2  # no session was cut and reopened
 

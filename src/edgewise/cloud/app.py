@@ -117,10 +117,9 @@ class GateMetrics(Collector):
         closed.add_metric(["queue_wait"], g.expired)
         yield closed
         queued = CounterMetricFamily("edgewise_handshakes_queued",
-                                     "Connections that waited for a handshake token or for a "
-                                     "slot under the cap (admission control)", labels=["at"])
-        queued.add_metric(["token"], g.queued - g.queued_at_cap)
-        queued.add_metric(["cap"], g.queued_at_cap)
+                                     "Connections that waited for a handshake token "
+                                     "(admission control)")
+        queued.add_metric([], g.queued)
         yield queued
 
 

@@ -19,16 +19,13 @@ hung until its timeout.) This works the same on asyncio's loop and on uvloop
   handshake timeouts and retries. The handshake timeout runs from the start of the handshake.
 * **cap.** A connection is *unauthenticated* from its handshake's start until it ends with a
   verified client certificate (a node); connections without one (operators, enrolment,
-  health checks) stay counted until they close. No handshake starts beyond
-  ``max_unauthenticated`` (about 230 KB of TLS buffers each). While some of those are
-  handshakes in progress, a new connection waits in the FIFO above for a slot (a bare socket:
-  a descriptor, no buffers); while the cap is held only by connections past their handshake
-  (idle or slow clients without a certificate), a new one is closed at once.
-* **queue wait.** A connection that waited ``queue_wait`` (5 s) from its accept without
-  starting its handshake is closed (counted as ``expired``): its node is about to give up on
-  its connect (10 s), and work started for it would be wasted. Closing at the cap at once
-  (as before 2026-12-07) made a reconnect storm's nodes back off for up to 30 s while the
-  process had room again seconds later (issue 11).
+  health checks) stay counted until they close. Beyond ``max_unauthenticated`` a new
+  connection is closed at once, before the handshake costs anything (about 230 KB of TLS
+  buffers each). (Making it wait for a slot instead was tried twice, and reconnect storms got
+  slower or collapsed: the work let through overran what follows the handshake.)
+* **queue wait.** A connection that waited ``queue_wait`` (5 s) from its accept for a token
+  is closed (counted as ``expired``): its node is about to give up on its connect (10 s), and
+  a handshake started for it would be wasted.
 * **handshake timeout.** A handshake not finished within ``handshake_timeout`` is aborted.
 * **read timeout.** After the handshake, and again from the first byte after an idle spell,
   a request head must be complete within ``read_timeout`` (slowloris; a TLS connection that
@@ -86,8 +83,7 @@ class Gate:
         self.bucket = TokenBucket(handshake_rate, handshake_burst)
         self.handshake_queue = handshake_queue
         self.queue_wait = queue_wait  # s a connection may wait from accept, at most
-        self.queued = 0  # connections that waited for a token or a slot (in all)
-        self.queued_at_cap = 0  # of those, the ones that met the cap
+        self.queued = 0  # connections that waited for a token (in all)
         self.expired = 0  # closed after waiting queue_wait without a start
         self.handshaking = 0  # handshakes in progress now
         # (socket, when accepted), oldest first
@@ -133,14 +129,13 @@ class Gate:
 
     def admit(self, sock: socket.socket) -> None:
         """A connection just accepted: its handshake starts now, later, or never."""
-        at_cap = self.unauthenticated >= self.max_unauthenticated
-        if at_cap and self.handshaking == 0:
-            # the cap is held by connections past their handshake (idle or slow clients
-            # without a certificate): no slot is coming soon, closed at once
+        if self.unauthenticated >= self.max_unauthenticated:  # the cap: closed at once
+            # (waiting for a slot instead was tried twice and made 5,000- and 10,000-node
+            # storms slower or collapse: docs/benchmarks.md, "The cap's wait, tried again")
             self.refused += 1
             _abort(sock)
             return
-        if not at_cap and not self._waiting and self.bucket.take() == 0.0:
+        if not self._waiting and self.bucket.take() == 0.0:
             self._start(sock)
             return
         if len(self._waiting) >= self.handshake_queue:
@@ -148,7 +143,6 @@ class Gate:
             _abort(sock)
             return
         self.queued += 1
-        self.queued_at_cap += at_cap
         self._waiting.append((sock, time.monotonic()))
         self._schedule()
 
@@ -160,13 +154,12 @@ class Gate:
         task.add_done_callback(self._handshakes.discard)
 
     def _schedule(self) -> None:
-        """Drain when a token is back; at the cap, when the oldest waiter's time is up
-        (`release` drains sooner when a slot frees)."""
+        """Drain when a token is back or the oldest waiter's time is up, whichever comes
+        first; at the cap, at that time (`release` drains sooner when a slot frees)."""
         if self._drain_at is None and self._waiting:
-            if self.unauthenticated >= self.max_unauthenticated:
-                delay = self._waiting[0][1] + self.queue_wait - time.monotonic()
-            else:
-                delay = self.bucket.wait()
+            delay = self._waiting[0][1] + self.queue_wait - time.monotonic()
+            if self.unauthenticated < self.max_unauthenticated:
+                delay = min(delay, self.bucket.wait())
             self._drain_at = asyncio.get_running_loop().call_later(max(delay, 0.001),
                                                                    self._drain)
 
