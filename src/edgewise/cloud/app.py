@@ -254,7 +254,7 @@ def create_app(config: CloudConfig, ca: CertificateAuthority, *,
     metrics_.registry.register(WriteMetrics(pokes, sessions.node_writes))
     metrics_.registry.register(AdmissionMetrics(sessions.admission))
     bus = None
-    if store_.url.startswith("postgresql"):  # other processes may share the database
+    if store_.shared:  # other processes may use the database too
         bus = replica_bus(store_, sessions, pokes, revocations)
         metrics_.registry.register(BusMetrics(bus, sessions, pokes))
     app[BUS] = bus

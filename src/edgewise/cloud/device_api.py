@@ -410,8 +410,8 @@ def _op(summary: str, auth: str) -> dict[str, Any]:
 def setup(app: web.Application) -> None:
     app.middlewares.append(errors)
     config = app[CONFIG]
-    shared = config.db_url.startswith("postgresql")  # other processes may share the db
-    app[NONCES] = NonceBook(config.nonce_ttl, store=app[STORE] if shared else None)
+    store = app[STORE]
+    app[NONCES] = NonceBook(config.nonce_ttl, store=store if store.shared else None)
     app[DEVICE_RATE] = RateLimiter(config.server.device_rate, config.server.device_burst)
     app[ENROL_PACER] = Pacer(config.server.enrol_rate, config.server.enrol_burst,
                              config.server.enrol_queue)

@@ -154,6 +154,13 @@ class Database:
     def __repr__(self) -> str:
         return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
 
+    @property
+    def shared(self) -> bool:
+        """Whether other control-plane processes may use this database too (PostgreSQL:
+        `cloud serve --processes N`, replicas); SQLite takes one writing process. Decides the
+        replica bus (`app`) and where re-authentication nonces are kept (`device_api`)."""
+        return self.url.startswith("postgresql")
+
     def describe(self) -> str:
         """The store as its operator knows it: ``SQLite file PATH`` or ``PostgreSQL database
         NAME on HOST:PORT as USER`` (never the password)."""
