@@ -123,5 +123,5 @@ async def test_a_connection_waiting_for_a_token_is_closed_after_queue_wait(
         got = b""
     waited = asyncio.get_running_loop().time() - t0
     assert got == b"" and 0.3 < waited < 3.0, (got, waited)
-    assert (gate.queued, gate.expired, gate.refused, gate.handshaking) == (1, 1, 0, 0)
+    assert (gate.queued, gate.expired, gate.refused, gate.unauthenticated) == (1, 1, 0, 0)
     writer.close()

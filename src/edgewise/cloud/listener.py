@@ -85,7 +85,6 @@ class Gate:
         self.queue_wait = queue_wait  # s a connection may wait from accept, at most
         self.queued = 0  # connections that waited for a token (in all)
         self.expired = 0  # closed after waiting queue_wait without a start
-        self.handshaking = 0  # handshakes in progress now
         # (socket, when accepted), oldest first
         self._waiting: deque[tuple[socket.socket, float]] = deque()
         self._drain_at: asyncio.TimerHandle | None = None
@@ -148,7 +147,6 @@ class Gate:
 
     def _start(self, sock: socket.socket) -> None:
         self.unauthenticated += 1
-        self.handshaking += 1
         task = asyncio.get_running_loop().create_task(self._handshake(sock))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -187,9 +185,6 @@ class Gate:
             self._start(sock)
         self._schedule()
 
-    def _handshake_ended(self) -> None:
-        self.handshaking -= 1
-
     def release(self) -> None:
         self.unauthenticated -= 1
         if self._waiting:  # a slot: drain now, not at a waiter's expiry
@@ -202,12 +197,9 @@ class Gate:
         conn = _Connection(self)
         loop = asyncio.get_running_loop()
         try:
-            try:
-                tls, _ = await loop.connect_accepted_socket(
-                    lambda: conn, sock, ssl=self.ssl_context,
-                    ssl_handshake_timeout=self.handshake_timeout)
-            finally:
-                self._handshake_ended()
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout)
         # from here the loop's transport owns the socket and closes it when the handshake
         # fails or is cancelled (uvloop's closes the descriptor itself: closing it here too
         # could close a descriptor reused by another connection meanwhile)
