@@ -12,9 +12,6 @@ once), as on a machine that has never planned before.
 Node cores are measured in several realtime runs per site (`--rounds`, default
 `edgewise.plan.simulate.REALTIME_ROUNDS`), their median reported; every round's figure is
 printed beside the estimate with that round's own neighbouring runs of the engine alone.
-The comparison at each round's machine speed (`edgewise.plan.speed`) scales the estimate's
-parts calibrated beside the processing-cost run by the engine's speed in that round against
-its speed just after that run; its median ratio is printed too.
 
 Run: python benchmarks/plan_accuracy.py [--rounds N] [WORKLOAD.yaml ...]
 The last line printed is one JSON object with all figures.
@@ -105,17 +102,6 @@ def main(paths: list[Path], rounds: int | None = None) -> None:
                               for m, e in zip(per_round, est_k, strict=True)))
                     row["cores_rounds"] = {"measured": per_round, "engine": pairs,
                                            "estimate": est_k}
-                at_speed = sim.get("cores_at_speed")
-                if at_speed is not None:  # every round against its speed-scaled estimate
-                    print("  node cores at each round's machine speed (speed, measured / "
-                          "estimated): " + ", ".join(
-                              f"{sp_:.2f}, {m:.4f} / {e:.4f} ({r:.3f})" for sp_, m, e, r in
-                              zip(at_speed["speed"], at_speed["measured"],
-                                  at_speed["estimate"], at_speed["ratios"], strict=True))
-                          + f"; median ratio {at_speed['ratio']:.3f}")
-                    row["cores_at_speed"] = at_speed
-                    worst["cores_at_speed"] = max(worst.get("cores_at_speed", 0.0),
-                                                  abs(at_speed["ratio"] - 1.0))
                 print("  node cores by part, measured: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in meas_all["cores_parts"].items()))
                 row["cores_parts"] = {"estimate": est_all["cores_parts"],
@@ -129,9 +115,7 @@ def main(paths: list[Path], rounds: int | None = None) -> None:
         print(f"measured: {first['measured']['method']}")
     print("\nlargest |ratio - 1| over the workloads: "
           + ", ".join(f"{label} {worst[key]:.3f}" for key, label in KEYS)
-          + f", node cores with decoding left out {worst['cores_without_decoding']:.3f}"
-          + (f", node cores at each round's machine speed {worst['cores_at_speed']:.3f}"
-             if "cores_at_speed" in worst else ""))
+          + f", node cores with decoding left out {worst['cores_without_decoding']:.3f}")
     figures["largest_deviation"] = worst
     emit_json(figures)
 

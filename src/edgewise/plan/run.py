@@ -81,7 +81,6 @@ def run_plan(workload_path: Path, out: Path | None, simulate: bool,
 
 def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str, Any]:
     from edgewise.plan.site_figures import snapshot_us_per_commit
-    from edgewise.plan.speed import speed_comparison
 
     sites = {}
     for sp in the_plan.sites:
@@ -151,10 +150,6 @@ def summary_of(the_plan: Any, measured: dict[str, Any], words: int) -> dict[str,
                     "stage_cpu_spread": ms_.stage_cpu_spread,
                     # node cores of every realtime run; the measurement is their median
                     "cores_rounds": ms_.cores_rounds,
-                    # each round against the estimate at its machine speed (`plan.speed`)
-                    "cores_at_speed": speed_comparison(
-                        dict(e.sizing.parts), (sp.engine_site or {}).get("halves"),
-                        (sp.engine_site or {}).get("rounds"), ms_.cores_rounds),
                 }
         sites[sp.name] = site
     return {"workload": the_plan.workload.name, "simulated": the_plan.simulated,
