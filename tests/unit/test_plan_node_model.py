@@ -294,7 +294,8 @@ def test_a_batch_driven_sites_snapshots_are_costed_as_after_a_sleep() -> None:
 
 
 def test_the_site_calibration_times_snapshots_after_a_sleep() -> None:
-    from edgewise.plan.costs import Costs, _runnable
+    from edgewise.plan.calibration_scope import runnable as _runnable
+    from edgewise.plan.costs import Costs
     from edgewise.plan.site_calibration import PACED_CALLS, SiteCalibration
 
     sp = build_plan(load_workload(WORKLOADS / "retail.yaml"), Costs()).sites[0]

@@ -69,8 +69,9 @@ import numpy as np
 from edgewise.common.files import write_atomic
 from edgewise.errors import StorageError
 from edgewise.plan import flows as F
+from edgewise.plan.calibration_scope import passengers as _passengers
+from edgewise.plan.calibration_scope import runnable as _runnable
 from edgewise.plan.cost_model import (
-    CALIBRATED,
     INGEST_US,
     INGEST_WAKE_US,
     PACE_S,
@@ -471,37 +472,6 @@ def _site_costs(base: dict[str, StageCost], entry: dict[str, Any]) -> dict[str, 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _runnable(site: SiteSpec, stages: list[StageSpec]) -> list[StageSpec]:
-    """Stages the calibration can run: built-in operators whose inputs it can produce."""
-    have = {s.id for s in site.sources}
-    out = []
-    for st in stages:
-        if st.function is None and st.cpu_us_per_record is None and \
-                st.operator in CALIBRATED and all(r in have for r in st.inputs):
-            out.append(st)
-            have.add(st.id)
-    return out
-
-
-def _passengers(site: SiteSpec, stages: list[StageSpec],
-                runnable: list[StageSpec]) -> list[StageSpec]:
-    """User functions the calibration runs among the operators it fits (not fitted: they
-    cost what they declare), those whose inputs it produces and whose class imports."""
-    from edgewise.pipeline.operators.plugin import load_user_class
-
-    have = {s.id for s in site.sources} | {st.id for st in runnable}
-    out = []
-    for st in stages:
-        if st.function is None or not all(r in have for r in st.inputs):
-            continue
-        try:
-            load_user_class(st.function)
-        except Exception:  # not importable here (no spec.code.path on sys.path): left out
-            continue
-        out.append(st)
-    return out
 
 
 __all__ = ["Calibrator", "Costs", "Paired"]

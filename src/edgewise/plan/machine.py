@@ -13,6 +13,7 @@ import numpy as np
 
 _CODE = ("pipeline/operators", "pipeline/engine.py", "pipeline/commit.py", "pipeline/batch.py",
          "pipeline/checkpoint.py", "outbox", "sync/codec.py", "plan/costs.py",
+         "plan/calibration_scope.py",
          "plan/cost_model.py", "plan/site_calibration.py", "plan/engine_calibration.py",
          "plan/source.py", "plan/flows.py", "plan/encoding.py", "sim/signals.py")
 
