@@ -35,7 +35,6 @@ from edgewise.cli.cloud_pipeline import pipeline
 from edgewise.cli.common import CLOUD_DATA, fail, need_extra
 from edgewise.cli.logs import log_format_option
 from edgewise.cli.output import Output, output_options
-from edgewise.common import eventloop
 from edgewise.errors import ConfigError, EdgewiseError
 
 _TTL = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
@@ -175,6 +174,8 @@ def serve(data_dir: Path, host: str, port: int, db: str | None, trust_domain: st
                                  golden_firmware=att.golden_sets(golden_firmware, firmware)))
         if processes == 1:
             config.db_url  # noqa: B018 - validates --db early
+            from edgewise.common import eventloop  # asyncio: not imported for --help
+
             eventloop.run(_serve(config))
             return
         if not config.db_url.startswith("postgresql"):
@@ -200,6 +201,7 @@ async def _serve(config: object, *, index: int | None = None) -> None:
     from edgewise.cloud.bootstrap import bootstrap, prepare_data_dir, server_url, write_cli_config
     from edgewise.cloud.config import CloudConfig
     from edgewise.cloud.store import Store
+    from edgewise.common import eventloop
     from edgewise.common.collector import tune_for_server
 
     assert isinstance(config, CloudConfig)
