@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgewise.errors import StorageError
-from edgewise.outbox import DeadLetter, Outbox, OutboxDiskFull, PendingChunk, disk
+from edgewise.outbox import DeadLetter, Outbox, OutboxDiskFull, PendingChunk, disk, numbering
 from edgewise.outbox.numbering import REPLACED, REWOUND, UNSURE, SentBefore
 from edgewise.outbox.quarantine import open_outbox
 from edgewise.outbox.view import OutboxView
@@ -122,6 +122,44 @@ def test_an_outbox_that_lost_its_write_ahead_log_continues_above_what_it_had(
         ob.commit([chunk("raw", 7)])
         assert ranges(ob, "raw")[-1] == (800, 7)
         assert lost(ob) == [("raw", 500, 300, REWOUND)]
+
+
+def test_the_uplink_sees_a_commit_only_once_the_note_covering_it_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk sent before its commit's note is written, then the process killed and the log
+    lost: the note's positions are a commit behind what the cloud holds, and the sources
+    produce that commit's records again under new numbers (a duplicate the cloud cannot see).
+    So `peek` waits for the note of the commit it would read."""
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as ob:
+        ob.register_stream("raw", 5)
+        ob.commit([chunk("raw", 100)], note=b"first")
+        writing, release = threading.Event(), threading.Event()
+        real = numbering.write_note
+
+        def held(*args: object, **kw: object) -> None:
+            writing.set()
+            release.wait(10)
+            real(*args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(numbering, "write_note", held)
+        committer = threading.Thread(target=ob.commit, args=([chunk("raw", 50, seed=1)],),
+                                     kwargs={"note": b"second"})
+        committer.start()
+        assert writing.wait(10)  # committed to the database, its note not yet written
+        seen: list[list[int]] = []
+        peeker = threading.Thread(target=lambda: seen.append(
+            [c.seq_count for c in ob.peek()]))
+        peeker.start()
+        peeker.join(0.5)
+        assert seen == []  # before: [100, 50] while the note still said 100 and "first"
+        release.set()
+        committer.join(10)
+        peeker.join(10)
+        assert seen == [[100, 50]]
+        note = numbering.read_note(path)
+        assert note is not None and note.next_seq == {"raw": 150}
+        assert note.positions == b"second"
 
 
 # -- a new node id (finding 8) -----------------------------------------------------------------

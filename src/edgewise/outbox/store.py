@@ -30,7 +30,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,7 +202,8 @@ class Outbox(Pressure, Numbered):
         self.dead_letter_count = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, then: Callable[[], None] | None = None) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock; ``then`` runs after its COMMIT, still holding it."""
         db = self.db
         with self._lock:
             db.execute("BEGIN IMMEDIATE")
@@ -214,6 +215,8 @@ class Outbox(Pressure, Numbered):
                 raise
             else:
                 db.execute("COMMIT")
+                if then is not None:
+                    then()
 
     # -- streams ------------------------------------------------------------------------------
     def register_stream(self, stream: str, priority: int, compact: bool = False) -> None:
@@ -266,7 +269,7 @@ class Outbox(Pressure, Numbered):
             encoded.append((pc, payload, ts_first, ts_last))
         for attempt in (1, 2):
             try:
-                report = self._commit(encoded, dead, checkpoint)
+                report = self._commit(encoded, dead, checkpoint, note)
                 break
             except sqlite3.Error as exc:
                 self._reload_after_failure()
@@ -276,10 +279,6 @@ class Outbox(Pressure, Numbered):
                     raise OutboxDiskFull(f"outbox commit failed ({self.path}): the disk is "
                                          "full and nothing more may be evicted") from None
                 self._disk_full(exc)
-        if note is not None:
-            self._note_positions = note
-        if encoded:
-            self._write_note()
         if self._frozen is not None:
             self._maybe_recover()
         elif not self._reserve_ok:  # at the first commit, once the engine set the bound
@@ -288,11 +287,21 @@ class Outbox(Pressure, Numbered):
 
     def _commit(self, encoded: list[tuple[PendingChunk, bytes, float | None, float | None]],
                 dead: list[DeadLetter] | None, checkpoint: dict[str, bytes] | None,
-                ) -> CommitReport:
+                note: bytes | None) -> CommitReport:
         report = CommitReport()
         now = time.time()
         top = 0
-        with self._tx() as db:
+
+        def noted() -> None:
+            # before the lock is let go: `peek` (the uplink) never reads a chunk whose
+            # numbers and source positions the note does not hold yet, so a file that later
+            # loses its log continues from at least what the cloud may have
+            if note is not None:
+                self._note_positions = note
+            if encoded:
+                self._write_note()
+
+        with self._tx(noted) as db:
             for pc, payload, ts_first, ts_last in encoded:
                 st = self._streams[pc.stream]
                 top = max(top, st.priority)
