@@ -32,6 +32,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,8 @@ class Numbered:
     def db(self) -> sqlite3.Connection:
         raise NotImplementedError
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+    def _tx(self, then: Callable[[], None] | None = None
+            ) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError
 
     def _load(self) -> None:
@@ -303,6 +305,12 @@ class Numbered:
     def _write_note(self) -> None:
         with self._note_lock:  # the last one written is the newest state
             write_note(self.path, self.meta, dict(self._next_seq), self._note_positions)
+
+    def _noted(self, changed: bool) -> None:
+        """After a transaction that moved numbers, still holding the lock (``_tx(then=...)``):
+        the note is written before the uplink can read what the transaction changed."""
+        if changed:
+            self._write_note()
 
     def take_rewound(self) -> bytes | None:
         """The source positions to continue from, once, if this file lost its latest commits
@@ -338,31 +346,30 @@ class Numbered:
                       reason: str) -> dict[str, tuple[int, int]]:
         """Continue each stream's numbers from at least its floor; the range skipped is lost
         (an upper bound; see `continue_from` of this module)."""
-        try:
-            with self._tx() as db:
+        done: dict[str, tuple[int, int]] = {}
+        try:  # the note too in the same hold of the lock (see `_noted`)
+            with self._tx(lambda: self._noted(bool(done))) as db:
                 done = continue_from(db, floors, lows, reason)
                 if done:  # in the same hold of the lock: no commit sees the old numbers
                     self._load_locked()
         except sqlite3.Error as exc:
             self._reload_after_failure()
             raise storage_error("outbox renumbering failed", self.path, exc) from None
-        if done:
-            self._write_note()
         return done
 
     def reconcile(self, node_id: str, marks: dict[str, int],
                   sent: SentBefore | None = None) -> Reconciled:
         """Make the numbers those of ``node_id`` (at a welcome; see `reconcile` above)."""
+        result: Reconciled | None = None
         try:
-            with self._tx() as db:
+            with self._tx(lambda: self._noted(result is not None and bool(result.kind))) as db:
                 result = reconcile(db, self.meta, node_id, marks, sent)
                 if result.kind:  # in the same hold of the lock: no commit sees the old numbers
                     self._load_locked()
         except sqlite3.Error as exc:
             self._reload_after_failure()
             raise storage_error("outbox renumbering failed", self.path, exc) from None
-        if result.kind:
-            self._write_note()
+        assert result is not None  # set inside the transaction that did not fail
         return result
 
     def lost_ranges(self) -> list[LostRange]:
