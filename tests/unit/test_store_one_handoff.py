@@ -113,3 +113,30 @@ async def test_session_start_reads_what_the_separate_reads_read(store_url: str,
                            await store.settled_above("n1", name, info.contiguous))
                     for name, info in (await store.load_streams("n1")).items()}
         assert streams == separate
+
+
+async def test_a_node_and_its_quarantine_read_in_one_handoff_are_what_the_sqlalchemy_path_reads(
+        store_url: str, tmp_path: Path) -> None:
+    """`get_node` and `quarantines` (every session upgrade and hello reads them; one hand-off
+    on SQLite, with SQLAlchemy's result processing) give what the SQLAlchemy path gives: labels,
+    aware datetimes, flags, a decommissioned node's fields, a quarantine's reason."""
+    ca = CertificateAuthority.create(tmp_path / "ca", now=T0 - timedelta(days=1))
+    async with Store(store_url) as store:
+        assert await store.get_node("n1") is None
+        assert await store.quarantines(["n1"]) == {}
+        _plain, token = EnrolmentToken.issue({"site": "s"}, timedelta(days=3650), 2, now=T0)
+        await store.add_enrolment_token(token, now=T0)
+        for n in ("n1", "n2"):
+            key = ec.generate_private_key(ec.SECP256R1())
+            await store.enrol_node(token.hash, n, ca.sign_node_csr(make_csr(key), n))
+        await store.set_node_labels("n1", {"site": "s", "line": "3"}, actor="op:test")
+        gone = await store.decommission_node("n2", wipe=True, reason="sold", actor="op:test",
+                                             now=T0 + timedelta(hours=1))  # SQLAlchemy's read
+        await store.set_quarantine("n1", "quote failed", actor="op:test")
+        node = await store.get_node("n1")
+        assert node is not None and node.labels == {"site": "s", "line": "3"}
+        assert node.revoked is False and node.wipe is False and node.decommissioned_at is None
+        assert node.created.tzinfo is not None and node.cert_expiry.tzinfo is not None
+        assert await store.get_node("n2") == gone
+        assert gone.decommissioned_at == T0 + timedelta(hours=1) and gone.wipe is True
+        assert await store.quarantines(["n1", "n2", "n3"]) == {"n1": "quote failed"}

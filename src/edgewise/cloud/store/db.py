@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Self, TypeVar
 
 import alembic.command
@@ -114,9 +115,20 @@ class RawStatement:
     names: tuple[str, ...]  # the parameters, in placeholder order
     procs: tuple[Callable[[Any], Any] | None, ...]  # SQLAlchemy's bind processor of each
 
+    # a SELECT's columns: their names and SQLAlchemy's result processor of each (`row`)
+    columns: tuple[str, ...] = ()
+    results: tuple[Callable[[Any], Any] | None, ...] = ()
+
     def params(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
         return tuple(row[n] if p is None else p(row[n])
                      for n, p in zip(self.names, self.procs, strict=True))
+
+    def row(self, values: Sequence[Any]) -> SimpleNamespace:
+        """A row of the driver, as the SQLAlchemy path returns it (attributes by column name,
+        values through the column types' result processors)."""
+        return SimpleNamespace(**{
+            n: v if p is None or v is None else p(v)
+            for n, p, v in zip(self.columns, self.results, values, strict=True)})
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T],
@@ -266,8 +278,12 @@ class Database:
         dialect = self._write.dialect
         compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
         names = tuple(compiled.positiontup or ())
-        return RawStatement(compiled.string, names, tuple(
-            compiled.binds[n].type._cached_bind_processor(dialect) for n in names))
+        selected = list(getattr(stmt, "selected_columns", ()))
+        return RawStatement(
+            compiled.string, names,
+            tuple(compiled.binds[n].type._cached_bind_processor(dialect) for n in names),
+            tuple(c.key for c in selected),
+            tuple(c.type._cached_result_processor(dialect, None) for c in selected))
 
     async def _sqlite_tx(self, fn: Callable[[sqlite3.Connection], T], *,
                          write: bool = True) -> T:

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from edgewise.cloud.store.audit import write_audit
-from edgewise.cloud.store.db import Database, utc_now
+from edgewise.cloud.store.db import Database, RawStatement, utc_now
 from edgewise.cloud.store.models import EnrolmentTokenRow, Node, Revocation
 from edgewise.cloud.store.records import EnrolmentTokenInfo, NodeInfo
 from edgewise.errors import ConfigError, EdgewiseError, PeerError, StorageError
@@ -221,9 +221,24 @@ class IdentityStore(Database):
                            "make a new key to enrol another node")
 
     async def get_node(self, node_id: str) -> NodeInfo | None:
+        """One node (None: not enrolled here). Every session upgrade and device call reads
+        one: on SQLite in one hand-off to a reader's thread, a fifth of the SQLAlchemy path's
+        CPU (issue 11: a reconnect storm's store reads)."""
+        if self.dialect == "sqlite":
+            stmt = self._raw_get_node()
+            values = await self._sqlite_tx(
+                lambda conn: conn.execute(stmt.sql, (node_id,)).fetchone(), write=False)
+            return _node_info(stmt.row(values)) if values is not None else None
         async with self._tx(write=False) as conn:
             row = (await conn.execute(select(Node).where(Node.id == node_id))).first()
         return _node_info(row) if row else None
+
+    def _raw_get_node(self) -> RawStatement:
+        raw: RawStatement | None = getattr(self, "_raw_node_stmt", None)
+        if raw is None:
+            raw = self._raw_node_stmt = self.raw_statement(
+                select(Node).where(Node.id == bindparam("node_id")), ())
+        return raw
 
     async def list_nodes(self, labels: Mapping[str, str] | None = None, *, limit: int = 1000,
                          after: str | None = None) -> list[NodeInfo]:

@@ -13,15 +13,16 @@ enforcement and the operator views need: the quarantine reason (``node_health``,
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
-from edgewise.cloud.store.db import Database, utc_now
+from edgewise.cloud.store.db import Database, RawStatement, utc_now
 from edgewise.cloud.store.models import EnrolmentTokenRow, NodeHealthRow, NodeTpmRow
 from edgewise.errors import PeerError
 
@@ -85,11 +86,32 @@ class TpmStore(Database):
         """``{node: reason}`` of the quarantined ones among ``node_ids`` (one query)."""
         if not node_ids:
             return {}
+        if self.dialect == "sqlite":  # one hand-off, one lookup each (a session's hello)
+            stmt = self._raw_quarantine()
+            ids = list(node_ids)
+
+            def read(conn: sqlite3.Connection) -> dict[str, str]:
+                found = {}
+                for node_id in ids:
+                    row = conn.execute(stmt.sql, (node_id,)).fetchone()
+                    if row is not None and row[0] is not None:
+                        found[node_id] = row[0]
+                return found
+
+            return await self._sqlite_tx(read, write=False)
         async with self._tx(write=False) as conn:
             rows = (await conn.execute(select(NodeHealthRow.node_id, NodeHealthRow.quarantine)
                                        .where(NodeHealthRow.node_id.in_(list(node_ids)),
                                               NodeHealthRow.quarantine.is_not(None)))).all()
         return {r.node_id: r.quarantine for r in rows}
+
+    def _raw_quarantine(self) -> RawStatement:
+        raw: RawStatement | None = getattr(self, "_raw_quarantine_stmt", None)
+        if raw is None:
+            raw = self._raw_quarantine_stmt = self.raw_statement(
+                select(NodeHealthRow.quarantine).where(
+                    NodeHealthRow.node_id == bindparam("node_id")), ())
+        return raw
 
     async def attestations(self, node_ids: Sequence[str]) -> dict[str, str]:
         """``{node: "tpm" | "none"}`` for each of ``node_ids`` (one query)."""
