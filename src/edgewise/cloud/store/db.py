@@ -30,6 +30,7 @@ path stores).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -48,6 +49,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from edgewise.cloud.store.readers import SqliteReaders
 from edgewise.errors import ConfigError, StorageError
 
 DB_FILE = "edgewise.db"
@@ -161,6 +163,7 @@ class Database:
         self.wait = wait  # s a transaction waits for a pooled connection
         self._write: AsyncEngine | None = None
         self._read: AsyncEngine | None = None
+        self._readers: SqliteReaders | None = None  # SQLite: the hot reads' own connections
         self.dialect = ""
 
     def __repr__(self) -> str:
@@ -202,6 +205,8 @@ class Database:
                     private_sqlite_file(Path(url.database))
                 self._write = self._sqlite_engine(immediate=True, pool_size=1)
                 self._read = self._sqlite_engine(immediate=False, pool_size=4)
+                if url.database and url.database != ":memory:":
+                    self._readers = SqliteReaders(url.database, 4, self.wait)
             else:
                 self._write = create_async_engine(self.url, pool_size=10, max_overflow=10,
                                                   pool_pre_ping=True, pool_timeout=self.wait)
@@ -243,6 +248,9 @@ class Database:
         alembic.command.upgrade(cfg, "head")
 
     async def close(self) -> None:
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            await asyncio.to_thread(readers.close)  # waits for the reads running
         for engine in {id(e): e for e in (self._write, self._read) if e is not None}.values():
             await engine.dispose()
         self._write = self._read = None
@@ -296,6 +304,8 @@ class Database:
         if engine is None:
             raise StorageError("store is not open")
         try:
+            if not write and self._readers is not None:
+                return await self._readers.run(fn)
             async with engine.connect() as conn:
                 raw = await conn.get_raw_connection()
                 driver = raw.driver_connection  # the aiosqlite connection
