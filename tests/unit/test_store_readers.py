@@ -1,6 +1,7 @@
-"""The store's own SQLite readers (`edgewise.cloud.store.readers`): one read transaction per
+"""The store's own readers (`edgewise.cloud.store.readers`). SQLite: one read transaction per
 call in a reader's thread, never a write, at most ``size`` at once with a bounded wait for a
-turn, and closed with every connection."""
+turn, and closed with every connection. PostgreSQL: the pool's bounded wait, and reads that go
+on after the server dropped the pooled connections."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from edgewise.cloud.store import Store
-from edgewise.cloud.store.readers import SqliteReaders
+from edgewise.cloud.store.notify import listen_dsn
+from edgewise.cloud.store.readers import PgReaders, SqliteReaders
 from edgewise.errors import StorageError
 
 pytestmark = pytest.mark.asyncio
@@ -73,3 +76,43 @@ async def test_the_store_reads_through_its_readers_and_closes_them(tmp_path: Pat
         assert await store.get_node("nobody") is None
         assert len(readers._conns) == 1
     assert store._readers is None and readers._conns == []
+
+
+async def test_postgres_reads_go_on_after_the_server_dropped_the_pooled_connections(
+        postgres: str) -> None:
+    """A database restart (here: every reader's backend terminated) leaves pooled connections
+    that fail at their next use; a read runs once more on a fresh one instead of answering a
+    session upgrade with a storage error."""
+    async with Store(postgres) as store:
+        assert await store.get_node("nobody") is None
+        assert await store.session_start("nobody") == ({}, 0)
+        admin = await asyncpg.connect(listen_dsn(postgres))
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            await admin.close()
+        assert killed >= 1
+        assert await store.get_node("nobody") is None
+        assert await store.quarantines(["nobody"]) == {}
+
+
+async def test_postgres_reads_beyond_the_pool_fail_after_the_wait(postgres: str) -> None:
+    readers = PgReaders(listen_dsn(postgres), 1, 0.3)
+    release = asyncio.Event()
+    try:
+        async def hold(conn: object) -> int:
+            await release.wait()
+            return 1
+
+        held = asyncio.create_task(readers.run(hold))
+        await asyncio.sleep(0.3)
+        with pytest.raises(StorageError, match=r"1 readers were busy for 0\.3 s"):
+            await readers.run(lambda c: c.fetchval("SELECT 1"))
+        release.set()
+        assert await held == 1
+        assert await readers.run(lambda c: c.fetchval("SELECT 2"), snapshot=False) == 2
+    finally:
+        release.set()
+        await readers.close()

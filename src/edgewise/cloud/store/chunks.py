@@ -114,8 +114,8 @@ class _RawIngest:
 
 @dataclass(frozen=True)
 class _RawStart:
-    """`ChunkStore.session_start`'s reads for SQLite's driver (ints and text only: no result
-    processing needed)."""
+    """`ChunkStore.session_start`'s reads for the hot reads' own connections, SQLite's driver
+    (`read`) or asyncpg (`read_pg`) (ints and text only: no result processing needed)."""
 
     streams: RawStatement
     chunks: RawStatement
@@ -137,6 +137,21 @@ class _RawStart:
         version = row.fetchone()[0]
         return out, int(version or 0)
 
+    async def read_pg(self, node_id: str, conn: Any
+                      ) -> tuple[dict[str, tuple[int, list[SeqRange]]], int]:
+        """The same on PostgreSQL (an asyncpg connection, `Database._pg_read`)."""
+        out: dict[str, tuple[int, list[SeqRange]]] = {}
+        for stream, contiguous in await conn.fetch(self.streams.sql, node_id):
+            above = [SeqRange(f, c) for f, c in await conn.fetch(
+                self.chunks.sql, *self.chunks.params(
+                    {"node_id": node_id, "stream": stream, "seq": contiguous}))]
+            above += [SeqRange(f, c, gap=True) for f, c in await conn.fetch(
+                self.gaps.sql, *self.gaps.params(
+                    {"node_id": node_id, "stream": stream, "seq": contiguous}))]
+            out[stream] = (contiguous, sorted(above, key=lambda r: r.first))
+        version = await conn.fetchval(self.desired.sql, node_id)
+        return out, int(version or 0)
+
 
 def _stream_info(row: Any) -> StreamInfo:
     return StreamInfo(row.node_id, row.stream, row.contiguous, row.stored_records,
@@ -156,17 +171,7 @@ class ChunkStore(Database):
         long that waiters ran out of ``store_wait`` (issue 11)."""
         if self.dialect == "sqlite":
             return await self._sqlite_tx(partial(self._raw_start().read, node_id), write=False)
-        stmts = self._start_statements()
-        out: dict[str, tuple[int, list[SeqRange]]] = {}
-        async with self._tx(write=False) as conn:
-            for stream, contiguous in (await conn.execute(stmts[0], {"node_id": node_id})).all():
-                params = {"node_id": node_id, "stream": stream, "seq": contiguous}
-                above = [SeqRange(f, c) for f, c in await conn.execute(stmts[1], params)]
-                above += [SeqRange(f, c, gap=True) for f, c in await conn.execute(stmts[2],
-                                                                                 params)]
-                out[stream] = (contiguous, sorted(above, key=lambda r: r.first))
-            version = (await conn.execute(stmts[3], {"node_id": node_id})).scalar()
-        return out, int(version or 0)
+        return await self._pg_read(partial(self._raw_start().read_pg, node_id))
 
     def _start_statements(self) -> tuple[Any, Any, Any, Any]:
         stmts = getattr(self, "_start_stmts", None)

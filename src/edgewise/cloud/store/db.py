@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,13 +43,14 @@ from typing import Any, Self, TypeVar
 
 import alembic.command
 import alembic.config
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from edgewise.cloud.store.readers import SqliteReaders
+from edgewise.cloud.store.readers import PgReaders, SqliteReaders
 from edgewise.errors import ConfigError, StorageError
 
 DB_FILE = "edgewise.db"
@@ -164,6 +165,7 @@ class Database:
         self._write: AsyncEngine | None = None
         self._read: AsyncEngine | None = None
         self._readers: SqliteReaders | None = None  # SQLite: the hot reads' own connections
+        self._pg_readers: PgReaders | None = None  # PostgreSQL: the same (`_pg_read`)
         self.dialect = ""
 
     def __repr__(self) -> str:
@@ -211,6 +213,9 @@ class Database:
                 self._write = create_async_engine(self.url, pool_size=10, max_overflow=10,
                                                   pool_pre_ping=True, pool_timeout=self.wait)
                 self._read = self._write
+                self._pg_readers = PgReaders(
+                    url.set(drivername="postgresql").render_as_string(hide_password=False),
+                    4, self.wait)
             async with self._write.begin() as conn:
                 await conn.run_sync(self._migrate)
         except BaseException as exc:
@@ -251,6 +256,9 @@ class Database:
         readers, self._readers = self._readers, None
         if readers is not None:
             await asyncio.to_thread(readers.close)  # waits for the reads running
+        pg_readers, self._pg_readers = self._pg_readers, None
+        if pg_readers is not None:
+            await pg_readers.close()
         for engine in {id(e): e for e in (self._write, self._read) if e is not None}.values():
             await engine.dispose()
         self._write = self._read = None
@@ -314,6 +322,19 @@ class Database:
                     _in_transaction, driver._conn, fn,  # type: ignore[union-attr]
                     "BEGIN IMMEDIATE" if write else "BEGIN")
         except (sqlite3.Error, SQLAlchemyError, ValueError) as exc:  # ValueError: closed
+            raise StorageError(f"database error: {exc}") from None
+
+    async def _pg_read(self, fn: Callable[[Any], Awaitable[T]], *, snapshot: bool = True) -> T:
+        """(PostgreSQL) ``await fn(asyncpg connection)`` in one read-only transaction (not for
+        ``snapshot=False``: one statement) of the hot reads' own pool
+        (`edgewise.cloud.store.readers`); statements from `raw_statement`. Raises
+        `StorageError`."""
+        if self._pg_readers is None:
+            raise StorageError("store is not open")
+        try:
+            return await self._pg_readers.run(fn, snapshot=snapshot)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError) as exc:
             raise StorageError(f"database error: {exc}") from None
 
     def _insert(self, model: Any) -> Any:

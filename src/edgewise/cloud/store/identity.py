@@ -222,16 +222,16 @@ class IdentityStore(Database):
 
     async def get_node(self, node_id: str) -> NodeInfo | None:
         """One node (None: not enrolled here). Every session upgrade and device call reads
-        one: on SQLite in one hand-off to a reader's thread, a fifth of the SQLAlchemy path's
-        CPU (issue 11: a reconnect storm's store reads)."""
+        one: through the hot reads' own connections (`edgewise.cloud.store.readers`), a tenth
+        of the SQLAlchemy path's CPU (issue 11: a reconnect storm's store reads)."""
+        stmt = self._raw_get_node()
         if self.dialect == "sqlite":
-            stmt = self._raw_get_node()
             values = await self._sqlite_tx(
                 lambda conn: conn.execute(stmt.sql, (node_id,)).fetchone(), write=False)
-            return _node_info(stmt.row(values)) if values is not None else None
-        async with self._tx(write=False) as conn:
-            row = (await conn.execute(select(Node).where(Node.id == node_id))).first()
-        return _node_info(row) if row else None
+        else:
+            values = await self._pg_read(lambda conn: conn.fetchrow(stmt.sql, node_id),
+                                         snapshot=False)
+        return _node_info(stmt.row(values)) if values is not None else None
 
     def _raw_get_node(self) -> RawStatement:
         raw: RawStatement | None = getattr(self, "_raw_node_stmt", None)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import String, any_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.cloud.store.db import Database, RawStatement, utc_now
@@ -99,11 +100,10 @@ class TpmStore(Database):
                 return found
 
             return await self._sqlite_tx(read, write=False)
-        async with self._tx(write=False) as conn:
-            rows = (await conn.execute(select(NodeHealthRow.node_id, NodeHealthRow.quarantine)
-                                       .where(NodeHealthRow.node_id.in_(list(node_ids)),
-                                              NodeHealthRow.quarantine.is_not(None)))).all()
-        return {r.node_id: r.quarantine for r in rows}
+        many = self._raw_quarantines()
+        rows = await self._pg_read(lambda conn: conn.fetch(many.sql, list(node_ids)),
+                                   snapshot=False)
+        return {r[0]: r[1] for r in rows}
 
     def _raw_quarantine(self) -> RawStatement:
         raw: RawStatement | None = getattr(self, "_raw_quarantine_stmt", None)
@@ -111,6 +111,16 @@ class TpmStore(Database):
             raw = self._raw_quarantine_stmt = self.raw_statement(
                 select(NodeHealthRow.quarantine).where(
                     NodeHealthRow.node_id == bindparam("node_id")), ())
+        return raw
+
+    def _raw_quarantines(self) -> RawStatement:
+        """(PostgreSQL) the quarantined ones among an array of node ids."""
+        raw: RawStatement | None = getattr(self, "_raw_quarantines_stmt", None)
+        if raw is None:
+            raw = self._raw_quarantines_stmt = self.raw_statement(
+                select(NodeHealthRow.node_id, NodeHealthRow.quarantine).where(
+                    NodeHealthRow.node_id == any_(bindparam("ids", type_=ARRAY(String))),
+                    NodeHealthRow.quarantine.is_not(None)), ())
         return raw
 
     async def attestations(self, node_ids: Sequence[str]) -> dict[str, str]:
