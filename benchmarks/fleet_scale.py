@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,10 @@ TARGETS = {  # issue 11, acceptance at 10,000 nodes on one process
     "records_lost": "0",
     "records_duplicated": "0",
 }
+
+
+def _terminated(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -76,6 +81,9 @@ def main() -> None:
     print(f"fleet scale: {args.nodes:,} nodes, {args.processes} simulator process(es), "
           f"{args.servers} control-plane process(es), "
           f"{'PostgreSQL' if args.db else 'SQLite'}; work folder {work}", flush=True)
+    # SIGTERM ends the run as Ctrl-C does: asyncio.run cancels the scenario, whose finally
+    # blocks stop the control plane and the simulator (the default action left both running)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         res = asyncio.run(run_scenario(cfg))
     except ScenarioError as exc:
