@@ -43,8 +43,9 @@ def build_within(plan: Any, caps: Capabilities | None = None
                  ) -> tuple[list[Block], int, list[str]]:
     """The document inside the word range if it can be: blocks, words and warnings. The
     shorter form has one line per stage instead of its placement table, lists met checks by
-    name (their numbers are in the sections and `plan.json`), and leaves the architecture
-    defaults out."""
+    name (their numbers are in the sections and `plan.json`), leaves the architecture
+    defaults out, and names no modules in the capability tables (nor repeats the TPM's
+    sentence under them)."""
     doc = build(plan, caps)
     words = word_count(to_markdown(doc))
     warnings: list[str] = []
@@ -103,10 +104,10 @@ def build(plan: Any, caps: Capabilities | None = None, compact: bool = False) ->
             for c in sorted(checks, key=lambda c: c.met)]))
     _topology(b, plan, caps, compact)
     _processing(b, plan, compact)
-    _sync(b, plan, caps)
-    narrative.security_section(b, plan, caps)
+    _sync(b, plan, caps, compact)
+    narrative.security_section(b, plan, caps, compact)
     narrative.fleet_section(b, plan, caps, compact)
-    narrative.operations_section(b, plan, caps)
+    narrative.operations_section(b, plan, caps, compact)
     _results(b, plan)
     return b
 
@@ -254,7 +255,7 @@ def _processing(b: list[Block], plan: Any, compact: bool = False) -> None:
         b.append(P(text))
 
 
-def _sync(b: list[Block], plan: Any, caps: Capabilities) -> None:
+def _sync(b: list[Block], plan: Any, caps: Capabilities, compact: bool = False) -> None:
     b.append(H(2, "3. Data Synchronization"))
     lead = []
     for sp in plan.sites:
@@ -264,7 +265,7 @@ def _sync(b: list[Block], plan: Any, caps: Capabilities) -> None:
                     f"{sp.site.link.kind}, one chunk per stream every "
                     f"{sp.site.link.batch_interval:g} s, alarms first.")
     b.append(narrative.capability_table(caps, ["durable_outbox", "exactly_once", "lww_merge",
-                                               "forwarders", "cloud_execution"]))
+                                               "forwarders", "cloud_execution"], compact))
     b.append(P("Store and forward: " + " ".join(lead)))
     rows = []
     for sp in plan.sites:

@@ -108,14 +108,14 @@ def privacy_sentence(sp: SitePlan) -> str | None:
     return text + "."
 
 
-def capability_table(caps: Capabilities, keys: list[str]) -> Table:
-    """What Edgewise provides for a section: built (with its modules) or not, and the
-    sentence: the design, or the recommendation."""
+def capability_table(caps: Capabilities, keys: list[str], compact: bool = False) -> Table:
+    """What Edgewise provides for a section: built (with its modules, not in the shorter
+    form) or not, and the sentence: the design, or the recommendation."""
     rows = []
     for k in keys:
         cap = BY_KEY[k]
-        status = ("built: " + ", ".join(f"`{m}`" for m in caps.modules.get(k, ()))
-                  if caps.has(k) else "not built")
+        modules = "" if compact else ": " + ", ".join(f"`{m}`" for m in caps.modules.get(k, ()))
+        status = "built" + modules if caps.has(k) else "not built"
         rows.append([cap.title, status, caps.state(k)])
     return Table(["Edgewise capability", "status", "what it means here"], rows)
 
@@ -146,12 +146,14 @@ def _certificates(plan: Any, caps: Capabilities) -> list[str]:
     return out
 
 
-def _tpm_sentence(plan: Any, caps: Capabilities) -> str:
+def _tpm_sentence(plan: Any, caps: Capabilities, compact: bool = False) -> str:
     options = sorted({sp.final.sizing.option.name for sp in plan.sites
                       if sp.final.sizing.option.tpm})
     name = plan.workload.name
     lead = (f"the {', '.join(options)} node(s) chosen for {name} have a TPM" if options else
             f"the nodes chosen for {name} have no TPM")
+    if compact and options and caps.has("tpm_attestation"):  # the table above says the rest
+        return f"{lead[0].upper()}{lead[1:]}: TPM attestation as in the table above."
     return caps.state("tpm_attestation", lead)
 
 
@@ -177,15 +179,16 @@ def _physical(plan: Any, caps: Capabilities) -> list[str]:
     return out
 
 
-def security_section(b: list[Block], plan: Any, caps: Capabilities) -> None:
+def security_section(b: list[Block], plan: Any, caps: Capabilities,
+                     compact: bool = False) -> None:
     w = plan.workload
     b.append(H(2, "4. Security Architecture"))
     nodes = sum(sp.site.count * sp.final.sizing.nodes for sp in plan.sites)
     b.append(capability_table(caps, ["mtls_identity", "short_certs", "reauth",
                                      "enrolment_tokens", "revocation", "tpm_attestation",
-                                     "tuf_releases", "retention"]))
+                                     "tuf_releases", "retention"], compact))
     b.append(H(3, f"Certificates of the {nodes:,} node(s) against each link's outages"))
-    b.append(UL([*_certificates(plan, caps), _tpm_sentence(plan, caps)]))
+    b.append(UL([*_certificates(plan, caps), _tpm_sentence(plan, caps, compact)]))
     b.append(H(3, "Site networks and protocols"))
     b.append(UL(protocol_sentences(plan)))
     b.append(H(3, "Physical access"))
@@ -227,7 +230,7 @@ def fleet_section(b: list[Block], plan: Any, caps: Capabilities, compact: bool =
     cp = plan.control
     b.append(H(2, "5. Fleet Management"))
     b.append(capability_table(caps, ["heartbeats", "metrics", "fleet_alerts", "ab_rollback",
-                                     "staged_rollouts", "site_failover"]))
+                                     "staged_rollouts", "site_failover"], compact))
     b.append(P(f"Monitoring {cp.nodes:,} node(s) of {where(plan)}: {cp.heartbeats_per_s:,.1f} "
                f"heartbeats and {cp.chunks_per_s:,.1f} chunks a second reach {cp.store}."))
     b.append(Table(["control plane", f"{cp.nodes:,} nodes (this fleet)",
@@ -334,7 +337,8 @@ def baseline_sentences(plan: Any) -> list[str]:
     return out
 
 
-def operations_section(b: list[Block], plan: Any, caps: Capabilities) -> None:
+def operations_section(b: list[Block], plan: Any, caps: Capabilities,
+                       compact: bool = False) -> None:
     w = plan.workload
     b.append(H(2, "6. Operational Procedures"))
     items = []
@@ -372,7 +376,7 @@ def operations_section(b: list[Block], plan: Any, caps: Capabilities) -> None:
 
     b.append(UL(rec))
     b.append(H(3, "Decommissioning"))
-    b.append(capability_table(caps, ["decommission", "pressure"]))
+    b.append(capability_table(caps, ["decommission", "pressure"], compact))
     items = []
     for sp in plan.sites:
         tags = sorted({t for s in sp.site.sources for t in source_tags(s)})
