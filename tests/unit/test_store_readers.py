@@ -116,3 +116,23 @@ async def test_postgres_reads_beyond_the_pool_fail_after_the_wait(postgres: str)
     finally:
         release.set()
         await readers.close()
+    with pytest.raises(StorageError, match="not open"):  # closed: no pool opened again
+        await readers.run(lambda c: c.fetchval("SELECT 3"))
+    assert readers._pool is None
+
+
+async def test_a_read_waiting_for_its_turn_when_the_readers_close_fails_as_not_open(
+        tmp_path: Path) -> None:
+    readers = SqliteReaders(_db(tmp_path), 1, 5.0)
+    release = threading.Event()
+    held = asyncio.create_task(readers.run(lambda _c: release.wait(10)))
+    await asyncio.sleep(0.1)
+    waiting = asyncio.create_task(readers.run(lambda _c: None))
+    await asyncio.sleep(0.1)
+    closing = asyncio.create_task(asyncio.to_thread(readers.close))
+    await asyncio.sleep(0.1)
+    release.set()
+    await held
+    with pytest.raises(StorageError, match="not open"):
+        await waiting
+    await closing

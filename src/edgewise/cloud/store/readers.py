@@ -62,7 +62,11 @@ class SqliteReaders:
                                "(--limit store_wait)") from None
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._read, fn)
+            try:
+                future = loop.run_in_executor(self._pool, self._read, fn)
+            except RuntimeError:  # closed while this read waited for its turn
+                raise StorageError("store is not open") from None
+            return await future
         finally:
             self._turns.release()
 
@@ -74,7 +78,8 @@ class SqliteReaders:
         try:
             return fn(conn)
         finally:
-            conn.execute("COMMIT")  # a read transaction: ends the snapshot either way
+            if conn.in_transaction:  # a read transaction: ends the snapshot either way
+                conn.execute("COMMIT")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
@@ -107,10 +112,13 @@ class PgReaders:
         self.wait = wait
         self._pool: Any = None
         self._opening = asyncio.Lock()
+        self._closed = False
 
     async def run(self, fn: Callable[[Any], Awaitable[T]], *, snapshot: bool = True) -> T:
         """``await fn(connection)`` with a pooled connection, inside one read-only transaction
         (``snapshot=False``: without, for one statement, which sees one snapshot anyway)."""
+        if self._closed:
+            raise StorageError("store is not open")
         pool = self._pool or await self._open()
         for attempt in (1, 2):
             try:
@@ -142,6 +150,7 @@ class PgReaders:
         return self._pool
 
     async def close(self) -> None:
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
