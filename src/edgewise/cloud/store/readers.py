@@ -22,6 +22,7 @@ columns are decoded as SQLAlchemy's asyncpg dialect decodes them, so the rows ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
@@ -133,9 +134,10 @@ class PgReaders:
                     return await fn(conn)
             except DROPPED as exc:
                 # a pooled connection the server dropped (a restart, a terminated backend):
-                # closed here, replaced by the pool; a read may run again, and a second
-                # failure is the caller's
-                conn.terminate()
+                # closed here (unless the pool already took it back as closed), replaced by
+                # the pool; a read may run again, and a second failure is the caller's
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                 if attempt == 2:
                     raise StorageError(f"database error: {exc}") from None
             finally:
