@@ -24,6 +24,7 @@ function, times inflated by the profiler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -170,9 +171,24 @@ def run() -> None:
 
     tick = os.sysconf("SC_CLK_TCK")
 
-    def cpu() -> float:
-        fields = Path(f"/proc/{srv.pid}/stat").read_text().split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    def cpu(pid: int | None = None) -> float:
+        fields = Path(f"/proc/{pid or srv.pid}/stat").read_text().split()
+        return (int(fields[13]) + int(fields[14])) / tick
+
+    def sim_cpu() -> float:
+        """CPU seconds of the simulator's processes (its parent and the processes it
+        started): on this machine they share the cores with the server."""
+        pids, total = {sim.pid}, 0.0
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = (d / "stat").read_text()
+                    if int(stat[stat.rindex(")") + 2:].split()[1]) == sim.pid:
+                        pids.add(int(d.name))
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += cpu(pid)
+        return total
 
     started = time.time()
     try:
@@ -191,9 +207,9 @@ def run() -> None:
         m0 = metrics()
         if args.cprofile is not None:
             srv.send_signal(signal.SIGUSR1)
-        c0, w0 = cpu(), time.time()
+        c0, s0, w0 = cpu(), sim_cpu(), time.time()
         time.sleep(args.window)
-        c1, w1 = cpu(), time.time()
+        c1, s1, w1 = cpu(), sim_cpu(), time.time()
         if args.cprofile is not None:
             srv.send_signal(signal.SIGUSR2)
         m1 = metrics()
@@ -225,6 +241,7 @@ def run() -> None:
         "src": str(args.src), "nodes": n, "up": ups(), "all_up_s": round(all_up, 1),
         "server_cpu_us_per_node_s": round((c1 - c0) / (w1 - w0) / n * 1e6, 1),
         "server_cpu_pct": round((c1 - c0) / (w1 - w0) * 100, 1),
+        "sim_cpu_us_per_node_s": round((s1 - s0) / (w1 - w0) / n * 1e6, 1),
         "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "rss_mb": round(rss_kb / 1024),
         "server_kb_per_node": round(max(0, rss_kb - idle_kb) / n, 1),
         "pool_timeouts_logged": log.read_text().count("QueuePool"),

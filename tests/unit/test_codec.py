@@ -365,3 +365,33 @@ def test_the_largest_chunk_the_edge_makes_passes() -> None:
     got = codec.decode(data)
     assert got["a"][1000] == 1.5 and got["a"][1] is None and got["t"][n - 1] == texts[-1]
     assert got["v"][-1] == n - 1
+
+
+def _decimals_one_at_a_time(v: np.ndarray) -> int | None:
+    """The resolution check as it was written first: each d in turn, through np.round."""
+    if v.size == 0:
+        return 0
+    if not np.all(np.isfinite(v)):
+        return None
+    if np.max(np.abs(v)) >= codec._LIMIT / 10**codec._MAX_DECIMALS:
+        return None
+    for d in range(codec._MAX_DECIMALS + 1):
+        back = np.round(np.round(v * 10.0**d) / 10.0**d, d)
+        if np.array_equal(back, v):
+            return d
+    return None
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-10**9, 10**9).map(lambda i: i / 100.0),
+    st.integers(-10**7, 10**7).map(lambda i: i / 10_000.0),
+    st.integers(-10**6, 10**6).map(lambda i: i / 100_000.0),
+    st.floats(-1e12, 1e12).map(lambda f: round(f, 3))), min_size=1, max_size=80))
+def test_a_small_batchs_resolution_is_the_one_a_check_of_each_resolution_finds(
+        values: list[float]) -> None:
+    # small batches take every resolution in one numpy pass; it must pick the same d (and so
+    # the same bytes) as checking one resolution after another
+    v = np.array(values, dtype=np.float64)
+    assert codec._decimals(v) == _decimals_one_at_a_time(v)

@@ -65,13 +65,18 @@ MAX_VALUE_OBJECTS = 1 << 16  # lists, maps and their items in one `any` value
 _INT_DTYPES = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
 
+_INT_RANGES = tuple((np.dtype(dt), int(np.iinfo(dt).min), int(np.iinfo(dt).max))
+                    for dt in (np.int8, np.int16, np.int32))
+_POWERS = (10.0 ** np.arange(_MAX_DECIMALS + 1, dtype=np.float64))[:, None]  # a column
+_SMALL = 64  # values: up to this many, `_decimals` tries every resolution in one pass
+
+
 def _small_int(a: np.ndarray) -> np.ndarray:
     if a.size == 0:
         return a.astype(np.int8)
     lo, hi = int(a.min()), int(a.max())
-    for dt in (np.int8, np.int16, np.int32):
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
+    for dt, low, high in _INT_RANGES:
+        if low <= lo and hi <= high:
             return a.astype(dt)
     return a.astype(np.int64)
 
@@ -128,6 +133,13 @@ def _decimals(v: np.ndarray) -> int | None:
         return None
     if np.max(np.abs(v)) >= _LIMIT / 10**_MAX_DECIMALS:
         return None
+    if v.size <= _SMALL:  # a small batch: numpy's cost is per call, so all d at once
+        # the same operations as `np.round(np.round(v * f) / f, d)` (numpy rounds to d
+        # decimals as rint(x * f) / f), row d for f = 10^d
+        scaled = v * _POWERS
+        back = np.rint(np.rint(scaled) / _POWERS * _POWERS) / _POWERS
+        fits = np.flatnonzero((back == v).all(axis=1))
+        return int(fits[0]) if fits.size else None
     for d in range(_MAX_DECIMALS + 1):
         # accept d only if decoding gives back exactly the same floats
         back = np.round(np.round(v * 10.0**d) / 10.0**d, d)
@@ -158,12 +170,12 @@ def encode(columns: dict[str, np.ndarray], level: int = ZSTD_LEVEL) -> bytes:
         if name in encoded_text:
             values, codes = encoded_text[name]
             small = _small_int(codes)
-            out.append([name, "dict", values, small.tobytes(), str(small.dtype)])
+            out.append([name, "dict", values, small.tobytes(), _INT_DTYPES[small.itemsize]])
         elif col.dtype.kind == "b":
             out.append([name, "bool", None, np.packbits(col).tobytes(), "u1"])
         elif col.dtype.kind in ("i", "u"):
             d = _small_int(_delta(col.astype(np.int64), order, starts))
-            out.append([name, "int", None, d.tobytes(), str(d.dtype)])
+            out.append([name, "int", None, d.tobytes(), _INT_DTYPES[d.itemsize]])
         elif col.dtype.kind == "f":
             dec = _decimals(col)
             if dec is None:
@@ -171,7 +183,7 @@ def encode(columns: dict[str, np.ndarray], level: int = ZSTD_LEVEL) -> bytes:
             else:
                 ints = np.round(col * 10.0**dec).astype(np.int64)
                 d = _small_int(_delta(ints, order, starts))
-                out.append([name, "dec", dec, d.tobytes(), str(d.dtype)])
+                out.append([name, "dec", dec, d.tobytes(), _INT_DTYPES[d.itemsize]])
         else:
             out.append([name, "any", None, msgpack.packb(col.tolist(), default=str), ""])
     key = next(iter(encoded_text), None)
