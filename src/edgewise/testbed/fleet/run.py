@@ -113,6 +113,8 @@ async def _worker(part: _Part) -> Recorder:
             if not shared.stop.is_set():
                 rec.count("connected_at_stop", sum(1 for n in nodes if n.connected))
                 shared.stop.set()
+                for n in nodes:  # those waiting in a session look at the stop signal now
+                    n.wake()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
