@@ -395,3 +395,14 @@ def test_a_small_batchs_resolution_is_the_one_a_check_of_each_resolution_finds(
     # the same bytes) as checking one resolution after another
     v = np.array(values, dtype=np.float64)
     assert codec._decimals(v) == _decimals_one_at_a_time(v)
+
+
+@pytest.mark.parametrize("values", [
+    [0.125], [2.5, -0.0, 0.5], [1.005], [0.1 + 0.2], [1e11 / 3], [123456789.1234],
+    [4.35, 4.45, -4.55], [1e15], [float("inf")], [float("nan"), 1.0], [0.00005, 0.00015],
+    [20.25 + k * 0.01 for k in range(8)], [20.25 + k * 0.01 for k in range(9)],
+    [1.0 / 3 + k for k in range(64)], [0.5 * k for k in range(65)]])
+def test_the_resolution_of_tricky_values_is_the_one_a_check_of_each_resolution_finds(
+        values: list[float]) -> None:
+    v = np.array(values, dtype=np.float64)
+    assert codec._decimals(v) == _decimals_one_at_a_time(v)
