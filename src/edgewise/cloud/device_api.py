@@ -178,8 +178,10 @@ async def authenticate(request: web.Request) -> tuple[str, x509.Certificate]:
         raise IdentityError("device endpoints need TLS with a client certificate")
     app = request.app
     cert = peer_certificate(ssl_object)
+    fingerprint = public_key_fingerprint(cert)  # once: the revocation check and the match
     try:
-        node_id = authenticate_peer(ssl_object, app[CA].trust_domain, app[REVOCATIONS])
+        node_id = authenticate_peer(ssl_object, app[CA].trust_domain, app[REVOCATIONS],
+                                    cert=cert, fingerprint=fingerprint)
     except CertificateRevoked:
         await tell_decommissioned(app, cert)
         raise
@@ -191,10 +193,10 @@ async def authenticate(request: web.Request) -> tuple[str, x509.Certificate]:
     if node is None:
         raise IdentityError(f"node {node_id} is not enrolled here; enrol with a token")
     if node.revoked:
-        if node.decommissioned and public_key_fingerprint(cert) == node.key_fingerprint:
+        if node.decommissioned and fingerprint == node.key_fingerprint:
             raise DecommissionedNode(node_id, node.wipe)  # revoked on another replica
         raise CertificateRevoked(f"node {node_id} has been revoked")
-    if public_key_fingerprint(cert) != node.key_fingerprint:
+    if fingerprint != node.key_fingerprint:
         raise IdentityError("the certificate's key is not the key registered for this node")
     return node_id, cert
 

@@ -176,14 +176,15 @@ class RevocationList:
         with self._lock:
             self._fingerprints.add(fingerprint.lower())
 
-    def is_revoked(self, cert: x509.Certificate) -> bool:
-        fingerprint = public_key_fingerprint(cert)
+    def is_revoked(self, cert: x509.Certificate, fingerprint: str | None = None) -> bool:
+        """``fingerprint``: ``cert``'s `public_key_fingerprint` when the caller has it."""
+        fingerprint = fingerprint or public_key_fingerprint(cert)
         with self._lock:
             return cert.serial_number in self._serials or fingerprint in self._fingerprints
 
-    def check(self, cert: x509.Certificate) -> None:
+    def check(self, cert: x509.Certificate, fingerprint: str | None = None) -> None:
         """Raise `CertificateRevoked` when ``cert``'s serial or key is revoked."""
-        if self.is_revoked(cert):
+        if self.is_revoked(cert, fingerprint):
             raise CertificateRevoked(
                 f"certificate serial {cert.serial_number:x} (or its key) has been revoked"
             )
@@ -195,6 +196,8 @@ def authenticate_peer(
     revocations: RevocationList | None = None,
     *,
     now: datetime | None = None,
+    cert: x509.Certificate | None = None,
+    fingerprint: str | None = None,
 ) -> str:
     """Everything the device API checks right after the handshake; returns the node id.
 
@@ -202,8 +205,10 @@ def authenticate_peer(
     validity period at ``now`` (checked again here because a resumed TLS session does not
     re-verify the certificate), and be neither revoked by serial nor by key. Raises
     `IdentityError` (answer 401) or `CertificateRevoked` (answer 403); close the session after.
+    ``cert`` and ``fingerprint``: `peer_certificate` of ``ssl_object`` and its key's
+    fingerprint, when the caller has them already (each costs a parse or a hash per session).
     """
-    cert = peer_certificate(ssl_object)
+    cert = cert if cert is not None else peer_certificate(ssl_object)
     node_id = node_id_from_cert(cert, trust_domain)
     t = now if now is not None else datetime.now(UTC)
     if not cert.not_valid_before_utc <= t <= cert.not_valid_after_utc:
@@ -213,5 +218,5 @@ def authenticate_peer(
             f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z)"
         )
     if revocations is not None:
-        revocations.check(cert)
+        revocations.check(cert, fingerprint)
     return node_id
