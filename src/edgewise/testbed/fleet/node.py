@@ -38,7 +38,6 @@ import numpy as np
 from edgewise.common.backoff import Retry
 from edgewise.edge.device_http import (
     CloudRefusal,
-    describe_network_error,
     device_request,
     retry_after,
 )
@@ -49,6 +48,7 @@ from edgewise.sync import codec, protocol
 from edgewise.sync.health import NodeHealth, OutboxLevel, PipelineHealth
 from edgewise.sync.merge import LwwMap
 from edgewise.sync.twin_state import DesiredState, ReportedState
+from edgewise.testbed.fleet.link import LinkDown, receive, short
 from edgewise.testbed.fleet.release import NodeUpdater
 from edgewise.testbed.fleet.shared import NodeSettings, Shared
 from edgewise.testbed.fleet.stats import NodeResult
@@ -64,12 +64,6 @@ RTO_S = 0.2  # Linux's minimum TCP retransmission timeout: what one lost segment
 BUG = "bug in the simulator: "  # the failure's prefix for an unexpected exception
 
 log = logging.getLogger(__name__)
-
-
-class LinkDown(Exception):
-    """The session ended (closed, refused, timed out); the node reconnects."""
-
-    retry_after: float | None = None  # a 429's Retry-After: the node waits at least that
 
 
 @dataclass
@@ -131,7 +125,7 @@ class VirtualNode:
                 rec.failure(f"enrol: {exc.status}")
                 pace = exc.retry_after
             except (TransportError, PeerError) as exc:
-                rec.failure(f"enrol: {_short(exc)}")
+                rec.failure(f"enrol: {short(exc)}")
             rec.count("enrol_retries")
             await self._sleep(retry.failed(pace))
             if self.shared.stop.is_set():
@@ -236,7 +230,7 @@ class VirtualNode:
             await self._send(ws, {"t": protocol.HELLO, "agent": AGENT,
                                   "streams": {STREAM: PRIORITY},
                                   "applied_version": self.applied_version})
-            welcome = await _receive(ws, cfg.welcome_timeout_s)
+            welcome = await receive(ws, cfg.welcome_timeout_s)
             if welcome is None or welcome["t"] != protocol.WELCOME:
                 what = "no welcome" if welcome is None else f"{welcome['t']}: " \
                     f"{welcome.get('reason', '')}"
@@ -315,13 +309,13 @@ class VirtualNode:
 
     async def _receive_or_wake(self, ws: aiohttp.ClientWebSocketResponse, wait: float
                                ) -> dict[str, Any] | None:
-        """`_receive`, cut short (None) by `wake`. Waking cancels this task while it waits
+        """`link.receive`, cut short (None) by `wake`. Waking cancels this task while it waits
         here: one timer per wait instead of a poll of the stop signal every second, which
         was most of a virtual node's CPU in the steady state."""
         task = asyncio.current_task()
         self._waiting = task
         try:
-            return await _receive(ws, wait)
+            return await receive(ws, wait)
         except asyncio.CancelledError:
             if not self._woken or task is None or task.uncancel() > 0:
                 raise  # a cancellation of its own (the run's end): not ours to swallow
@@ -399,7 +393,7 @@ class VirtualNode:
                 answer = await device_request(s.cloud, self.ctx, "GET", "/v1/device/desired",
                                               ca_path=s.ca)
             except (TransportError, PeerError) as exc:
-                rec.failure(f"desired: {_short(exc)}")
+                rec.failure(f"desired: {short(exc)}")
                 await asyncio.sleep(1.0)
                 continue
             version = int(answer.get("version", 0))
@@ -410,7 +404,7 @@ class VirtualNode:
             try:  # validated as the agent's twin does
                 state = DesiredState.from_wire(answer.get("desired"))
             except PeerError as exc:
-                rec.failure(f"desired: {_short(exc)}")
+                rec.failure(f"desired: {short(exc)}")
             else:
                 self._assign(state.release, asyncio.get_running_loop().time())
             rec.sample("fetch_s", time.monotonic() - poked)
@@ -451,7 +445,7 @@ class VirtualNode:
                     rec.failure(str(exc))
                     pace = exc.retry_after
                 except (aiohttp.ClientError, OSError, TimeoutError, PeerError) as exc:
-                    rec.failure(_short(exc))
+                    rec.failure(short(exc))
                 except Exception as exc:  # never a silent dead node: counted, and it goes on
                     if not any(k.startswith(BUG) for k in rec.failures):
                         log.exception("virtual node %d: unexpected error", self.index)
@@ -482,30 +476,3 @@ class VirtualNode:
         return NodeResult(self.index, self.node_id, self.next_seq, self.sent_upto, self.acked,
                           unacked, self.connected, self.applied_version, self.problem,
                           self.updater.state.running_version, list(self.updater.state.failed))
-
-
-async def _receive(ws: aiohttp.ClientWebSocketResponse, timeout: float
-                   ) -> dict[str, Any] | None:
-    """The next message; None when ``timeout`` passed first. Raises `LinkDown` when the
-    session is over, `PeerError` for a malformed frame."""
-    try:
-        msg = await ws.receive(timeout=timeout)
-    except TimeoutError:
-        return None
-    if msg.type == aiohttp.WSMsgType.BINARY:
-        return protocol.decode(msg.data)
-    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                    aiohttp.WSMsgType.CLOSING):
-        raise LinkDown(f"closed by the control plane ({ws.close_code})")
-    if msg.type == aiohttp.WSMsgType.ERROR:
-        raise LinkDown(f"transport: {type(ws.exception()).__name__}")
-    raise LinkDown(f"unexpected {msg.type.name} frame")
-
-
-def _short(exc: BaseException) -> str:
-    """One stable line (no object addresses, so equal failures count together)."""
-    if isinstance(exc, TransportError | PeerError | ConfigError):
-        text = str(exc) or type(exc).__name__
-    else:
-        text = describe_network_error(exc)
-    return text[:100]
