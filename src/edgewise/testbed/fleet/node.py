@@ -300,9 +300,9 @@ class VirtualNode:
             due = min(next_hb, next_report, self._next_batch, self.updater.next_at)
             if draining_until is not None:
                 due = min(due, draining_until, now + 0.2)
-            # at least 1 ms: aiohttp takes a timeout of 0 as none; the stop signal cuts the
-            # wait short (`wake`), so a node wakes only when something is due or arrives
-            msg = await self._receive_or_wake(ws, max(0.001, due - loop.time()))
+            # the stop signal cuts the wait short (`wake`), so a node wakes only when
+            # something is due or arrives
+            msg = await self._receive_or_wake(ws, due - loop.time())
             if msg is None:
                 continue
             self._on_message(msg, loop.time())
@@ -314,8 +314,8 @@ class VirtualNode:
         was most of a virtual node's CPU in the steady state."""
         task = asyncio.current_task()
         self._waiting = task
-        try:
-            return await receive(ws, wait)
+        try:  # at least 1 ms: aiohttp takes a timeout of 0 as none (waits for a message)
+            return await receive(ws, max(0.001, wait))
         except asyncio.CancelledError:
             if not self._woken or task is None or task.uncancel() > 0:
                 raise  # a cancellation of its own (the run's end): not ours to swallow
