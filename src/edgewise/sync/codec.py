@@ -131,13 +131,14 @@ def _undelta(d: np.ndarray, order: np.ndarray | None, starts: np.ndarray | None)
 def _decimals(v: np.ndarray) -> int | None:
     if v.size == 0:
         return 0
-    if v.size <= _FEW:
+    wide = v.dtype == np.float64  # the fast paths compute in float64, as numpy does for it
+    if wide and v.size <= _FEW:
         return _decimals_few(v.tolist())
     if not np.all(np.isfinite(v)):
         return None
     if np.max(np.abs(v)) >= _LIMIT / 10**_MAX_DECIMALS:
         return None
-    if v.size <= _SMALL:  # a small batch: numpy's cost is per call, so all d at once
+    if wide and v.size <= _SMALL:  # a small batch: numpy's cost is per call, so all d at once
         # the same operations as `np.round(np.round(v * f) / f, d)` (numpy rounds to d
         # decimals as rint(x * f) / f), row d for f = 10^d
         scaled = v * _POWERS
