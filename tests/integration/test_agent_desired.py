@@ -47,7 +47,8 @@ async def test_desired_state_is_pulled_validated_persisted_applied_and_reported(
     pipe = tmp_path / "p.yaml"
     pipe.write_text(SIM_PIPELINE.format(limit=500))
     async with FakeCloud(tmp_path) as cloud:
-        agent = make_agent(data, cloud, token=cloud.token(), pipeline=pipe, report_s=0.2)
+        # the agent's own report pacing (30 s): each change below is reported at once
+        agent = make_agent(data, cloud, token=cloud.token(), pipeline=pipe)
         task = asyncio.create_task(agent.run())
         try:
             await wait_for(lambda: "node-1" in cloud.sessions, 10, "a session")

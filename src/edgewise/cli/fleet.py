@@ -52,7 +52,7 @@ from edgewise.errors import ConfigError, EdgewiseError
 @click.option("--heartbeat-every", type=float, default=None,
               help="Seconds between heartbeats (default: the agent's, 15).")
 @click.option("--report-every", type=float, default=None,
-              help="Seconds between reported states (default: the agent's, 10).")
+              help="Seconds between reported states (default: the agent's, 30).")
 @click.option("--release-failure-rate", "failure_rates", multiple=True,
               help="Share of the nodes an assigned release fails on: 0.05, 5%, or "
               "VERSION=RATE for one release (repeatable); exact: floor(N x rate) nodes. "

@@ -101,7 +101,7 @@ class UplinkConfig:
     healthy_s: float = 10.0  # a session welcomed and up this long forgets earlier failures
     heartbeat_s: float = 15.0  # protocol heartbeat
     ping_s: float = 20.0  # WebSocket ping; no pong in ping_s / 2 closes the link
-    report_s: float = 10.0  # reported state
+    report_s: float = 30.0  # reported state (its counters); a change is reported at once
     connect_timeout_s: float = 10.0
     # the whole upgrade, from connecting to the end of the answer's head: the answer comes from
     # across the network, so a server (or a proxy before it) that never finishes it, silent or
