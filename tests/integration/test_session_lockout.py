@@ -23,7 +23,7 @@ from edgewise.cloud.state import SESSIONS
 from edgewise.cloud.store import Store
 from edgewise.errors import StorageError
 from edgewise.security import pki
-from edgewise.security.tls import client_context
+from edgewise.security.tls import client_context, public_key_fingerprint
 from edgewise.security.tokens import EnrolmentToken
 from edgewise.sync import protocol
 
@@ -125,7 +125,11 @@ class _Stuck:
 
     def __init__(self, node_id: str, cert: Path) -> None:
         self.node_id = node_id
-        self.cert = x509.load_pem_x509_certificate(cert.read_bytes())  # the maintenance task
+        self.cert = x509.load_pem_x509_certificate(cert.read_bytes())
+        # what the maintenance task checks (`SessionRegistry.enforce`)
+        self.serial = self.cert.serial_number
+        self.fingerprint = public_key_fingerprint(self.cert)
+        self.not_after = self.cert.not_valid_after_utc
         self.settled = asyncio.Event()
         self.finished = asyncio.Event()
         self.replaced = False

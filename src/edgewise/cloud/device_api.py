@@ -172,6 +172,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def authenticate(request: web.Request) -> tuple[str, x509.Certificate]:
     """The node id and certificate of the verified TLS client certificate of this request,
     within the node's request rate, of a node the store knows (not revoked, same key)."""
+    node_id, cert, _ = await identify(request)
+    return node_id, cert
+
+
+async def identify(request: web.Request) -> tuple[str, x509.Certificate, str]:
+    """`authenticate`, with the certificate's key fingerprint (a session keeps it)."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
@@ -198,7 +204,7 @@ async def authenticate(request: web.Request) -> tuple[str, x509.Certificate]:
         raise CertificateRevoked(f"node {node_id} has been revoked")
     if fingerprint != node.key_fingerprint:
         raise IdentityError("the certificate's key is not the key registered for this node")
-    return node_id, cert
+    return node_id, cert, fingerprint
 
 
 async def _body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
@@ -397,11 +403,11 @@ async def session(request: web.Request) -> web.StreamResponse:
         registry.metrics.session_errors.labels("busy: told to retry").inc()
         raise TooManyRequests("too many sessions starting at once; retry later", wait)
     try:
-        node_id, cert = await authenticate(request)
+        node_id, cert, fingerprint = await identify(request)
     except BaseException:
         registry.admission.ended(welcomed=False)  # the slot, for the next in line
         raise
-    return await handle_session(request, registry, node_id, cert)
+    return await handle_session(request, registry, node_id, cert, fingerprint)
 
 
 def _op(summary: str, auth: str) -> dict[str, Any]:

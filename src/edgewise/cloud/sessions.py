@@ -211,10 +211,10 @@ class SessionRegistry:
         t = now or datetime.now(UTC)
         closed = 0
         for session in list(self._sessions.values()):
-            if self.revocations.is_revoked(session.cert):
+            if self.revocations.revoked(session.serial, session.fingerprint):
                 session.revoke("the node's certificate has been revoked")
                 closed += 1
-            elif session.cert.not_valid_after_utc < t:
+            elif session.not_after < t:
                 session.fail("certificate expired: renew it and reconnect")
                 closed += 1
         return closed
@@ -225,7 +225,7 @@ class SessionRegistry:
         many. Looks up only sessions whose certificate is revoked."""
         told = 0
         for session in list(self._sessions.values()):
-            if not self.revocations.is_revoked(session.cert):
+            if not self.revocations.revoked(session.serial, session.fingerprint):
                 continue
             node = await self.store.get_node(session.node_id)
             if node is not None and node.decommissioned:
@@ -271,8 +271,10 @@ class SessionRegistry:
 
 
 async def handle_session(request: web.Request, registry: SessionRegistry, node_id: str,
-                         cert: x509.Certificate) -> web.StreamResponse:
-    """Upgrade an authenticated request to the session and run it to its end."""
+                         cert: x509.Certificate, fingerprint: str | None = None
+                         ) -> web.StreamResponse:
+    """Upgrade an authenticated request to the session and run it to its end (``fingerprint``:
+    the certificate's key fingerprint, if the caller has it)."""
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME_BYTES,
                                heartbeat=registry.limits.heartbeat, compress=False)
     # admitted (`session_admission`): counted as starting until its hello is answered
@@ -286,7 +288,7 @@ async def handle_session(request: web.Request, registry: SessionRegistry, node_i
     except BaseException:
         registry.admission.ended(welcomed=False)
         raise
-    session = Session(node_id, cert, ws, registry, request)
+    session = Session(node_id, cert, ws, registry, request, fingerprint)
     try:
         try:
             await registry.attach(session)

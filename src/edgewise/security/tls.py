@@ -178,9 +178,13 @@ class RevocationList:
 
     def is_revoked(self, cert: x509.Certificate, fingerprint: str | None = None) -> bool:
         """``fingerprint``: ``cert``'s `public_key_fingerprint` when the caller has it."""
-        fingerprint = fingerprint or public_key_fingerprint(cert)
+        return self.revoked(cert.serial_number, fingerprint or public_key_fingerprint(cert))
+
+    def revoked(self, serial: int, fingerprint: str) -> bool:
+        """`is_revoked` for a certificate's serial and key fingerprint read before (a live
+        session's, checked every maintenance round: no parse, no hash)."""
         with self._lock:
-            return cert.serial_number in self._serials or fingerprint in self._fingerprints
+            return serial in self._serials or fingerprint in self._fingerprints
 
     def check(self, cert: x509.Certificate, fingerprint: str | None = None) -> None:
         """Raise `CertificateRevoked` when ``cert``'s serial or key is revoked."""
