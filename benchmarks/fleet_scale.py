@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--telemetry-every", type=float, default=10.0)
     ap.add_argument("--steady", type=float, default=30.0, help="s of the steady window")
     ap.add_argument("--after", type=float, default=10.0, help="s of steady state at the end")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="s from the last node's first session to the steady window (the "
+                         "enrolment's backlog is sent then)")
     ap.add_argument("--ramp", type=float, default=0.0, help="s over which nodes start")
     ap.add_argument("--phase-timeout", type=float, default=600.0)
     ap.add_argument("--fetch-only", action="store_true",
@@ -73,7 +76,7 @@ def main() -> None:
     cfg = ScenarioConfig(args.nodes, work, args.processes, args.db, args.telemetry_every,
                          args.steady, args.after, args.ramp, args.phase_timeout,
                          profile=args.profile, profile_gil=not args.profile_threads,
-                         servers=args.servers,
+                         servers=args.servers, settle_s=args.settle,
                          server_args=tuple(a for v in args.limit for a in ("--limit", v)),
                          sim_args=("--fetch-only",) if args.fetch_only else ())
     if args.servers > 1 and not args.db:
@@ -98,6 +101,7 @@ def main() -> None:
     f["server_processes"] = args.servers
     f["limits"] = args.limit
     f["fetch_only"] = args.fetch_only
+    f["settle_s"] = args.settle
     rows = [(k, str(v), TARGETS.get(k, "")) for k, v in f.items()]
     print_table("fleet scale", rows)
     if args.profile is not None:

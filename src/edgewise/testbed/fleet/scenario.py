@@ -6,7 +6,8 @@
 and follows that file (`Events`) through the phases:
 
 1. **enrol**: until every node has its first session (``up``);
-2. **steady**: ``steady_s`` seconds; the server's CPU time and resident memory come from
+2. **steady**: after ``settle_s`` seconds (the nodes catch up on what the enrolment's load
+   held back), ``steady_s`` seconds; the server's CPU time and resident memory come from
    ``/proc/<pid>`` of the server's processes (with ``servers`` > 1 the supervisor and its
    serving processes, summed; CPU per node per second over the window; memory as
    the growth since the server was idle, per node; on PostgreSQL also the CPU of the local
@@ -59,6 +60,7 @@ class ScenarioConfig:
     telemetry_every: float = 10.0
     steady_s: float = 30.0
     after_s: float = 10.0
+    settle_s: float = 0.0  # s between the last node's first session and the steady window
     ramp: float = 0.0
     phase_timeout: float = 300.0  # s for each of enrol, push, storm
     sim_args: tuple[str, ...] = ()
@@ -207,6 +209,7 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         res.phases.append(("enrol", f"{n} nodes up {all_up - started:.1f} s after the start"))
 
         # 2. steady state: server CPU and memory
+        await asyncio.sleep(cfg.settle_s)
         pid = cloud.child.pid or 0
         spy = Spy(pid, cfg.profile / "steady.txt", gil=cfg.profile_gil) if cfg.profile else None
         if spy is not None and not spy.start(cfg.steady_s):
