@@ -60,7 +60,6 @@ class ScenarioConfig:
     telemetry_every: float = 10.0
     steady_s: float = 30.0
     after_s: float = 10.0
-    settle_s: float = 0.0  # s between the last node's first session and the steady window
     ramp: float = 0.0
     phase_timeout: float = 300.0  # s for each of enrol, push, storm
     sim_args: tuple[str, ...] = ()
@@ -68,6 +67,7 @@ class ScenarioConfig:
     profile_gil: bool = True  # sample only GIL holders (False: every busy thread, native too)
     servers: int = 1  # `cloud serve --processes N` (more than 1 needs ``db``)
     server_args: tuple[str, ...] = ()  # more `cloud serve` flags (e.g. ``--limit`` ones)
+    settle_s: float = 0.0  # s between the last node's first session and the steady window
 
 
 class Events:
