@@ -125,11 +125,11 @@ class _Stuck:
 
     def __init__(self, node_id: str, cert: Path) -> None:
         self.node_id = node_id
-        self.cert = x509.load_pem_x509_certificate(cert.read_bytes())
         # what the maintenance task checks (`SessionRegistry.enforce`)
-        self.serial = self.cert.serial_number
-        self.fingerprint = public_key_fingerprint(self.cert)
-        self.not_after = self.cert.not_valid_after_utc
+        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+        self.serial = parsed.serial_number
+        self.fingerprint = public_key_fingerprint(parsed)
+        self.not_after = parsed.not_valid_after_utc
         self.settled = asyncio.Event()
         self.finished = asyncio.Event()
         self.replaced = False

@@ -106,9 +106,8 @@ class Session:
                  registry: SessionHost, request: web.Request,
                  fingerprint: str | None = None) -> None:
         self.node_id = node_id
-        self.cert = cert
-        # what the registry checks every maintenance round (`enforce`), read from the
-        # certificate once: at 10,000 sessions the key hash alone was 1.7% of the busy loop
+        # what the registry checks of the certificate every maintenance round (`enforce`),
+        # read once: at 10,000 sessions the key hash alone was 1.7% of the busy loop
         self.serial: int = cert.serial_number
         self.fingerprint = fingerprint or public_key_fingerprint(cert)
         self.not_after = cert.not_valid_after_utc
