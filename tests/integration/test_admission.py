@@ -13,7 +13,7 @@ import pytest
 from edgewise.cloud.app import GATE_METRICS, Running, start
 from edgewise.cloud.bootstrap import bootstrap
 from edgewise.cloud.config import CloudConfig, ServerLimits
-from edgewise.cloud.ratelimit import Pacer
+from edgewise.cloud.ratelimit import ENROL_PACER, Pacer
 from edgewise.cloud.store import Store
 from edgewise.errors import ConfigError
 from edgewise.security.tls import client_context
@@ -125,3 +125,45 @@ async def test_a_connection_waiting_for_a_token_is_closed_after_queue_wait(
     assert got == b"" and 0.3 < waited < 3.0, (got, waited)
     assert (gate.queued, gate.expired, gate.refused, gate.unauthenticated) == (1, 1, 0, 0)
     writer.close()
+
+
+async def test_enrolments_in_flight_leave_half_the_cap_to_session_handshakes(
+        tmp_path: Path) -> None:
+    """Enrolments hold unauthenticated connections while they wait; at most half of the
+    listener's cap (``max_unauthenticated``) may: one more is told to retry (429) at once
+    and its connection closes, so a node's handshake still finds room. Before, 8 waiting
+    enrolments filled a cap of 8 and the next connection was closed at the cap."""
+    limits = ServerLimits.parse(["max_unauthenticated=8"])
+    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, server=limits)
+    async with Store(config.db_url) as store:
+        boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
+                               trust_domain="edgewise.local")
+        running = await start(config, boot.ca, store=store)
+        try:
+            pacer = running.app[ENROL_PACER]
+            pacer.bucket.rate, pacer.bucket._tokens = 0.01, 0.0  # every enrolment waits
+            ctx = client_context(config.data_dir / "pki" / "ca.pem", None, None)
+
+            async def request(method: str, path: str, body: object = None) -> int:
+                async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                                  timeout=aiohttp.ClientTimeout(total=20))
+                            as http,
+                            http.request(method, f"{running.url}{path}", json=body) as r):
+                    return r.status
+
+            enrols = [asyncio.create_task(request("POST", "/v1/device/enrol",
+                                                  {"token": "t", "csr": "c"}))
+                      for _ in range(8)]
+            refused = []
+            for _ in range(500):
+                refused = [t.result() for t in enrols if t.done()]
+                if pacer.inflight == 4 and len(refused) == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert (pacer.inflight, refused) == (4, [429] * 4)
+            assert await request("GET", "/healthz") == 200  # room for a handshake
+            for t in enrols:
+                t.cancel()
+            await asyncio.gather(*enrols, return_exceptions=True)
+        finally:
+            await running.stop()

@@ -245,13 +245,22 @@ async def enrol_with(app: web.Application, token: str, csr: str, *, tpm: bool = 
                                   "(enrol with --tpm)")
     # admission: enrolments beyond the rate wait their turn (a queue, not timeouts), and
     # beyond what the store's grouped writes take in a few seconds are told when to come back
-    writer = app[ENROL_WRITER]
+    writer, pacer = app[ENROL_WRITER], app[ENROL_PACER]
     retry = writer.retry_after()
     if retry == 0.0:
-        retry = await app[ENROL_PACER].admit()
+        retry = await pacer.admit()
     if retry > 0:
         metrics.enrolments.labels("busy").inc()
         raise TooManyRequests("too many enrolments at once; retry later", retry)
+    try:
+        return await _enrol_admitted(app, token, csr, tpm)
+    finally:
+        pacer.done()
+
+
+async def _enrol_admitted(app: web.Application, token: str, csr: str, tpm: bool
+                          ) -> tuple[int, dict[str, Any]]:
+    metrics, writer = app[METRICS], app[ENROL_WRITER]
     status, outcome = 201, "ok"
     try:
         token_hash = check_format(token, ENROLMENT_PREFIX)
@@ -421,8 +430,11 @@ def setup(app: web.Application) -> None:
     store = app[STORE]
     app[NONCES] = NonceBook(config.nonce_ttl, store=store if store.shared else None)
     app[DEVICE_RATE] = RateLimiter(config.server.device_rate, config.server.device_burst)
+    # enrolments hold unauthenticated connections: at most half of the listener's cap, so
+    # the other half stays for the handshakes of the nodes' sessions (`Pacer`)
     app[ENROL_PACER] = Pacer(config.server.enrol_rate, config.server.enrol_burst,
-                             config.server.enrol_queue)
+                             config.server.enrol_queue,
+                             max(1, config.server.max_unauthenticated // 2))
     writer = app[ENROL_WRITER] = EnrolWriter(app[STORE])
 
     async def close_writer(_app: web.Application) -> None:

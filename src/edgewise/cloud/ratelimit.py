@@ -85,33 +85,55 @@ class TokenBucket:
 class Pacer:
     """Admission to a costly handler (enrolment): requests beyond the bucket wait their turn,
     at most ``max_waiting`` at once; one more is refused (`admit` returns the seconds to tell
-    it in ``Retry-After``). Waiters are served in arrival order."""
+    it in ``Retry-After``). Waiters are served in arrival order.
 
-    def __init__(self, rate: float, burst: int, max_waiting: int) -> None:
+    ``max_inflight`` bounds the requests waiting or admitted and not yet `done`: each holds
+    a connection that the listener counts as unauthenticated until it closes, so a storm of
+    enrolments that filled the listener's cap would leave no room for the TLS handshakes
+    of the nodes' sessions. (In a start of 20,000 nodes one process closed 215,641
+    connections at its cap while the enrolments took minutes, and enrolled nodes waited for
+    their sessions: docs/benchmarks.md, *The stretch: 20,000 nodes*.)"""
+
+    def __init__(self, rate: float, burst: int, max_waiting: int,
+                 max_inflight: int | None = None) -> None:
         self.bucket = TokenBucket(rate, burst)
         self.max_waiting = max_waiting
+        self.max_inflight = max_inflight
         self.waiting = 0
+        self.inflight = 0  # waiting or admitted, not `done` yet
         self.waited = 0  # requests that waited for a token (in all)
         self.refused = 0
         self._turn = asyncio.Lock()
 
     async def admit(self) -> float:
-        """0.0 once the request may go ahead (after waiting, maybe); else the seconds after
-        which to try again (the queue is full)."""
+        """0.0 once the request may go ahead (after waiting, maybe; call `done` when it
+        ends); else the seconds after which to try again (the queue is full)."""
+        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+            self.refused += 1
+            return max(1.0, self.inflight / self.bucket.rate)
         if self.waiting == 0 and self.bucket.take() == 0.0:
+            self.inflight += 1
             return 0.0
         if self.waiting >= self.max_waiting:
             self.refused += 1
             return max(self.bucket.wait(), self.max_waiting / self.bucket.rate)
         self.waiting += 1
         self.waited += 1
+        self.inflight += 1
         try:
             async with self._turn:  # one waiter takes the next token, in arrival order
                 while (wait := self.bucket.take()) > 0.0:
                     await asyncio.sleep(wait)
+        except BaseException:
+            self.inflight -= 1
+            raise
         finally:
             self.waiting -= 1
         return 0.0
+
+    def done(self) -> None:
+        """A request `admit` let through has ended."""
+        self.inflight -= 1
 
 
 class ByteQuota:
