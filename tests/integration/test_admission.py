@@ -4,6 +4,7 @@ becomes a queue instead of timeouts. Real control plane in-process, real TLS on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,11 +20,11 @@ from edgewise.errors import ConfigError
 from edgewise.security.tls import client_context
 
 
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[Running, Path]]:
-    limits = ServerLimits.parse(["handshake_rate=20", "handshake_burst=1",
-                                 "handshake_queue=5", "backlog=4096"])
-    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, server=limits)
+@contextlib.asynccontextmanager
+async def serve(tmp_path: Path, limits: list[str]) -> AsyncIterator[tuple[Running, Path]]:
+    """A control plane with these ``--limit`` values: (running, data folder)."""
+    config = CloudConfig(data_dir=tmp_path / "cloud", port=0,
+                         server=ServerLimits.parse(limits))
     async with Store(config.db_url) as store:
         boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
                                trust_domain="edgewise.local")
@@ -32,6 +33,13 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Running, Path]]:
             yield running, config.data_dir
         finally:
             await running.stop()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Running, Path]]:
+    async with serve(tmp_path, ["handshake_rate=20", "handshake_burst=1",
+                                "handshake_queue=5", "backlog=4096"]) as got:
+        yield got
 
 
 async def test_handshakes_beyond_the_rate_wait_in_a_queue_and_all_succeed(
@@ -133,37 +141,29 @@ async def test_enrolments_in_flight_leave_half_the_cap_to_session_handshakes(
     listener's cap (``max_unauthenticated``) may: one more is told to retry (429) at once
     and its connection closes, so a node's handshake still finds room. Before, 8 waiting
     enrolments filled a cap of 8 and the next connection was closed at the cap."""
-    limits = ServerLimits.parse(["max_unauthenticated=8"])
-    config = CloudConfig(data_dir=tmp_path / "cloud", port=0, server=limits)
-    async with Store(config.db_url) as store:
-        boot = await bootstrap(config.data_dir, store, host="127.0.0.1",
-                               trust_domain="edgewise.local")
-        running = await start(config, boot.ca, store=store)
-        try:
-            pacer = running.app[ENROL_PACER]
-            pacer.bucket.rate, pacer.bucket._tokens = 0.01, 0.0  # every enrolment waits
-            ctx = client_context(config.data_dir / "pki" / "ca.pem", None, None)
+    async with serve(tmp_path, ["max_unauthenticated=8"]) as (running, data):
+        pacer = running.app[ENROL_PACER]
+        pacer.bucket.rate, pacer.bucket._tokens = 0.01, 0.0  # every enrolment waits
+        ctx = client_context(data / "pki" / "ca.pem", None, None)
 
-            async def request(method: str, path: str, body: object = None) -> int:
-                async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                                  timeout=aiohttp.ClientTimeout(total=20))
-                            as http,
-                            http.request(method, f"{running.url}{path}", json=body) as r):
-                    return r.status
+        async def request(method: str, path: str, body: object = None) -> int:
+            async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                              timeout=aiohttp.ClientTimeout(total=20))
+                        as http,
+                        http.request(method, f"{running.url}{path}", json=body) as r):
+                return r.status
 
-            enrols = [asyncio.create_task(request("POST", "/v1/device/enrol",
-                                                  {"token": "t", "csr": "c"}))
-                      for _ in range(8)]
-            refused = []
-            for _ in range(500):
-                refused = [t.result() for t in enrols if t.done()]
-                if pacer.inflight == 4 and len(refused) == 4:
-                    break
-                await asyncio.sleep(0.01)
-            assert (pacer.inflight, refused) == (4, [429] * 4)
-            assert await request("GET", "/healthz") == 200  # room for a handshake
-            for t in enrols:
-                t.cancel()
-            await asyncio.gather(*enrols, return_exceptions=True)
-        finally:
-            await running.stop()
+        enrols = [asyncio.create_task(request("POST", "/v1/device/enrol",
+                                              {"token": "t", "csr": "c"}))
+                  for _ in range(8)]
+        refused = []
+        for _ in range(500):
+            refused = [t.result() for t in enrols if t.done()]
+            if pacer.inflight == 4 and len(refused) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert (pacer.inflight, refused) == (4, [429] * 4)
+        assert await request("GET", "/healthz") == 200  # room for a handshake
+        for t in enrols:
+            t.cancel()
+        await asyncio.gather(*enrols, return_exceptions=True)
