@@ -295,6 +295,8 @@ async def run_scenario(cfg: ScenarioConfig) -> ScenarioResult:
         if len(back_at) >= n:
             res.phases.append(("storm", f"all {n} back {fig['storm_recovery_s']} s after "
                                         f"kill -9 (server answering after {fig['restart_s']} s)"))
+        # why the listener closed connections early during the storm (one process's counters)
+        fig["storm_closed"] = await _closed_early(cloud)
 
         # 5. steady again, then stop the simulator: it drains and checks every record
         after_from = time.time()
@@ -363,6 +365,31 @@ async def _per_process(cloud: ControlPlane, servers: int, tries: int = 200) -> d
         if len(seen) >= servers:
             break
     return dict(sorted(seen.items()))
+
+
+async def _closed_early(cloud: ControlPlane) -> dict[str, float]:
+    """The listener's counters of one serving process since its start (``/metrics``):
+    connections closed early by reason, handshakes that waited in its queue, sessions
+    opened; {} when they cannot be read."""
+    import httpx
+
+    from edgewise.security.tls import client_context
+
+    try:
+        async with httpx.AsyncClient(verify=client_context(cloud.ca), timeout=10.0) as http:
+            text = (await http.get(f"{cloud.url}/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("edgewise_connections_closed_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("edgewise_handshakes_queued_total ",
+                              "edgewise_sessions_opened_total ")):
+            name, value = line.split(" ", 1)
+            out[name.removeprefix("edgewise_").removesuffix("_total")] = float(value)
+    return out
 
 
 def _last_json(log: Path) -> dict[str, Any]:
