@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 from cryptography import x509
 
@@ -25,7 +26,7 @@ from edgewise.errors import StorageError
 from edgewise.security import pki
 from edgewise.security.tls import client_context, public_key_fingerprint
 from edgewise.security.tokens import EnrolmentToken
-from edgewise.sync import protocol
+from edgewise.sync import codec, protocol
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -178,3 +179,67 @@ async def test_attach_does_not_wait_for_the_replaced_sessions_close_handshake(
     assert not closing.finished.is_set()
     assert [r.getMessage() for r in caplog.records] == []
     del reg._sessions[node_id]
+
+
+async def test_a_failed_ingest_commit_is_never_acknowledged_and_is_stored_once_on_resend(
+    served: tuple[Running, Store, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session's acknowledgements follow its commits in order (`Session._settle`, the
+    done-callback of each submitted write): the first failed commit fails the session with
+    ``storage failure`` and neither its batch nor the one chained after it is acknowledged;
+    the node sends both again on its next session and each is stored once."""
+    running, store, data = served
+    node_id, cert, key = await _enrol(running, store, data)
+    real = store.commit_ingest
+    calls: list[int] = []
+
+    async def fails_first(chunks, gaps=(), marks=(), **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(chunks))
+        if len(calls) == 1:
+            raise StorageError("injected: disk I/O error")
+        return await real(chunks, gaps, marks, **kw)
+
+    monkeypatch.setattr(store, "commit_ingest", fails_first)
+    running.app[SESSIONS].committer.linger = 0.3  # both batches in the first group
+
+    def batch(cid: int, seq: int) -> bytes:
+        return protocol.encode({
+            "t": "batch", "id": cid, "stream": "raw", "seq": seq, "count": 10, "records": 10,
+            "compacted": False,
+            "payload": codec.encode({"v": np.arange(seq, seq + 10, dtype=np.int64)})})
+
+    hello = protocol.encode({"t": "hello", "agent": "test/1", "streams": {"raw": 5},
+                             "applied_version": 0})
+    ctx = client_context(data / "pki" / "ca.pem", cert, key)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                     timeout=TIMEOUT) as http:
+        first = await http.ws_connect(f"{running.url}{protocol.SESSION_PATH}")
+        await first.send_bytes(hello)
+        assert protocol.decode((await first.receive(timeout=5)).data)["t"] == "welcome"
+        await first.send_bytes(batch(1, 0))
+        await first.send_bytes(batch(2, 10))
+        got = []
+        while True:
+            msg = await first.receive(timeout=5)
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                break
+            got.append(protocol.decode(msg.data))
+        assert [m["t"] for m in got] == ["error"], got  # no ack before the error
+        assert got[0]["reason"] == "storage failure: injected: disk I/O error"
+        assert calls == [2]
+
+        second = await http.ws_connect(f"{running.url}{protocol.SESSION_PATH}")
+        await second.send_bytes(hello)
+        welcome = protocol.decode((await second.receive(timeout=5)).data)
+        assert welcome["streams"] == {"raw": 0}  # nothing of the failed group was stored
+        await second.send_bytes(batch(1, 0))
+        await second.send_bytes(batch(2, 10))
+        acked: list[int] = []
+        while len(acked) < 2:
+            msg = protocol.decode((await second.receive(timeout=5)).data)
+            assert msg["t"] == "ack", msg
+            acked += msg["ids"]
+        assert acked == [1, 2]
+        await second.close()
+    (raw,) = [s for s in await store.stream_stats(node_id) if s.stream == "raw"]
+    assert (raw.stored_records, raw.contiguous) == (20, 20)

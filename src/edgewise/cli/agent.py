@@ -76,7 +76,7 @@ def gate_options(f: Any) -> Any:
               show_default=True, help="Reconnect backoff: first ceiling, seconds.")
 @click.option("--backoff-cap", type=click.FloatRange(min=0.001), default=30.0,
               show_default=True, help="Reconnect backoff: largest ceiling, seconds.")
-@click.option("--heartbeat", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
+@click.option("--heartbeat", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds between heartbeats on the session.")
 @gate_options
 @click.option("--release-dir", type=click.Path(file_okay=False, path_type=Path),

@@ -50,7 +50,7 @@ from edgewise.errors import ConfigError, EdgewiseError
 @click.option("--fetch-only", is_flag=True, help="Ignore a poke's inline desired state and "
               "fetch it over a new connection (as the agent does today).")
 @click.option("--heartbeat-every", type=float, default=None,
-              help="Seconds between heartbeats (default: the agent's, 15).")
+              help="Seconds between heartbeats (default: the agent's, 30).")
 @click.option("--report-every", type=float, default=None,
               help="Seconds between reported states (default: the agent's, 30).")
 @click.option("--release-failure-rate", "failure_rates", multiple=True,

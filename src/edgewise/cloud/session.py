@@ -2,7 +2,7 @@
 
 Protocol: docs/decisions/0004-device-protocol.md, messages in `edgewise.sync.protocol`.
 
-Per session three coroutines share one `asyncio.TaskGroup`:
+Per session two coroutines share one `asyncio.TaskGroup`:
 
 * the reader takes one frame at a time: ``hello`` (first, within `SessionLimits.hello_timeout`),
   then ``batch`` → `ingest` (classify, decode-check, submit to the group commit), ``gap`` →
@@ -10,8 +10,10 @@ Per session three coroutines share one `asyncio.TaskGroup`:
   the reported state for the group writer (`node_writes`), ``heartbeat`` → last seen (the
   node's ``online`` status is queued once its hello is read; nothing is written before).
   Anything malformed gets ``error`` and the session is closed.
-* the acker waits for the group commits in order and sends one ``ack`` per commit with the
-  chunk ids it made durable: a batch is acknowledged only after its commit.
+* acknowledgements need no task: each submitted write's future calls `Session._settle` when
+  its group commit ends, which takes the finished writes from the head of the session's queue
+  in order and sends one ``ack`` with the chunk ids they made durable: a batch is
+  acknowledged only after its commit.
 * the sender owns the socket's write side; its queue is bounded, and everything the cloud sends
   is control (ack, refuse, desired, revoked, error), so there is nothing to prioritise.
 
@@ -118,8 +120,8 @@ class Session:
         self.sock = request.transport.get_extra_info("socket") if request.transport else None
         self.wire: tuple[int, int] | None = None  # TCP bytes (sent, received) at the end
         self._send: asyncio.Queue[Any] = asyncio.Queue(self.limits.send_queue)
-        self._acks: deque[_Pending | None] = deque()
-        self._acks_ready = asyncio.Event()
+        self._acks: deque[_Pending] = deque()  # submitted, in order, not yet acknowledged
+        self._store_failed = False  # a commit of this session failed: no more acks
         self._trackers: dict[str, StreamTracker] = {}  # per stream: what is settled
         self._last: asyncio.Future[IngestResult] | None = None  # the last write submitted
         self._inflight = 0
@@ -224,46 +226,47 @@ class Session:
             self.metrics.bytes_out.inc(len(item))
 
     # -- acknowledgements ---------------------------------------------------------------------
-    async def _acker(self) -> None:
+    def _settle(self, _done: object = None) -> None:
+        """Acknowledge the writes at the head of the queue whose commits have ended, in order:
+        one ``ack`` with their chunk ids. The done-callback of every submitted future (no task
+        of its own: at 10,000 nodes each task wake-up per batch counts); the first failed
+        commit fails the session, and neither it nor anything after it is acknowledged."""
         acks = self._acks
-        while True:
-            while not acks:
-                self._acks_ready.clear()
-                await self._acks_ready.wait()
-            head = acks[0]
-            if head is None:
-                return
-            await asyncio.wait([head.future])
-            batch: list[_Pending] = []
-            while acks and acks[0] is not None and acks[0].future.done():  # type: ignore[union-attr]
-                batch.append(acks.popleft())  # type: ignore[arg-type]
-            ids: list[int] = []
-            for q in batch:
-                try:
-                    await q.future
-                except Exception as exc:
-                    self.fail(f"storage failure: {exc}")
-                    ids = []
-                    break
-                finally:
-                    self._inflight -= q.nbytes
-                    self._pending -= 1
-                    self._room.set()
-                ids.extend(q.ids)
-                if q.duplicate:
-                    self.metrics.batches_duplicate.inc(len(q.ids))
-                elif q.ids:
-                    self.metrics.batches_stored.inc(len(q.ids))
-                    self.metrics.records.inc(q.records)
-            if ids:
-                self._enqueue({"t": protocol.ACK, "ids": ids})
+        ids: list[int] = []
+        while acks and acks[0].future.done():
+            q = acks.popleft()
+            self._inflight -= q.nbytes
+            self._pending -= 1
+            fut = q.future
+            exc = (asyncio.CancelledError("the commit was cancelled") if fut.cancelled()
+                   else fut.exception())
+            if exc is not None and not self._store_failed:
+                self._store_failed = True
+                self.fail(f"storage failure: {exc}")
+            if self._store_failed:  # read (not left unretrieved), never acknowledged
+                continue
+            ids.extend(q.ids)
+            if q.duplicate:
+                self.metrics.batches_duplicate.inc(len(q.ids))
+            elif q.ids:
+                self.metrics.batches_stored.inc(len(q.ids))
+                self.metrics.records.inc(q.records)
+        self._room.set()
+        if ids:
+            self._enqueue({"t": protocol.ACK, "ids": ids})
+
+    async def _settle_all(self) -> None:
+        """Wait for every commit submitted and acknowledge what they stored."""
+        while self._acks:
+            await asyncio.wait([q.future for q in self._acks])
+            self._settle()  # its callbacks ran first; this makes sure
 
     async def _submit(self, p: _Pending) -> None:
         self._last = p.future
         self._inflight += p.nbytes
         self._pending += 1
         self._acks.append(p)
-        self._acks_ready.set()
+        p.future.add_done_callback(self._settle)
         while not self._closing and (self._inflight > self.limits.max_inflight_bytes
                                      or self._pending > self.limits.max_pending_commits):
             self._room.clear()
@@ -438,7 +441,6 @@ class Session:
         try:
             async with asyncio.TaskGroup() as tg:
                 sender = tg.create_task(self._sender())
-                acker = tg.create_task(self._acker())
                 try:
                     await self._reader()
                 except StorageError as exc:
@@ -446,9 +448,7 @@ class Session:
                 finally:
                     # commits already submitted finish (and are acked if the socket is open)
                     # before the session ends: a new session then sees them in the store
-                    self._acks.append(None)
-                    self._acks_ready.set()
-                    await acker
+                    await self._settle_all()
                     self.settled.set()  # a newer session need not wait for the close below
                     self._close_now(None, "session ended", WSCloseCode.OK)
                     await sender
