@@ -99,9 +99,7 @@ class UplinkConfig:
     window_chunks: int = 512  # and at most this many chunks
     backoff: Backoff = field(default_factory=Backoff)
     healthy_s: float = 10.0  # a session welcomed and up this long forgets earlier failures
-    # protocol heartbeat, with the node's health; 15 s before 2026-12-07 (offline after 90 s
-    # of silence, `fleet_state`: three heartbeats missed)
-    heartbeat_s: float = 30.0
+    heartbeat_s: float = 30.0  # protocol heartbeat with health (offline after 90 s silent)
     ping_s: float = 20.0  # WebSocket ping; no pong in ping_s / 2 closes the link
     report_s: float = 30.0  # reported state (its counters); a change is reported at once
     connect_timeout_s: float = 10.0
