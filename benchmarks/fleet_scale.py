@@ -15,6 +15,10 @@ server's CPU and memory are then those of the supervisor and its serving process
 every busy thread, not only the GIL holder) during the steady window
 and the storm, and writes the busiest functions to DIR/profile.md (with ``--servers``, the
 serving processes together).
+Above 20,000 nodes each simulator process connects from its own loopback address (127.0.0.2,
+127.0.0.3, ...: `sim fleet --source-address`): one address has only about 28,000 source ports
+toward the control plane's one port (Linux's ``ip_local_port_range``, 32768-60999 here), and a
+30,000-node run from one address stopped at 28,231 sessions.
 The last line printed is one JSON object with all figures.
 """
 
@@ -32,6 +36,8 @@ from _common import emit_json, print_table
 
 from edgewise.testbed.fleet.profile import markdown
 from edgewise.testbed.fleet.scenario import ScenarioConfig, ScenarioError, run_scenario
+
+SOURCE_PORTS = 20_000  # nodes above this: one loopback source address per simulator process
 
 TARGETS = {  # issue 11, acceptance at 10,000 nodes on one process
     "server_cpu_us_per_node_s": "<= 50",
@@ -73,12 +79,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-fleet-scale-"))
+    sources = tuple(a for i in range(args.processes) for a in (
+        "--source-address", f"127.0.0.{2 + i}")) if args.nodes > SOURCE_PORTS else ()
     cfg = ScenarioConfig(args.nodes, work, args.processes, args.db, args.telemetry_every,
                          args.steady, args.after, args.ramp, args.phase_timeout,
                          profile=args.profile, profile_gil=not args.profile_threads,
                          servers=args.servers, settle_s=args.settle,
                          server_args=tuple(a for v in args.limit for a in ("--limit", v)),
-                         sim_args=("--fetch-only",) if args.fetch_only else ())
+                         sim_args=(*(("--fetch-only",) if args.fetch_only else ()),
+                                   *sources))
     if args.servers > 1 and not args.db:
         ap.error("--servers needs --db postgresql://...")
     print(f"fleet scale: {args.nodes:,} nodes, {args.processes} simulator process(es), "

@@ -31,12 +31,17 @@ async def test_fleet_of_50_enrols_pushes_survives_kill_9_and_stores_every_record
     db = request.getfixturevalue("postgres") if backend.startswith("postgres") else None
     fetch_only = backend == "sqlite-fetch"
     servers = 2 if backend == "postgres-2-processes" else 1
+    # the two-process run's sessions from two other loopback addresses, one per simulator
+    # process (`sim fleet --source-address`: a fleet beyond one address's source ports)
+    sources = ("127.0.0.2", "127.0.0.3") if servers > 1 else ()
     res = await run_scenario(ScenarioConfig(N, tmp_path, processes=2, db=db, servers=servers,
                                             telemetry_every=2.0, steady_s=3.0, after_s=3.0,
                                             phase_timeout=120.0,  # a bound, not a speed:
                                             # a loaded CI machine once took 61 s to stop and
                                             # check the simulator's 50 nodes
-                                            sim_args=("--fetch-only",) if fetch_only else ()))
+                                            sim_args=(*(("--fetch-only",) if fetch_only else ()),
+                                                      *(a for s in sources
+                                                        for a in ("--source-address", s)))))
     f, sim = res.figures, res.figures["sim"]
     assert [p for p, _ in res.phases] == ["enrol", "steady", "push", "storm", "end"]
     assert f["storm_back"] == N and f["storm_recovery_s"] is not None
@@ -52,6 +57,10 @@ async def test_fleet_of_50_enrols_pushes_survives_kill_9_and_stores_every_record
     assert sim["inline_states"] + sim["fetches"] == N and sim["problems"] == []
     if fetch_only:
         assert sim["inline_states"] == 0
+    # every session (first ones and those after the kill) from the addresses asked for
+    froms = sim["sessions_from"]
+    assert sorted(froms) == (sorted(sources) or ["127.0.0.1"]), froms
+    assert sum(froms.values()) >= 2 * N, froms
     # exact: every record made was sent, acknowledged and stored once
     assert sim["records_produced"] == sim["records_acked_by_nodes"] == sim["records_acked"]
     assert sim["records_produced"] >= N * 5 * 5  # 5 readings a batch, >= 5 batches a node

@@ -6,6 +6,7 @@ API used by the exact check) and prints the summary: a table, or with ``--json``
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -64,6 +65,11 @@ from edgewise.errors import ConfigError, EdgewiseError
               help="An update's duration (staging, then the trial), uniform in MIN-MAX.")
 @click.option("--release-restart", is_flag=True, help="Reconnect at a switch and a rollback, "
               "as the agent restarts (default: the session goes on).")
+@click.option("--source-address", "sources", multiple=True, metavar="ADDR",
+              help="Local address the sessions connect from (repeatable: worker process i "
+              "uses the (i mod K)-th). One address has about 28,000 source ports toward one "
+              "control-plane port; for more nodes on one machine give several, e.g. "
+              "127.0.0.2 and 127.0.0.3 for a control plane on 127.0.0.1.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the stored data.")
 @output_options()
 def fleet(nodes: int, cloud: str, tokens: tuple[str, ...], ca: Path | None, processes: int,
@@ -71,7 +77,8 @@ def fleet(nodes: int, cloud: str, tokens: tuple[str, ...], ca: Path | None, proc
           drain: float, state: Path | None, events: Path | None, config_path: Path | None,
           fetch_only: bool, heartbeat_every: float | None, report_every: float | None,
           failure_rates: tuple[str, ...], release_failure_phase: str, apply_seconds: str,
-          release_restart: bool, no_verify: bool, out: Output) -> None:
+          release_restart: bool, sources: tuple[str, ...], no_verify: bool,
+          out: Output) -> None:
     """Run NODES virtual nodes speaking the real device protocol; check every record sent."""
     from dataclasses import replace
 
@@ -102,7 +109,13 @@ def fleet(nodes: int, cloud: str, tokens: tuple[str, ...], ca: Path | None, proc
                                 records, uplink=uplink, loss=loss, drain_s=drain,
                                 fetch_only=fetch_only, tokens=tuple(tokens[1:]),
                                 release=behaviour)
-        cfg = FleetConfig(nodes, settings, processes, duration, ramp, latency, state, events)
+        for addr in sources:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ConfigError(f"--source-address {addr!r}: not an IP address") from None
+        cfg = FleetConfig(nodes, settings, processes, duration, ramp, latency, state, events,
+                          sources)
         client = None
         note = "skipped (--no-verify)"
         if not no_verify:

@@ -236,6 +236,8 @@ class VirtualNode:
                     f"{welcome.get('reason', '')}"
                 raise LinkDown(f"{what}"[:80])
             rec.sample("connect_s", time.monotonic() - started)
+            local = ws.get_extra_info("sockname")
+            rec.count(f"from {local[0] if local else '?'}")
             mark = int(welcome["streams"].get(STREAM, 0))
             for cid in [cid for cid, c in self.buf.items() if c.seq + c.count <= mark]:
                 self.acked += self.buf.pop(cid).count  # stored by an earlier session

@@ -48,6 +48,10 @@ class FleetConfig:
     latency: float = 0.0  # s added each way by a link proxy per process
     state_dir: Path | None = None  # node keys and certificates; a temporary folder if None
     events: Path | None = None  # JSON lines: enrolled / up / down / desired, per node
+    # local addresses the sessions connect from, worker process i the (i mod K)-th; () the
+    # system's choice. One address has ~28,000 source ports to one server port (Linux's
+    # ip_local_port_range), so a larger fleet on one machine needs several (127.0.0.2, ...)
+    sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class _Part:
     first: int
     count: int
     config: FleetConfig
+    index: int = 0  # the worker process's number
 
 
 def parse_link(text: str | None) -> tuple[float, float]:
@@ -102,7 +107,8 @@ async def _worker(part: _Part) -> Recorder:
             proxy = await stack.enter_async_context(
                 LinkProxy(url.hostname or "127.0.0.1", url.port or 443, delay=cfg.latency))
             settings = replace(settings, cloud=f"https://{url.hostname}:{proxy.port}")
-        shared = Shared(settings, state, rec, cfg.events)
+        source = cfg.sources[part.index % len(cfg.sources)] if cfg.sources else None
+        shared = Shared(settings, state, rec, cfg.events, source=source)
         stack.push_async_callback(shared.close)
         loop = asyncio.get_running_loop()
         nodes: list[VirtualNode] = []
@@ -158,7 +164,7 @@ def run_fleet(cfg: FleetConfig) -> Recorder:
     parts, first = [], 0
     for i in range(procs):
         n = share + (1 if i < extra else 0)
-        parts.append(_Part(first, n, cfg))
+        parts.append(_Part(first, n, cfg, i))
         first += n
     if procs == 1:
         return Recorder.from_wire(run_worker(parts[0]))
@@ -302,6 +308,9 @@ def summary(rec: Recorder, cfg: FleetConfig, started: float, verdict: Verdict | 
         "fetch_p50_s": p("fetch_s", 50), "fetch_p99_s": p("fetch_s", 99),
         "fetches": rec.counts["fetches"], "inline_states": rec.counts["inline_states"],
         "reconnects": rec.counts["reconnects"],
+        # sessions opened per local address (what each session's socket was bound to)
+        "sessions_from": {k.removeprefix("from "): v for k, v in sorted(rec.counts.items())
+                          if k.startswith("from ")},
         "enrol_retries": rec.counts["enrol_retries"],
         "batches_sent": rec.counts["batches_sent"],
         "records_produced": sum(n.produced for n in rec.nodes),

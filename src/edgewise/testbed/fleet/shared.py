@@ -44,11 +44,12 @@ class NodeSettings:
 
 
 class Shared:
-    """Per process: the settings, the one WebSocket client session, the recorder, the stop
-    signal and the events file."""
+    """Per process: the settings, the one WebSocket client session (its connections from
+    ``source``, a local address, when given), the recorder, the stop signal and the events
+    file."""
 
     def __init__(self, settings: NodeSettings, state_dir: Path, recorder: Recorder,
-                 events: Path | None = None) -> None:
+                 events: Path | None = None, source: str | None = None) -> None:
         self.settings = settings
         self.state_dir = state_dir
         self.recorder = recorder
@@ -56,7 +57,8 @@ class Shared:
         self.drain_deadline = float("inf")  # loop time after which nodes stop draining
         self.enrol_ctx = client_context(settings.ca)
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True,
+                                           local_addr=(source, 0) if source else None),
             timeout=aiohttp.ClientTimeout(total=None,
                                           connect=settings.uplink.connect_timeout_s,
                                           sock_connect=settings.uplink.connect_timeout_s))
