@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from edgewise.cli import main
 from edgewise.cloud.pokes import PokeFanout
-from edgewise.cloud.replicas import MAX_QUEUED, Handlers, ReplicaBus, _pack
+from edgewise.cloud.replicas import MAX_POKE_NODES, MAX_QUEUED, Handlers, ReplicaBus, _pack
 from edgewise.cloud.sessions import SessionRegistry
 from edgewise.cloud.store.notify import MAX_PAYLOAD
 
@@ -58,18 +58,42 @@ def test_what_is_heard_is_handed_on_and_what_is_malformed_is_counted() -> None:
 
 def test_the_outgoing_queue_is_bounded() -> None:
     bus = ReplicaBus(URL, Handlers())
-    bus.poke({f"n{i}": 1 for i in range(MAX_QUEUED - 1)}, 0.0)
-    bus.opened("x")
+    for i in range(MAX_QUEUED - 1):
+        bus.opened(f"o{i}")
+    bus.quarantined("x", True)
     bus.opened("y")  # one too many
-    bus.poke({"z": 1}, 0.0)
+    bus.poke({f"n{i}": 1 for i in range(MAX_POKE_NODES - 1)}, 0.0)
+    bus.poke({"p": 1}, 0.0)
+    bus.poke({"q": 1}, 0.0)  # one too many
     assert bus.dropped == 2
     payloads = bus._turn()
-    nodes = set()
+    opened, poked, told = set(), set(), 0
     for p in payloads:
         msg = json.loads(p)
-        nodes |= set(msg["v"] if msg["k"] == "poke" else msg["s"])
-    assert len(nodes) == MAX_QUEUED and "x" in nodes and "y" not in nodes
+        if msg["k"] == "poke":
+            poked |= set(msg["v"])
+        elif msg["k"] == "open":
+            opened |= set(msg["s"])
+        else:
+            told += 1
+    assert len(opened) == MAX_QUEUED - 1 and "y" not in opened and told == 1
+    assert len(poked) == MAX_POKE_NODES and "p" in poked and "q" not in poked
     assert bus._turn() == []
+
+
+def test_a_push_to_more_nodes_than_messages_queued_is_kept_whole() -> None:
+    """A fleet-wide push hands every node held elsewhere to the bus at once: 15,016 of them
+    were dropped whole when pokes counted against the 10,000 queued messages (a 30,000-node
+    push over two processes reached half the fleet)."""
+    bus = ReplicaBus(URL, Handlers())
+    bus.poke({f"n{i}": 7 for i in range(15_016)}, 2.5)
+    assert bus.dropped == 0
+    poked = {}
+    for p in bus._turn():
+        msg = json.loads(p)
+        assert msg["k"] == "poke"
+        poked.update(msg["v"])
+    assert len(poked) == 15_016 and set(poked.values()) == {7}
 
 
 class FakeSession:

@@ -20,8 +20,9 @@ bus, as small JSON notifications:
 A process that was disconnected from the database missed what was said meanwhile: the bus
 reconnects with backoff, and its maintenance round still reloads revocations and quarantines
 every 30 s; a missed poke leaves the node to learn its version at its next session (counted:
-``lost``). Outgoing messages wait in a bounded queue (`MAX_QUEUED`; beyond, dropped and
-counted). Re-authentication nonces are shared through the store itself (`Store.issue_nonce`).
+``lost``). Outgoing messages wait in a bounded queue (`MAX_QUEUED` messages and session
+opens, `MAX_POKE_NODES` nodes with a poke; beyond, dropped and counted).
+Re-authentication nonces are shared through the store itself (`Store.issue_nonce`).
 Incoming payloads are checked (types, sizes) before use; a malformed one is counted and
 dropped.
 """
@@ -43,7 +44,11 @@ from edgewise.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED = 10_000  # notifications waiting to be sent
+MAX_QUEUED = 10_000  # notifications and session opens waiting to be sent
+# nodes with a poke waiting to be sent (coalesced: one entry per node and jitter). A push to
+# the whole fleet hands over every node held elsewhere at once: under the 10,000 above, a
+# push to 30,000 nodes over two processes lost all 15,016 pokes for the other process
+MAX_POKE_NODES = 500_000
 GATHER = 0.02  # s the sender waits for more of the same kind before it packs a turn
 MAX_NODE_ID = 128  # characters; node ids are far shorter
 
@@ -97,15 +102,17 @@ class ReplicaBus:
 
     # -- outgoing ---------------------------------------------------------------------------
     def _room(self, n: int = 1) -> bool:
-        if len(self._queue) + len(self._opened) + sum(map(len, self._pokes.values())) + n \
-                > MAX_QUEUED:
+        if len(self._queue) + len(self._opened) + n > MAX_QUEUED:
             self.dropped += n
             return False
         return True
 
     def poke(self, versions: Mapping[str, int], jitter: float) -> None:
         """Desired versions stored here for nodes not connected here."""
-        if not versions or not self._room(len(versions)):
+        if not versions:
+            return
+        if sum(map(len, self._pokes.values())) + len(versions) > MAX_POKE_NODES:
+            self.dropped += len(versions)
             return
         pending = self._pokes.setdefault(round(jitter, 3), {})
         for node, version in versions.items():
