@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 from conftest import LONG_ONLY
+from edgewise.outbox import numbering
 from edgewise.pipeline import checkpoint as ckpt
 from edgewise.sim.signals import SignalGroup, SignalSet
 from edgewise.sync import codec
@@ -160,6 +161,13 @@ def durable(data: Path) -> int:
     finally:
         db.close()
     return int(ckpt.unpack(value)["positions"]["sensors"]["position"]["produced"])
+
+
+def noted_position(data: Path) -> int:
+    """The simulator's position kept in the outbox's ``outbox.seqs`` note."""
+    note = numbering.read_note(data / "engine" / "outbox.db")
+    assert note is not None and note.positions is not None
+    return int(ckpt.unpack(note.positions)["positions"]["sensors"]["position"]["produced"])
 
 
 @dataclass
@@ -314,6 +322,8 @@ async def test_outbox_moved_away_new_records_continue_and_what_it_held_is_a_gap(
         aside.mkdir()
         for p in (agent.data_dir / "engine").glob("outbox.db*"):  # moved away
             shutil.move(p, aside / p.name)
+        resume_at = noted_position(agent.data_dir)  # the note stays: its positions go on
+        assert 0 < resume_at < readings
         agent.link.restore()
         agent.start()
         await settle(agent)
@@ -333,14 +343,18 @@ async def test_outbox_moved_away_new_records_continue_and_what_it_held_is_a_gap(
         lost = sum(c for s in got.values() for _, c, _ in s.gaps)
         assert lost > 0 and all("replaced" in r or "behind" in r
                                 for s in got.values() for _, _, r in s.gaps)
-        # the content of the new run: its alarms in order, its windows count every reading
+        # the content of the new run: the sources continued from the note's positions (what
+        # the old file held is not produced again), its alarms in order, its windows count
+        # every reading from there
         end, produced = streams["alarms"]
         alarms = records(got["alarms"], end - produced)
-        want = expected_alarms(readings, start_ts(agent.data_dir))
+        want = expected_alarms(readings, start_ts(agent.data_dir), resume_at)
         assert list(zip(alarms["sensor"].tolist(), alarms["ts"].tolist(),
                         strict=True)) == want
         end, produced = streams["aggregates"]
-        assert int(records(got["aggregates"], end - produced)["count"].sum()) == readings
+        assert int(records(got["aggregates"], end - produced)["count"].sum()) == (
+            readings - resume_at)
+        assert_no_record_twice(got)
 
 
 # -- finding 4: a damaged outbox ---------------------------------------------------------------
@@ -356,7 +370,7 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize("damage", [pytest.param("truncated", marks=LONG_ONLY), "overwritten",
-                                    "wal-deleted"])
+                                    "wal-deleted", "rewound"])
 async def test_damaged_outbox_the_node_keeps_running_and_reports_what_was_lost(
         tmp_path: Path, damage: str, control_plane: ControlPlane) -> None:
     readings = 80_000
@@ -366,7 +380,8 @@ async def test_damaged_outbox_the_node_keeps_running_and_reports_what_was_lost(
         agent = await system.add_agent("a", pipe, await cloud.token({"site": "f4"}))
         assert agent.link is not None and agent.child is not None
         await until(lambda: connected(agent) and acked(agent) > 0, 60, "the first acks")
-        if damage != "wal-deleted":
+        lost_log = damage in ("wal-deleted", "rewound")
+        if not lost_log:
             agent.link.cut("reset")  # records pend in the outbox, none in flight
         # else the link stays up: the cloud stores (and the node deletes) records whose commits
         # are only in the log, so the file alone is behind what the cloud holds
@@ -376,8 +391,13 @@ async def test_damaged_outbox_the_node_keeps_running_and_reports_what_was_lost(
         reader = subprocess.Popen([sys.executable, "-c", HOLD_SNAPSHOT, str(db)],
                                   stdout=subprocess.PIPE, text=True)
         assert reader.stdout is not None and reader.stdout.readline().strip() == "holding"
+        earlier = tmp_path / "earlier.db"
+        if damage == "rewound":  # a consistent copy of the file as it stands now
+            with contextlib.closing(ro(db)) as src, contextlib.closing(
+                    sqlite3.connect(earlier)) as dst:
+                src.backup(dst)
         await asyncio.sleep(2.0)
-        if damage != "wal-deleted":
+        if not lost_log:
             reader.kill()
             reader.wait()
             assert await agent.stop() == 0
@@ -399,6 +419,8 @@ async def test_damaged_outbox_the_node_keeps_running_and_reports_what_was_lost(
             reader.kill()
             reader.wait()
             with_log = node_streams(agent.data_dir)
+            if damage == "rewound":  # what a power loss with sync: normal leaves: the file
+                shutil.copy(earlier, db)  # consistent, without its last commits
             shutil.copy(db, tmp_path / "without-log.db")
             try:  # the file alone: as far as the last checkpoint (maybe not even the tables)
                 without = {s: n for s, n, _p in ro(tmp_path / "without-log.db").execute(
@@ -416,24 +438,38 @@ async def test_damaged_outbox_the_node_keeps_running_and_reports_what_was_lost(
         assert await agent.stop() == 0
         log = agent.log.read_text()
         assert "Traceback" not in log, log[-3000:]
-        if damage != "wal-deleted":
+        if not lost_log:
             moved = [p for p in db.parent.glob("outbox.db.damaged-*")
                      if not p.name.endswith(("-wal", "-shm"))]
             assert moved and moved[0].stat().st_size > 0  # kept, never deleted
+        # continued from the note: its numbers and its source positions
+        assert "sources continue from" in log, log[-3000:]
+        if damage == "rewound":
+            assert "lost its latest commits" in log, log[-3000:]
         node = agent.node_id
         assert node is not None
         got = cloud_of(cloud.data_dir, node)
         for stream, (end, produced) in node_streams(agent.data_dir).items():
             check_tiling(got[stream], end, stream)
-            if damage != "wal-deleted":  # the new outbox's own records: none lost
+            if not lost_log:  # the new outbox's own records: none lost
                 assert not [g for g in got[stream].gaps if g[0] + g[1] > end - produced], stream
         assert_no_record_twice(got)
+        # the same run continued (from the note's positions, whatever happened to the file):
+        # every alarm stored is one of the simulator's, in its order (none produced again),
+        # and all are there but those the gaps may stand for
+        alarms = records(got["alarms"])
+        stored = list(zip(alarms["sensor"].tolist(), alarms["ts"].tolist(), strict=True))
+        want = expected_alarms(readings, start_ts(agent.data_dir))
+        index = {k: i for i, k in enumerate(want)}
+        at = [index.get(k, -1) for k in stored]
+        assert -1 not in at and at == sorted(at), "alarms out of the simulator's order"
+        gap_room = sum(c for _, c, _ in got["alarms"].gaps)
+        assert len(want) - gap_room <= len(stored) <= len(want), (len(stored), len(want))
         reasons = {r for s in got.values() for _, _, r in s.gaps}
         # what the damaged outbox held is reported lost; a log deleted while the link was up
         # lost only records the cloud already holds
-        assert reasons or damage == "wal-deleted"
-        words = ("damaged",) if damage != "wal-deleted" else ("lost its latest", "replaced",
-                                                              "damaged")
+        assert reasons or lost_log
+        words = ("damaged",) if not lost_log else ("lost its latest", "replaced", "damaged")
         assert all(any(w in r for w in (*words, "behind")) for r in reasons), reasons
 
 

@@ -378,6 +378,82 @@ def test_a_damaged_outbox_is_moved_aside_and_a_new_one_continues_its_numbers(
         again.close()
 
 
+def _with_positions(path: Path, commits: int = 3) -> bytes:
+    """An outbox whose last commit carried source positions (as the engine's do); returns
+    those positions."""
+    note = b""
+    with Outbox(path) as ob:
+        ob.register_stream("raw", 5)
+        for i in range(commits):
+            note = f"positions after commit {i}".encode()
+            ob.commit([chunk("raw", 50, seed=i)], checkpoint={"engine": b"state"}, note=note)
+    return note
+
+
+@pytest.mark.parametrize("fault", ["moved-away", "damaged", "rewound"])
+def test_a_new_or_rewound_file_hands_on_the_notes_source_positions(
+        tmp_path: Path, fault: str) -> None:
+    """Whatever happened to the file, its note's positions go on to the engine, once: its
+    sources continue from the last commit made instead of producing again, under new numbers,
+    what the cloud may hold (a new file used to start them from the beginning)."""
+    path = tmp_path / "outbox.db"
+    if fault == "rewound":
+        with Outbox(path) as ob:
+            ob.register_stream("raw", 5)
+            ob.commit([chunk("raw", 50)], checkpoint={"engine": b"state"}, note=b"first")
+            ob.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copy(path, tmp_path / "checkpointed.db")
+        last = _with_positions(path)
+        os.replace(tmp_path / "checkpointed.db", path)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    else:
+        last = _with_positions(path)
+        if fault == "moved-away":
+            for p in path.parent.glob("outbox.db*"):
+                p.unlink()
+        else:
+            with open(path, "r+b") as f:
+                f.write(b"\0" * 8192)
+    ob = Outbox(path)
+    try:
+        open_outbox(ob)
+        assert ob.take_rewound() == last
+        assert ob.take_rewound() is None  # once
+    finally:
+        ob.close()
+    again = Outbox(path)  # the next start is an ordinary one: the new file's own checkpoint
+    try:
+        open_outbox(again)
+        assert again.take_rewound() is None
+    finally:
+        again.close()
+
+
+def test_a_note_of_another_file_or_a_file_with_its_own_checkpoint_hands_on_nothing(
+        tmp_path: Path) -> None:
+    """The note's positions are not given to a file that has a checkpoint of its own (it was
+    put there with its state), nor in place of a damaged file that tells another epoch."""
+    path = tmp_path / "outbox.db"
+    _with_positions(path)
+    other = tmp_path / "other" / "outbox.db"
+    _with_positions(other)
+    for p in path.parent.glob("outbox.db*"):
+        p.unlink()
+    shutil.copy(other, path)  # another outbox, with its checkpoint, in its place
+    with Outbox(path) as ob:
+        assert ob.take_rewound() is None
+    _with_positions(path)
+    for p in path.parent.glob("outbox.db*"):
+        p.unlink()
+    ob = Outbox(path)  # in place of a damaged file that tells another epoch than the note's
+    try:
+        ob.open(floors={"raw": 150}, reason="lost: test", replaced_epoch="0123456789abcdef")
+        assert ob.take_rewound() is None
+    finally:
+        ob.close()
+
+
 def test_a_damaged_outbox_that_cannot_be_moved_is_one_line_naming_the_fix(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "outbox.db"

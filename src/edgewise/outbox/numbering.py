@@ -16,7 +16,10 @@ as lost, with a reason. Three things keep that true (docs/agent.md, "Faults"):
   numbers. An outbox opened behind its note (a new file where the old one was moved away or
   quarantined, or a file that lost its write-ahead log) continues from the note's numbers, and
   the range in between is recorded as lost (an upper bound). The agent does the same with the
-  uplink ledger's highest numbers sent.
+  uplink ledger's highest numbers sent. The note also keeps the source positions of the commit
+  that gave its numbers: a file behind its own note, or a new file with no checkpoint in place
+  of the note's file, hands them to the engine (`take_rewound`), whose sources continue from
+  there rather than produce again, under new numbers, what the cloud may hold.
 * **A welcome from another node id** (`reconcile`): the first welcome adopts the node id; if the
   cloud's mark is above this outbox's numbers (an outbox with no note and no ledger), the stream
   is moved up above the mark. After a re-enrolment (a new node id), the pending chunks and the
@@ -297,6 +300,10 @@ class Numbered:
     def _reload_after_failure(self) -> None:
         raise NotImplementedError
 
+    def _has_checkpoint(self) -> bool:
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM checkpoint LIMIT 1").fetchone() is not None
+
     @property
     def numbered_for(self) -> str | None:
         """The node id whose sequence space this outbox's numbers are in (None: not yet)."""
@@ -314,11 +321,13 @@ class Numbered:
 
     def take_rewound(self) -> bytes | None:
         """The source positions to continue from, once, if this file lost its latest commits
-        (`REWOUND`) and its note kept them (None otherwise; see `_continue_from_note`)."""
+        (`REWOUND`) or replaced a damaged one, and the note kept them (None otherwise; see
+        `_continue_from_note`)."""
         positions, self.rewound_positions = self.rewound_positions, None
         return positions
 
-    def _continue_from_note(self, floors: dict[str, int], reason: str | None) -> None:
+    def _continue_from_note(self, floors: dict[str, int], reason: str | None,
+                            replaced_epoch: str | None = None) -> None:
         note = read_note(self.path)
         behind, why = floors_from_note(note, self.meta)
         if note is not None and note.epoch == self.meta["epoch"]:
@@ -331,10 +340,15 @@ class Numbered:
             floors[stream] = max(floors.get(stream, 0), n)
         why = reason or why or REPLACED
         self.continued = self.continue_from(floors, {}, why) if floors else {}
-        if self.continued and why == REWOUND and note is not None and note.positions:
-            # the same file, behind its own note: the records of its lost commits are not
-            # produced again under new numbers (the cloud may hold them); the engine
-            # continues its sources from the note's positions (`take_rewound`)
+        if note is not None and note.positions and (
+                (self.continued and why == REWOUND)
+                or (note.epoch != self.meta["epoch"] and replaced_epoch in (None, "", note.epoch)
+                    and not self._has_checkpoint())):
+            # the same file behind its own note, or a new file (no checkpoint of its own) in
+            # place of the one the note is of (moved away, deleted, damaged): the records of
+            # the commits lost with it are not produced again under new numbers (the cloud
+            # may hold them); the engine continues its sources from the note's positions
+            # (`take_rewound`)
             self.rewound_positions = note.positions
         for stream, (first, count) in self.continued.items():
             self.health_state.notes.append(

@@ -7,7 +7,10 @@ outbox is started. The new file is a new epoch: it continues the sequence number
 damaged file still tells (its ``streams`` table, if readable) and from the ``outbox.seqs`` note
 (`edgewise.outbox.numbering`), and the range in between is recorded as lost with the reason
 naming the quarantined file, so the cloud hears of it as a gap (an upper bound: the cloud keeps
-what it holds). If the file cannot be moved aside, `StorageError` says in one line what to do.
+what it holds). The note's source positions go on too (unless the damaged file still tells an
+epoch other than the note's): the pipeline continues its sources from the last commit made
+instead of producing again, under new numbers, records the cloud may hold. If the file cannot
+be moved aside, `StorageError` says in one line what to do.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ def open_outbox(outbox: Outbox) -> Quarantined | None:
     except OutboxDamaged as exc:
         error = str(exc).rsplit(": ", 1)[-1]
     moved = move_aside(outbox.path, error)
-    floors = read_floors(moved)
+    floors, epoch = read_floors(moved)
     reason = f"lost: the outbox was damaged ({error}); quarantined as {moved.name}"
-    outbox.open(floors=floors, reason=reason)
+    outbox.open(floors=floors, reason=reason, replaced_epoch=epoch)
     q = Quarantined(moved, error, dict(outbox.continued))
     outbox.health_state.notes.append(q.describe())
     return q
@@ -74,16 +77,22 @@ def move_aside(path: Path, error: str) -> Path:
     return target
 
 
-def read_floors(path: Path) -> dict[str, int]:
-    """The next sequence number of each stream of a damaged file, if it still tells."""
+def read_floors(path: Path) -> tuple[dict[str, int], str]:
+    """The next sequence number of each stream of a damaged file and its epoch, as far as it
+    still tells (``{}``, ``""`` where it does not)."""
+    floors: dict[str, int] = {}
+    epoch = ""
     for uri in (f"file:{path}?mode=ro", f"file:{path}?mode=ro&immutable=1"):
         try:
             db = sqlite3.connect(uri, uri=True)
             try:
-                return {str(s): int(n) for s, n in db.execute(
+                floors = floors or {str(s): int(n) for s, n in db.execute(
                     "SELECT stream, next_seq FROM streams")}
+                row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+                epoch = str(row[0]) if row is not None else ""
+                return floors, epoch
             finally:
                 db.close()
         except (sqlite3.Error, ValueError, TypeError):
             continue
-    return {}
+    return floors, epoch

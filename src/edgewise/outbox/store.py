@@ -99,12 +99,16 @@ class Outbox(Pressure, Numbered):
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self, check: bool = False, floors: dict[str, int] | None = None,
-             reason: str | None = None) -> Outbox:
+             reason: str | None = None, replaced_epoch: str | None = None) -> Outbox:
         """Open (creating the file if needed); with ``check``, `OutboxDamaged` also for damage
         SQLite only finds when it reads every page (``PRAGMA quick_check``).
 
         A file behind its ``outbox.seqs`` note (or behind ``floors``) continues from there;
-        the range skipped is recorded as lost, for ``reason`` if given (`continued`)."""
+        the range skipped is recorded as lost, for ``reason`` if given (`continued`).
+        A file with no checkpoint of its own beside the note of another file takes the note's
+        source positions too (`take_rewound`), unless ``replaced_epoch`` (the epoch of the
+        damaged file this one replaces, "" if it cannot be read) says the note is not that
+        file's."""
         if self._db is not None:
             raise StorageError("outbox is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +133,7 @@ class Outbox(Pressure, Numbered):
             if db is not None:
                 db.close()
             raise disk.storage_error("cannot open outbox", self.path, exc) from None
-        self._continue_from_note(floors or {}, reason)
+        self._continue_from_note(floors or {}, reason, replaced_epoch)
         return self
 
     def configure(self, max_bytes: int, sync: str) -> None:

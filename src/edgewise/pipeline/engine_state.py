@@ -7,9 +7,10 @@ skipping any whose config changed since (it starts fresh, with a warning).
 
 The source positions of each commit also go to the outbox's note (`positions_note`): an outbox
 file that lost its latest commits (its write-ahead log deleted, or a power loss with ``sync:
-normal``) hands them back (`Outbox.take_rewound`), and the run continues its sources from there
-with fresh operator state (`restore_positions`) instead of producing the lost commits' records
-again under new sequence numbers, where the cloud may already hold them.
+normal``), or a new file in place of the note's (moved away, deleted, damaged), hands them back
+(`Outbox.take_rewound`), and the run continues its sources from there with fresh operator
+state (`restore_positions`) instead of producing the lost commits' records again under new
+sequence numbers, where the cloud may already hold them.
 """
 
 from __future__ import annotations
@@ -56,16 +57,18 @@ def snapshot(stages: Mapping[str, Operator], stage_digest: Digests, source_diges
 def resume(outbox: Outbox, stages: Mapping[str, Operator], sources: Mapping[str, Source],
            stage_digest: Digests, source_digest: Digests) -> dict[str, Any]:
     """Restore the run's state from the outbox (`restore`), or, if the file lost its latest
-    commits and its note kept their positions, only the positions (`restore_positions`)."""
+    commits or replaced the note's file and the note kept positions, only the positions
+    (`restore_positions`)."""
     rewound = outbox.take_rewound()
     if rewound is None:
         return restore(outbox.load_checkpoint().get(CHECKPOINT_KEY), stages, sources,
                        stage_digest, source_digest)
     given = restore_positions(rewound, sources, source_digest)
-    log.warning("the outbox lost its latest commits; the sources continue from the positions "
-                "of the last commit made (%s) and operator state starts fresh, so nothing is "
-                "produced twice (what those commits held is reported as lost where the cloud "
-                "does not hold it)", ", ".join(sorted(given)) or "none kept")
+    log.warning("the outbox lost its latest commits (or is a new file in place of the one its "
+                "note is of); the sources continue from the positions of the last commit made "
+                "(%s) and operator state starts fresh, so nothing is produced twice (what "
+                "those commits held is reported as lost where the cloud does not hold it)",
+                ", ".join(sorted(given)) or "none kept")
     return given
 
 
