@@ -328,6 +328,10 @@ class Numbered:
 
     def _continue_from_note(self, floors: dict[str, int], reason: str | None,
                             replaced_epoch: str | None = None) -> None:
+        """At open: continue the numbers above the note's (and ``floors``); hand the note's
+        source positions on (`take_rewound`) to a file behind its own note, or to a new file
+        with no checkpoint of its own beside the note of another, unless ``replaced_epoch``
+        (the epoch of the damaged file this one replaces, "" if unreadable) is not the note's."""
         note = read_note(self.path)
         behind, why = floors_from_note(note, self.meta)
         if note is not None and note.epoch == self.meta["epoch"]:

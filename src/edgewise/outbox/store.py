@@ -103,12 +103,8 @@ class Outbox(Pressure, Numbered):
         """Open (creating the file if needed); with ``check``, `OutboxDamaged` also for damage
         SQLite only finds when it reads every page (``PRAGMA quick_check``).
 
-        A file behind its ``outbox.seqs`` note (or behind ``floors``) continues from there;
-        the range skipped is recorded as lost, for ``reason`` if given (`continued`).
-        A file with no checkpoint of its own beside the note of another file takes the note's
-        source positions too (`take_rewound`), unless ``replaced_epoch`` (the epoch of the
-        damaged file this one replaces, "" if it cannot be read) says the note is not that
-        file's."""
+        A file behind its ``outbox.seqs`` note (or ``floors``) continues from there, the range
+        skipped lost for ``reason`` (`continued`); ``replaced_epoch``: `_continue_from_note`."""
         if self._db is not None:
             raise StorageError("outbox is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
