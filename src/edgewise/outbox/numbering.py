@@ -321,8 +321,8 @@ class Numbered:
 
     def take_rewound(self) -> bytes | None:
         """The source positions to continue from, once, if this file lost its latest commits
-        (`REWOUND`) or replaced a damaged one, and the note kept them (None otherwise; see
-        `_continue_from_note`)."""
+        (`REWOUND`) or is a new file in place of the note's, and the note kept them (None
+        otherwise; see `_continue_from_note`)."""
         positions, self.rewound_positions = self.rewound_positions, None
         return positions
 
